@@ -1,0 +1,128 @@
+"""The DNS component: builds answers, forwarder and listeners from settings; start/stop."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable, Sequence
+
+from ..catalog import Catalog, Event, Snapshot
+from ..config import DnsSettings
+from ..metrics import DnsMetrics
+from .answers import Answers
+from .forward import Forwarder, parse_hostport, resolv_conf_upstreams
+from .resolver import IPAddress, Zone
+from .transport import Handler, TcpConnection, UdpServer
+
+log = logging.getLogger(__name__)
+
+FORWARDING_OFF = "none"
+# Attempts to find a port free for both UDP and TCP when listening on port 0.
+_PORT_ATTEMPTS = 20
+
+
+def _ip_or_none(host: str) -> IPAddress | None:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return None if ip.is_unspecified else ip
+
+
+def upstreams_from(settings: DnsSettings, listen: tuple[str, int],
+                   resolv_conf: str = "/etc/resolv.conf") -> list[tuple[str, int]] | None:
+    """The upstream resolvers: the configured ones, else resolv.conf's; None when forwarding is off."""
+    if tuple(u.lower() for u in settings.upstreams) == (FORWARDING_OFF,):
+        return None
+    if settings.upstreams:
+        return [parse_hostport(u) for u in settings.upstreams]
+    return resolv_conf_upstreams(listen, resolv_conf)
+
+
+class DnsServer:
+    """Serves the zone over UDP and TCP on ``settings.listen`` and forwards the other names."""
+
+    def __init__(self, settings: DnsSettings, catalog: Catalog, metrics: DnsMetrics, *, local_zone: str = "",
+                 proxy_listen: str = "", resolv_conf: str = "/etc/resolv.conf") -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.metrics = metrics
+        self.host, self.port = parse_hostport(settings.listen)
+        upstreams = upstreams_from(settings, (self.host, self.port), resolv_conf)
+        if upstreams == []:
+            log.warning("no upstream DNS resolvers: names outside %s get REFUSED", settings.domain)
+        self.upstreams: Sequence[tuple[str, int]] = upstreams or ()
+        proxy_address = None
+        if settings.a_mode == "proxy":
+            proxy_address = _ip_or_none(parse_hostport(proxy_listen)[0]) if proxy_listen else None
+            if proxy_address is None:
+                log.warning("dns.a_mode=proxy needs a proxy listen IP address (got %r); answering directly",
+                            proxy_listen)
+        self.zone = Zone(domain=settings.domain, ttl=settings.ttl, negative_ttl=settings.negative_ttl,
+                         local_zone=local_zone, proxy_address=proxy_address, ns_address=_ip_or_none(self.host))
+        self.answers = Answers(self.zone, catalog.snapshot, metrics, forwarding=bool(self.upstreams),
+                               max_udp_payload=min(settings.max_udp_payload, 4096))
+        forwarder = Forwarder(self.upstreams, settings.upstream_timeout, metrics) if self.upstreams else None
+        self.handler = Handler(self.answers, forwarder, metrics)
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._connections: set[TcpConnection] = set()
+        self._unsubscribe: Callable[[], None] | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port), the same port for UDP and TCP (known after start)."""
+        return self.host, self.port
+
+    def _on_snapshot(self, snapshot: Snapshot, events: Sequence[Event]) -> None:
+        self.answers.update(snapshot)
+
+    async def start(self) -> None:
+        """Bind UDP and TCP on one port and follow the catalog's snapshots."""
+        self._unsubscribe = self.catalog.subscribe(self._on_snapshot)
+        self.answers.update(self.catalog.snapshot)
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        attempts = _PORT_ATTEMPTS if self.port == 0 else 1
+        for attempt in range(attempts):
+            udp, _ = await loop.create_datagram_endpoint(
+                lambda: UdpServer(self.handler), local_addr=(self.host, self.port), family=family)
+            port = udp.get_extra_info("sockname")[1]
+            try:
+                self._tcp = await loop.create_server(
+                    lambda: TcpConnection(self.handler, self.settings.tcp_idle_timeout, self._connections),
+                    self.host, port, family=family, reuse_address=True, backlog=1024)
+            except OSError as exc:
+                udp.close()
+                if exc.errno != errno.EADDRINUSE or attempt == attempts - 1:
+                    raise
+                continue
+            self._udp = udp  # type: ignore[assignment]
+            self.port = port
+            break
+        log.info("DNS for %s on %s:%d (UDP+TCP), upstreams %s", self.zone.domain, self.host, self.port,
+                 ", ".join(f"{h}:{p}" for h, p in self.upstreams) or "none")
+
+    async def stop(self) -> None:
+        """Close the listeners and connections and cancel forwards in flight."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+        if self._tcp is not None:
+            self._tcp.close()
+            for connection in list(self._connections):
+                if connection.transport is not None:
+                    connection.transport.close()
+            await self._tcp.wait_closed()
+            self._tcp = None
+        tasks = list(self.handler.tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,75 @@
+"""Load balancers: pure ``pick(candidates, ctx)``, chosen by name.
+
+File, class and config value are one word: ``round_robin.py`` / ``RoundRobin`` /
+``"round_robin"``. Candidates are already filtered (healthy, breaker not open,
+under their concurrency limit) and ordered by etcd key; a balancer only chooses.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ...model import Agent
+from ..load import LoadTable
+
+
+@dataclass(slots=True)
+class PickContext:
+    """What a pick may look at besides the candidates: randomness, time, load, a hash key."""
+
+    rng: random.Random
+    now: float
+    loads: LoadTable
+    key: str | None = None
+
+
+class Balancer(Protocol):
+    def pick(self, candidates: Sequence[Agent], ctx: PickContext) -> Agent:
+        """Choose one of ``candidates`` (never empty)."""
+        ...
+
+
+class ZonePreferring:
+    """Pick among same-zone candidates when there are any, else among all."""
+
+    def __init__(self, inner: Balancer, zone: str) -> None:
+        self.inner = inner
+        self.zone = zone
+
+    def pick(self, candidates: Sequence[Agent], ctx: PickContext) -> Agent:
+        """Delegate to the inner balancer with the local zone's candidates, if any."""
+        local = [a for a in candidates if a.zone == self.zone]
+        return self.inner.pick(local or candidates, ctx)
+
+
+def _registry() -> dict[str, Callable[[], Balancer]]:
+    from .consistent_hash import ConsistentHash
+    from .least_conn import LeastConn
+    from .p2c_ewma import P2cEwma
+    from .round_robin import RoundRobin
+    from .weighted_random import WeightedRandom
+
+    return {
+        "round_robin": RoundRobin,
+        "weighted_random": WeightedRandom,
+        "least_conn": LeastConn,
+        "consistent_hash": ConsistentHash,
+        "p2c_ewma": P2cEwma,
+    }
+
+
+def make(name: str, zone: str = "") -> Balancer:
+    """A fresh balancer called ``name``, zone-preferring when ``zone`` is given.
+
+    Raises KeyError for an unknown name (settings validation rejects those first).
+    """
+    balancer = _registry()[name]()
+    return ZonePreferring(balancer, zone) if zone else balancer
+
+
+def names() -> tuple[str, ...]:
+    """Every balancer name, in registry order."""
+    return tuple(_registry())

@@ -1,0 +1,1168 @@
+"""The HTTP/1 relay: asyncio Protocols + httptools, bodies relayed as bytes.
+
+One ``ClientConnection`` per client socket parses request heads with llhttp and
+serves its requests in order from one task. Each attempt borrows an
+``Upstream`` connection from the per-agent ``Pool``; bodies flow between the two
+protocols in callbacks (never buffered whole), with backpressure both ways
+(a paused writer pauses the reader on the other side). Upgrade and CONNECT
+turn both sockets into a raw tunnel. Policy (which agent, breakers, retries)
+is asked of ``Policy``; every typed error becomes a response in
+``error_response``, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+import typing
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httptools
+
+from ..catalog import Catalog
+from ..config import ProxySettings
+from ..errors import (
+    BadRequest,
+    CircuitOpen,
+    HeadersTooLarge,
+    NoHealthyAgent,
+    Overloaded,
+    PassthroughDisabled,
+    ProxyError,
+    UnknownTarget,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from ..metrics import ProxyMetrics
+from . import routing
+from .affinity import cookie_value
+from .load import Outcome, OutcomeKind
+from .policy import Keys, Policy
+from .retries import safe_to_retry
+
+log = logging.getLogger(__name__)
+
+# Bodies up to this size are kept so an idempotent request can be sent again.
+REPLAY_LIMIT = 64 * 1024
+# Request body buffered while no upstream is attached before reading pauses.
+PENDING_LIMIT = 256 * 1024
+# Pipelined requests queued before reading pauses.
+PIPELINE_LIMIT = 16
+MAX_IDLE_PER_AGENT = 128
+# Pooled connections older than this are not reused: below the 5 s keep-alive of
+# uvicorn and Node, so the agent rarely closes one under a request we just sent.
+UPSTREAM_IDLE = 4.0
+
+HOP_BY_HOP = frozenset((
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
+    b"te", b"trailer", b"transfer-encoding", b"upgrade",
+))
+_TRACEPARENT = re.compile(rb"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+_INVALID_TRACE = (b"0" * 32, b"0" * 16)
+
+# (error type, status, code); the first matching row wins.
+_ERRORS: tuple[tuple[type[ProxyError], int, str], ...] = (
+    (BadRequest, 400, "bad_request"),
+    (HeadersTooLarge, 431, "headers_too_large"),
+    (UnknownTarget, 404, "unknown_target"),
+    (PassthroughDisabled, 403, "passthrough_disabled"),
+    (NoHealthyAgent, 503, "no_healthy_agent"),
+    (CircuitOpen, 503, "circuit_open"),
+    (Overloaded, 503, "overloaded"),
+    (UpstreamTimeout, 504, "upstream_timeout"),
+    (UpstreamError, 502, "upstream_error"),
+)
+_REASONS = {400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found", 429: b"Too Many Requests",
+            431: b"Request Header Fields Too Large", 502: b"Bad Gateway", 503: b"Service Unavailable",
+            504: b"Gateway Timeout", 500: b"Internal Server Error"}
+
+
+def error_status(err: ProxyError) -> tuple[int, str]:
+    """(HTTP status, DESIGN.md error code) of a typed proxy error."""
+    for kind, status, code in _ERRORS:
+        if isinstance(err, kind):
+            if isinstance(err, Overloaded) and err.rate_limited:
+                return 429, code
+            return status, code
+    return 500, "internal_error"
+
+
+def error_response(err: ProxyError, agent_id: str = "", keep_alive: bool = True) -> bytes:
+    """The complete response for ``err``: JSON ``{"error","code","target"}`` + ``x-sidecar-error``."""
+    status, code = error_status(err)
+    body = json.dumps({"error": str(err), "code": code, "target": err.target}).encode()
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
+             b"content-type: application/json\r\n",
+             b"content-length: %d\r\n" % len(body),
+             b"x-sidecar-error: " + code.encode() + b"\r\n"]
+    if agent_id:
+        lines.append(b"x-sidecar-agent: " + agent_id.encode() + b"\r\n")
+    if isinstance(err, Overloaded) and err.retry_after > 0:
+        lines.append(b"retry-after: %d\r\n" % max(1, round(err.retry_after)))
+    if not keep_alive:
+        lines.append(b"connection: close\r\n")
+    lines.append(b"\r\n")
+    lines.append(body)
+    return b"".join(lines)
+
+
+class _ClientGone(Exception):
+    """The client hung up while its request was being served."""
+
+
+class _AttemptFailed(Exception):
+    """One upstream attempt failed before a usable response head."""
+
+    def __init__(self, kind: OutcomeKind, sent: bool, error: ProxyError) -> None:
+        super().__init__(str(error))
+        self.kind = kind
+        self.sent = sent
+        self.error = error
+
+
+@dataclass(slots=True)
+class _Scan:
+    """What the relay needs from the request headers besides forwarding them."""
+
+    host: bytes = b""
+    chunked: bool = False
+    content_length: int = -1
+    keys: Keys | None = None
+
+
+class Request:
+    """One client request: head, and a body that is streamed to the attached upstream."""
+
+    __slots__ = ("body_done", "chunked", "client", "error", "headers", "keep_alive", "method", "pending",
+                 "pending_size", "replay", "replay_size", "sink", "upgrade", "url", "version")
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.method = b""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.upgrade = False
+        self.chunked = False
+        self.body_done = False
+        self.error: ProxyError | None = None
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.replay: list[bytes] | None = []
+        self.replay_size = 0
+        self.sink: Upstream | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        if self.replay is not None:
+            self.replay_size += len(chunk)
+            if self.replay_size <= REPLAY_LIMIT:
+                self.replay.append(chunk)
+            else:
+                self.replay = None
+        sink = self.sink
+        if sink is not None:
+            sink.write_body(chunk, self.chunked)
+        else:
+            self.pending.append(chunk)
+            self.pending_size += len(chunk)
+            if self.pending_size > PENDING_LIMIT:
+                self.client.pause_reading("pending")
+
+    def finish(self) -> None:
+        self.body_done = True
+        if self.sink is not None and self.chunked:
+            self.sink.write_raw(b"0\r\n\r\n")
+
+    def attach(self, sink: Upstream) -> None:
+        """Send the body so far to ``sink`` and stream the rest to it."""
+        chunks = self.replay if self.replay is not None else self.pending
+        for chunk in chunks:
+            sink.write_body(chunk, self.chunked)
+        self.pending = []
+        self.pending_size = 0
+        self.sink = sink
+        self.client.resume_reading("pending")
+        if self.body_done and self.chunked:
+            sink.write_raw(b"0\r\n\r\n")
+
+    def detach(self) -> None:
+        self.sink = None
+
+    @property
+    def replayable(self) -> bool:
+        return self.replay is not None
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client socket: parse, queue and serve requests in order; then maybe a tunnel."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.loop = relay.loop
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.peer = b""
+        self.queue: deque[Request] = deque()
+        self.current: Request | None = None
+        self.active: Request | None = None
+        self.upstream: Upstream | None = None
+        self.raw_buffer: list[bytes] | None = None
+        self.header_bytes = 0
+        self.waiter: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.paused: set[str] = set()
+        self.closed = False
+        self.busy = False
+        self.last_active = 0.0
+        self.idle_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]).encode() if peer else b""
+        self.relay.connections.add(self)
+        self.relay.metrics.connections.inc()
+        self.last_active = self.loop.time()
+        self.idle_timer = self.loop.call_at(self.last_active + self.relay.settings.idle_timeout, self._idle_check)
+        self.task = self.loop.create_task(self.serve())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.relay.connections.discard(self)
+        self.relay.metrics.connections.dec()
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.client_gone()
+
+    def data_received(self, data: bytes) -> None:
+        upstream = self.upstream
+        if self.raw_buffer is not None:
+            if upstream is not None and upstream.tunnel:
+                upstream.write_raw(data)
+            else:
+                self.raw_buffer.append(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            rest = data[upgrade.args[0]:]
+            self.raw_buffer = [rest] if rest else []
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._protocol_error(cause if isinstance(cause, ProxyError) else BadRequest("", str(exc)))
+        except httptools.HttpParserError as exc:
+            self._protocol_error(BadRequest("", f"malformed request: {exc}"))
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    # -- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.current = Request(self)
+        self.header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        assert self.current is not None
+        self.current.url += url
+        self.header_bytes += len(url)
+        if self.header_bytes > self.relay.settings.max_header_bytes:
+            raise HeadersTooLarge("", "request line too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.current is not None
+        self.current.headers.append((name, value))
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > self.relay.settings.max_header_bytes:
+            raise HeadersTooLarge("", f"request headers exceed {self.relay.settings.max_header_bytes} bytes")
+
+    def on_headers_complete(self) -> None:
+        request = self.current
+        assert request is not None
+        parser = self.parser
+        request.method = parser.get_method()
+        request.version = parser.get_http_version()
+        request.keep_alive = parser.should_keep_alive()
+        request.upgrade = parser.should_upgrade()
+        self.queue.append(request)
+        if len(self.queue) > PIPELINE_LIMIT:
+            self.pause_reading("pipeline")
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        assert self.current is not None
+        self.current.feed(body)
+
+    def on_message_complete(self) -> None:
+        if self.current is not None:
+            self.current.finish()
+            self.current = None
+
+    # -- flow control
+
+    def pause_reading(self, reason: str) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self.paused.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason in self.paused:
+            self.paused.discard(reason)
+            if not self.paused and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    def _idle_check(self) -> None:
+        timeout = self.relay.settings.idle_timeout
+        now = self.loop.time()
+        if not self.busy and not self.queue and now - self.last_active >= timeout:
+            self.close()
+            return
+        self.idle_timer = self.loop.call_at(max(now, self.last_active) + timeout, self._idle_check)
+
+    def _protocol_error(self, err: ProxyError) -> None:
+        self.relay.metrics.client_errors.labels(type(err).__name__).inc()
+        request = self.current
+        self.current = None
+        self.pause_reading("error")
+        if request is not None and request is self.active:
+            # Mid-body: the request head is already upstream; nothing sane can follow.
+            self.abort()
+            return
+        if request is None or request not in self.queue:
+            request = Request(self)
+            self.queue.append(request)
+        request.error = err
+        request.keep_alive = False
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- serving
+
+    async def serve(self) -> None:
+        try:
+            while not self.closed:
+                if not self.queue:
+                    self.waiter = self.loop.create_future()
+                    await self.waiter
+                    self.waiter = None
+                    continue
+                request = self.queue.popleft()
+                self.resume_reading("pipeline")
+                self.active = request
+                self.busy = True
+                keep = await self.relay.handle(self, request)
+                self.active = None
+                self.busy = False
+                self.last_active = self.loop.time()
+                if not keep or not request.keep_alive or not request.body_done or request.upgrade:
+                    self.close()
+                    return
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        except Exception:
+            log.exception("proxy connection from %s failed", self.peer.decode())
+            self.abort()
+
+
+class Upstream(asyncio.Protocol):
+    """One connection to an agent (or passthrough host): HTTP responses, or a raw tunnel."""
+
+    def __init__(self, relay: Relay, key: tuple[str, int], tunnel: bool = False) -> None:
+        self.relay = relay
+        self.key = key
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.exchange: Exchange | None = None
+        self.client: ClientConnection | None = None
+        self.tunnel = tunnel
+        self.closed = False
+        self.reused = False
+        self.idle_since = 0.0
+        self.read_paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.relay.pool.forget(self)
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.on_lost()
+        client = self.client
+        if self.tunnel and client is not None:
+            client.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel:
+            if self.client is not None:
+                self.client.write(data)
+            return
+        exchange = self.exchange
+        if exchange is None:
+            self.close()  # bytes on an idle connection: not ours to interpret
+            return
+        exchange.last = exchange.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            exchange.on_upgrade(data[upgrade.args[0]:])
+        except httptools.HttpParserError as exc:
+            exchange.on_garbage(str(exc))
+            self.close()
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause_reading("upstream")
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume_reading("upstream")
+
+    # httptools callbacks, forwarded to the exchange
+    def on_status(self, reason: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.exchange is not None:
+            self.exchange.on_head(self.parser.get_status_code(), self.parser.should_keep_alive())
+
+    def on_body(self, body: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.exchange is not None:
+            self.exchange.on_complete()
+
+    # writing and lifecycle
+    def write_raw(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+            if self.exchange is not None:
+                self.exchange.last = self.exchange.loop.time()
+
+    def write_body(self, chunk: bytes, chunked: bool) -> None:
+        if self.closed or self.transport is None or not chunk:
+            return
+        if chunked:
+            self.transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+        else:
+            self.transport.write(chunk)
+        if self.exchange is not None:
+            self.exchange.last = self.exchange.loop.time()
+
+    def pause_reading(self) -> None:
+        if not self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def client_gone(self) -> None:
+        """The client hung up: this connection's response has nowhere to go."""
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+        self.relay.pool.forget(self)
+
+
+class Exchange:
+    """One attempt's response as it arrives, held until the relay commits to it."""
+
+    __slots__ = ("body", "client", "committed", "complete", "conn", "done", "frame_chunked", "head",
+                 "headers", "keep_alive", "last", "loop", "no_body", "reason", "status", "timeout", "timer",
+                 "upgraded")
+
+    def __init__(self, client: ClientConnection, conn: Upstream, timeout: float, no_body: bool) -> None:
+        self.client = client
+        self.conn = conn
+        self.loop = client.loop
+        self.head: asyncio.Future[None] = self.loop.create_future()
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.keep_alive = False
+        self.no_body = no_body
+        self.body: list[bytes] = []
+        self.committed = False
+        self.complete = False
+        self.frame_chunked = False
+        self.upgraded: bytes | None = None
+        self.timeout = timeout
+        self.last = self.loop.time()
+        self.timer: asyncio.TimerHandle | None = self.loop.call_at(self.last + timeout, self._check)
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        if self.conn.read_paused:
+            self.last = now  # the client is slow, not the agent
+        if now - self.last < self.timeout:
+            self.timer = self.loop.call_at(self.last + self.timeout, self._check)
+            return
+        self.timer = None
+        error = UpstreamTimeout("", f"no response from the agent for {self.timeout:g}s")
+        if not self.head.done():
+            self.head.set_exception(error)
+        elif not self.done.done():
+            self.done.set_exception(error)
+        self.conn.close()
+
+    def stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def on_head(self, status: int, keep_alive: bool) -> None:
+        if 100 <= status < 200 and status != 101:
+            # Interim (100 Continue): straight to the client; the real head follows.
+            self.client.write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, self.reason or b"Continue"))
+            self.headers = []
+            self.reason = b""
+            self.status = -1
+            return
+        self.status = status
+        self.keep_alive = keep_alive
+        if not self.head.done():
+            self.head.set_result(None)
+        if self.no_body:
+            # A HEAD response: llhttp cannot be told, so it would wait for Content-Length bytes.
+            self.keep_alive = False
+            self._finish()
+
+    def on_body(self, chunk: bytes) -> None:
+        if self.no_body:
+            return
+        if self.committed:
+            if self.frame_chunked:
+                self.client.transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))  # type: ignore[union-attr]
+            else:
+                self.client.write(chunk)
+        else:
+            self.body.append(chunk)
+
+    def on_complete(self) -> None:
+        if self.status == -1:  # end of an interim response
+            self.status = 0
+            return
+        self._finish()
+
+    def on_upgrade(self, rest: bytes) -> None:
+        self.upgraded = rest
+        self.keep_alive = False
+        if not self.head.done():
+            self.head.set_result(None)
+
+    def on_garbage(self, detail: str) -> None:
+        error = UpstreamError("", f"invalid response from the agent: {detail}")
+        if not self.head.done():
+            self.head.set_exception(error)
+        elif not self.done.done():
+            self.done.set_exception(error)
+
+    def on_lost(self) -> None:
+        if not self.head.done():
+            self.head.set_exception(UpstreamError("", "the agent closed the connection before responding"))
+        elif not self.complete:
+            if self.upgraded is None and not self._framed():
+                self._finish()  # a close-delimited body ends here
+            elif not self.done.done():
+                self.done.set_exception(UpstreamError("", "the agent closed the connection mid-response"))
+
+    def _framed(self) -> bool:
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value.lower()):
+                return True
+        return self.no_body
+
+    def _finish(self) -> None:
+        if self.complete:
+            return
+        self.complete = True
+        self.stop_timer()
+        if self.committed:
+            if self.frame_chunked:
+                self.client.write(b"0\r\n\r\n")
+            if not self.done.done():
+                self.done.set_result(None)
+
+    def commit(self, head: bytes, frame_chunked: bool) -> None:
+        """Send the response head (and what arrived of the body) to the client; stream the rest."""
+        self.committed = True
+        self.frame_chunked = frame_chunked
+        client = self.client
+        client.write(head)
+        for chunk in self.body:
+            self.on_body(chunk)
+        self.body = []
+        if self.complete:
+            if frame_chunked:
+                client.write(b"0\r\n\r\n")
+            if not self.done.done():
+                self.done.set_result(None)
+
+
+class Pool:
+    """Idle keep-alive upstream connections per (address, port), newest first."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self._idle: dict[tuple[str, int], list[Upstream]] = {}
+
+    async def acquire(self, address: str, port: int, connect_timeout: float) -> Upstream:
+        """A connected Upstream: a pooled one if any is fresh, else a new connection.
+
+        Raises asyncio.TimeoutError or OSError when connecting fails.
+        """
+        key = (address, port)
+        idle = self._idle.get(key)
+        if idle:
+            horizon = self.relay.loop.time() - min(self.relay.settings.idle_timeout, UPSTREAM_IDLE)
+            while idle:
+                conn = idle.pop()
+                if not conn.closed and conn.idle_since > horizon:
+                    conn.reused = True
+                    self.relay.metrics.pool_reuses.inc()
+                    return conn
+                conn.close()
+        async with asyncio.timeout(connect_timeout):
+            _, conn = await self.relay.loop.create_connection(lambda: Upstream(self.relay, key), address, port)
+        self.relay.metrics.upstream_connections.inc()
+        return conn
+
+    def release(self, conn: Upstream) -> None:
+        """Return a connection whose last response completed and that may be reused."""
+        conn.exchange = None
+        conn.client = None
+        conn.resume_reading()
+        if conn.closed:
+            return
+        idle = self._idle.setdefault(conn.key, [])
+        if len(idle) >= MAX_IDLE_PER_AGENT:
+            conn.close()
+            return
+        conn.idle_since = self.relay.loop.time()
+        idle.append(conn)
+
+    def forget(self, conn: Upstream) -> None:
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for conn in list(idle):
+                conn.close()
+        self._idle.clear()
+
+
+class Relay:
+    """Everything the connections share: settings, catalog, policy, pool, metrics."""
+
+    def __init__(self, settings: ProxySettings, zone: str, catalog: Catalog, policy: Policy,
+                 metrics: ProxyMetrics, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.settings = settings
+        self.zone = zone
+        self.catalog = catalog
+        self.policy = policy
+        self.metrics = metrics
+        self.loop = loop or asyncio.get_running_loop()
+        self.pool = Pool(self)
+        self.connections: set[ClientConnection] = set()
+        self._counters: dict[tuple[str, str], Callable[[], None]] = {}
+        self._attempts: dict[OutcomeKind, Callable[[], None]] = {}
+
+    def protocol(self) -> ClientConnection:
+        """A protocol factory for ``loop.create_server``."""
+        return ClientConnection(self)
+
+    def update(self, settings: ProxySettings) -> None:
+        """Swap proxy settings live (timeouts, limits, passthrough)."""
+        self.settings = settings
+        self.policy.update(proxy=settings)
+
+    def _count(self, kind: str, outcome: str) -> None:
+        counter = self._counters.get((kind, outcome))
+        if counter is None:
+            counter = self._counters[(kind, outcome)] = self.metrics.requests.labels(kind, outcome).inc
+        counter()
+
+    def _count_attempt(self, kind: OutcomeKind) -> None:
+        counter = self._attempts.get(kind)
+        if counter is None:
+            counter = self._attempts[kind] = self.metrics.attempts.labels(kind.value).inc
+        counter()
+
+    # -- one request
+
+    async def handle(self, client: ClientConnection, request: Request) -> bool:
+        """Serve one request; False when the client connection must close afterwards."""
+        kind = "bad"
+        try:
+            if request.error is not None:
+                raise request.error
+            authority, path = self._target(request)
+            if request.method == b"CONNECT":
+                kind = "connect"
+                return await self._connect(client, request, authority)
+            try:
+                route = routing.route(authority, self.zone)
+            except ValueError as exc:
+                raise BadRequest(authority, str(exc)) from None
+            kind = route.kind
+            if route.kind == "external":
+                if not self.settings.passthrough:
+                    raise PassthroughDisabled(route.host, f"{route.host} is outside {self.zone} and passthrough is off")
+                return await self._passthrough(client, request, route, path)
+            return await self._forward(client, request, route, path)
+        except ProxyError as err:
+            self._count(kind, error_status(err)[1])
+            keep = request.keep_alive and request.body_done and request.error is None and not request.upgrade
+            client.write(error_response(err, err.agent_id, keep))
+            return keep
+        except _ClientGone:
+            return False
+
+    def _target(self, request: Request) -> tuple[str, bytes]:
+        """(authority, origin-form path) from an origin-, absolute- or authority-form target."""
+        url = request.url
+        if request.method == b"CONNECT":
+            return url.decode("latin-1"), b""
+        if url.startswith(b"/") or url == b"*":
+            for name, value in request.headers:
+                if len(name) == 4 and name.lower() == b"host":
+                    return value.decode("latin-1"), url
+            raise BadRequest("", "no Host header")
+        scheme, sep, rest = url.partition(b"://")
+        if not sep or scheme.lower() != b"http":
+            raise BadRequest(url.decode("latin-1"), "absolute-form targets must be http:// (use CONNECT for https)")
+        authority, slash, path = rest.partition(b"/")
+        authority = authority.rpartition(b"@")[2]
+        return authority.decode("latin-1"), slash + path if slash else b"/" + path
+
+    def _request_head(self, request: Request, path: bytes, host: str, scan: _Scan) -> bytes:
+        """The upstream request head: hop-by-hop gone, X-Forwarded-*, traceparent, one Host."""
+        sticky = self.policy.affinity.settings
+        balancing = self.policy.balancing
+        session_name = sticky.header.lower().encode()
+        cookie_name = sticky.cookie
+        hash_header = balancing.hash_header.lower().encode()
+        hash_cookie = balancing.hash_cookie
+        connection_tokens: set[bytes] = set()
+        for name, value in request.headers:
+            if name.lower() == b"connection":
+                connection_tokens.update(t.strip().lower() for t in value.split(b","))
+        forwarded_for: list[bytes] = []
+        proto = forwarded_host = traceparent = b""
+        keys = Keys()
+        cookies: list[bytes] = []
+        out = [request.method, b" ", path, b" HTTP/1.1\r\n"]
+        append = out.append
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower in connection_tokens:
+                if lower == b"transfer-encoding":
+                    scan.chunked = b"chunked" in value.lower()
+                continue
+            if lower == b"host":
+                continue
+            if lower == b"x-forwarded-for":
+                forwarded_for.append(value.strip())
+                continue
+            if lower == b"content-length":
+                scan.content_length = int(value)
+            elif lower == b"x-forwarded-proto":
+                proto = value
+            elif lower == b"x-forwarded-host":
+                forwarded_host = value
+            elif lower == b"traceparent":
+                if _TRACEPARENT.match(value) and value[3:35] != _INVALID_TRACE[0] and value[36:52] != \
+                        _INVALID_TRACE[1] and value[:2] != b"ff":
+                    traceparent = value
+                continue
+            elif lower == b"cookie":
+                cookies.append(value)
+            if lower == session_name:
+                keys.session = value.decode("latin-1")
+            if lower == hash_header:
+                keys.hash_key = value.decode("latin-1")
+            append(name)
+            append(b": ")
+            append(value)
+            append(b"\r\n")
+        if cookies:
+            text = "; ".join(c.decode("latin-1") for c in cookies)
+            keys.affinity_cookie = cookie_value(text, cookie_name)
+            if hash_cookie and keys.hash_key is None:
+                keys.hash_key = cookie_value(text, hash_cookie)
+        host_bytes = host.encode("latin-1")
+        forwarded_for.append(self._peer_of(request))
+        if not traceparent:
+            traceparent = b"00-%032x-%016x-01" % (random.getrandbits(128) or 1, random.getrandbits(64) or 1)
+        out.extend((b"host: ", host_bytes,
+                    b"\r\nx-forwarded-for: ", b", ".join(f for f in forwarded_for if f),
+                    b"\r\nx-forwarded-proto: ", proto or b"http",
+                    b"\r\nx-forwarded-host: ", forwarded_host or host_bytes,
+                    b"\r\ntraceparent: ", traceparent, b"\r\n"))
+        if scan.chunked:
+            out.append(b"transfer-encoding: chunked\r\n")
+        if request.upgrade:
+            for name, value in request.headers:
+                if name.lower() == b"upgrade":
+                    out.extend((b"connection: upgrade\r\nupgrade: ", value, b"\r\n"))
+                    break
+        out.append(b"\r\n")
+        scan.keys = keys
+        return b"".join(out)
+
+    @staticmethod
+    def _peer_of(request: Request) -> bytes:
+        return request.client.peer
+
+    def _response_head(self, request: Request, exchange: Exchange, agent_id: str, set_cookie: str | None,
+                       client_keep_alive: bool) -> tuple[bytes, bool, bool]:
+        """(head for the client, re-chunk the body?, keep the client connection?)."""
+        connection_tokens: set[bytes] = set()
+        for name, value in exchange.headers:
+            if name.lower() == b"connection":
+                connection_tokens.update(t.strip().lower() for t in value.split(b","))
+        upgraded = exchange.upgraded is not None
+        out = [b"HTTP/1.1 %d %s\r\n" % (exchange.status, exchange.reason)]
+        append = out.append
+        length = False
+        upgrade_value = b""
+        for name, value in exchange.headers:
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower in connection_tokens:
+                if lower == b"upgrade":
+                    upgrade_value = value
+                continue
+            if lower == b"content-length":
+                length = True
+            append(name)
+            append(b": ")
+            append(value)
+            append(b"\r\n")
+        if agent_id:
+            append(b"x-sidecar-agent: " + agent_id.encode() + b"\r\n")
+        if set_cookie:
+            append(b"set-cookie: " + set_cookie.encode("latin-1") + b"\r\n")
+        frame_chunked = False
+        keep = client_keep_alive
+        if upgraded:
+            append(b"connection: upgrade\r\nupgrade: " + upgrade_value + b"\r\n")
+        elif not exchange.no_body and exchange.status not in (204, 304) and not length:
+            # Upstream chunked or close-delimited: the relay frames the body for the client.
+            if request.version == "1.1":
+                frame_chunked = True
+                append(b"transfer-encoding: chunked\r\n")
+            else:
+                keep = False
+        if not upgraded:
+            if not keep:
+                append(b"connection: close\r\n")
+            elif request.version == "1.0":
+                append(b"connection: keep-alive\r\n")
+        append(b"\r\n")
+        return b"".join(out), frame_chunked, keep
+
+    async def _attempt(self, client: ClientConnection, request: Request, head: bytes, address: str,
+                       port: int) -> Exchange:
+        """Send the request to address:port and wait for its response head."""
+        pool = self.pool
+        try:
+            conn = await pool.acquire(address, port, self.settings.connect_timeout)
+        except TimeoutError:
+            raise _AttemptFailed(OutcomeKind.TIMEOUT, False,
+                                 UpstreamTimeout("", f"connecting to {address}:{port} timed out")) from None
+        except OSError as exc:
+            raise _AttemptFailed(OutcomeKind.CONNECT_ERROR, False,
+                                 UpstreamError("", f"cannot connect to {address}:{port}: {exc.strerror or exc}")) \
+                from None
+        if client.closed:
+            pool.release(conn)
+            raise _ClientGone
+        exchange = Exchange(client, conn, self.settings.read_timeout, request.method == b"HEAD")
+        conn.exchange = exchange
+        conn.client = client
+        client.upstream = conn
+        conn.write_raw(head)
+        request.attach(conn)
+        try:
+            await exchange.head
+        except ProxyError as err:
+            request.detach()
+            client.upstream = None
+            exchange.stop_timer()
+            conn.exchange = None
+            conn.close()
+            kind = OutcomeKind.TIMEOUT if isinstance(err, UpstreamTimeout) else OutcomeKind.RESET
+            raise _AttemptFailed(kind, True, err) from None
+        return exchange
+
+    def _discard(self, client: ClientConnection, request: Request, exchange: Exchange) -> None:
+        request.detach()
+        client.upstream = None
+        exchange.stop_timer()
+        exchange.conn.exchange = None
+        exchange.conn.close()
+
+    async def _forward(self, client: ClientConnection, request: Request, route: routing.Route, path: bytes) -> bool:
+        policy = self.policy
+        started = self.loop.time()
+        scan = _Scan()
+        head = self._request_head(request, path, route.host if route.port == 80 else f"{route.host}:{route.port}",
+                                  scan)
+        keys = scan.keys or Keys()
+        policy.limits.acquire(route.key)
+        try:
+            policy.budget.request()
+            retries = policy.balancing.retries
+            failure_statuses = policy.balancing.circuit_breaker.failure_statuses
+            tried: list[str] = []
+            last_error: ProxyError | None = None
+            last_agent = ""
+            while True:
+                try:
+                    choice = policy.choose(route, self.catalog.snapshot, keys, tried)
+                except ProxyError:
+                    if last_error is not None:
+                        last_error.agent_id = last_agent
+                        raise last_error from None
+                    raise
+                agent = choice.agent
+                tried.append(agent.id)
+                loads = policy.loads
+                loads.start(agent.id)
+                attempt_started = self.loop.time()
+                try:
+                    exchange = await self._attempt(client, request, head, agent.address, agent.port)
+                except _AttemptFailed as failed:
+                    loads.finish(agent.id)
+                    if client.closed:
+                        policy.breakers.release(choice.ticket)
+                        raise _ClientGone from None
+                    policy.breakers.record(choice.ticket, True)
+                    self._count_attempt(failed.kind)
+                    policy.observe(Outcome(agent.id, failed.kind, self.loop.time() - attempt_started))
+                    failed.error.target = route.host
+                    last_error, last_agent = failed.error, agent.id
+                    if self._can_choose_again(route, tried) and \
+                            self._may_retry(request, failed.sent, len(tried), retries.attempts):
+                        continue
+                    failed.error.agent_id = agent.id
+                    raise failed.error from None
+                except BaseException:
+                    loads.finish(agent.id)
+                    policy.breakers.release(choice.ticket)
+                    raise
+                status = exchange.status
+                retry_after = _retry_after(exchange) if status in (429, 503) else 0.0
+                if status in failure_statuses:
+                    kind = OutcomeKind.FAILURE_STATUS
+                elif status == 429 or retry_after:
+                    kind = OutcomeKind.BACKPRESSURE
+                else:
+                    kind = OutcomeKind.SUCCESS
+                policy.breakers.record(choice.ticket, kind is OutcomeKind.FAILURE_STATUS)
+                self._count_attempt(kind)
+                policy.observe(Outcome(agent.id, kind, self.loop.time() - attempt_started, status, retry_after))
+                if (kind is not OutcomeKind.SUCCESS and self._can_choose_again(route, tried)
+                        and self._may_retry(request, True, len(tried), retries.attempts)):
+                    # Another agent may do better; with nobody else to ask, this answer goes to the client.
+                    self._discard(client, request, exchange)
+                    loads.finish(agent.id)
+                    last_error = UpstreamError(route.host, f"the agent answered {status}")
+                    last_agent = agent.id
+                    continue
+                try:
+                    return await self._relay_response(client, request, exchange, agent.id, choice.set_cookie,
+                                                      route.kind, started)
+                finally:
+                    loads.finish(agent.id)
+        finally:
+            policy.limits.release(route.key)
+
+    def _can_choose_again(self, route: routing.Route, tried: list[str]) -> bool:
+        breakers = self.policy.breakers
+        return any(a.healthy and a.id not in tried and breakers.available(a.id)
+                   for a in route.agents(self.catalog.snapshot))
+
+    def _may_retry(self, request: Request, sent: bool, tried: int, attempts: int) -> bool:
+        if tried > attempts:
+            return False
+        if not safe_to_retry(request.method, sent, request.replayable and request.body_done):
+            return False
+        if not self.policy.budget.try_retry():
+            self.metrics.retry_budget_exhausted.inc()
+            return False
+        self.metrics.retries.inc()
+        return True
+
+    async def _relay_response(self, client: ClientConnection, request: Request, exchange: Exchange, agent_id: str,
+                              set_cookie: str | None, kind: str, started: float) -> bool:
+        """Commit to ``exchange``: send its head, stream its body, then pool or close both sides."""
+        head, frame_chunked, keep = self._response_head(request, exchange, agent_id, set_cookie,
+                                                        request.keep_alive)
+        exchange.commit(head, frame_chunked)
+        self.metrics.request_seconds.observe(self.loop.time() - started)
+        self._count(kind, "ok")
+        conn = exchange.conn
+        if exchange.upgraded is not None:
+            exchange.stop_timer()
+            return await self._tunnel(client, conn, exchange.upgraded)
+        try:
+            await exchange.done
+        except ProxyError:
+            exchange.stop_timer()
+            client.upstream = None
+            request.detach()
+            conn.exchange = None
+            conn.close()
+            client.abort()
+            return False
+        finally:
+            request.detach()
+        client.upstream = None
+        if exchange.keep_alive and not exchange.no_body and request.body_done:
+            self.pool.release(conn)
+        else:
+            conn.exchange = None
+            conn.close()
+        return keep
+
+    async def _tunnel(self, client: ClientConnection, conn: Upstream, upstream_early: bytes) -> bool:
+        """Relay raw bytes both ways until either side closes."""
+        conn.exchange = None
+        conn.tunnel = True
+        conn.client = client
+        client.upstream = conn
+        if upstream_early:
+            client.write(upstream_early)
+        for chunk in client.raw_buffer or ():
+            conn.write_raw(chunk)
+        client.raw_buffer = []
+        client.resume_reading("error")
+        self.metrics.tunnels.inc()
+        try:
+            while not client.closed and not conn.closed:
+                client.waiter = self.loop.create_future()
+                await client.waiter
+        finally:
+            self.metrics.tunnels.dec()
+            conn.close()
+        return False
+
+    async def _passthrough(self, client: ClientConnection, request: Request, route: routing.Route,
+                           path: bytes) -> bool:
+        started = self.loop.time()
+        scan = _Scan()
+        head = self._request_head(request, path, route.host if route.port == 80 else f"{route.host}:{route.port}",
+                                  scan)
+        try:
+            exchange = await self._attempt(client, request, head, route.host, route.port)
+        except _AttemptFailed as failed:
+            failed.error.target = route.host
+            raise failed.error from None
+        return await self._relay_response(client, request, exchange, "", None, "external", started)
+
+    async def _connect(self, client: ClientConnection, request: Request, authority: str) -> bool:
+        try:
+            route = routing.route(authority, self.zone, default_port=443)
+        except ValueError as exc:
+            raise BadRequest(authority, str(exc)) from None
+        agent_id = ""
+        ticket = None
+        if route.kind == "external":
+            if not self.settings.passthrough:
+                raise PassthroughDisabled(route.host, f"{route.host} is outside {self.zone} and passthrough is off")
+            address, port = route.host, route.port
+        else:
+            choice = self.policy.choose(route, self.catalog.snapshot, Keys())
+            agent_id, ticket = choice.agent.id, choice.ticket
+            address, port = choice.agent.address, choice.agent.port
+        key = (address, port)
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                _, conn = await self.loop.create_connection(lambda: Upstream(self, key, tunnel=True), address, port)
+        except (TimeoutError, OSError) as exc:
+            if ticket is not None:
+                self.policy.breakers.record(ticket, True)
+            err: ProxyError
+            if isinstance(exc, TimeoutError):
+                err = UpstreamTimeout(route.host, f"connecting to {address}:{port} timed out")
+            else:
+                err = UpstreamError(route.host, f"cannot connect to {address}:{port}: {exc.strerror or exc}")
+            err.agent_id = agent_id
+            raise err from None
+        if ticket is not None:
+            self.policy.breakers.record(ticket, False)
+        self.metrics.upstream_connections.inc()
+        head = b"HTTP/1.1 200 Connection Established\r\n"
+        if agent_id:
+            head += b"x-sidecar-agent: " + agent_id.encode() + b"\r\n"
+        client.write(head + b"\r\n")
+        self._count("connect", "ok")
+        return await self._tunnel(client, conn, b"")
+
+    def close(self) -> None:
+        """Close every client connection and pooled upstream connection."""
+        for connection in list(self.connections):
+            connection.abort()
+        self.pool.close()
+
+
+def _retry_after(exchange: Exchange) -> float:
+    for name, value in exchange.headers:
+        if name.lower() == b"retry-after":
+            text = value.strip()
+            if text.isdigit():
+                return float(text)
+            return 1.0  # an HTTP-date: back off a little rather than parse clocks
+    return 0.0

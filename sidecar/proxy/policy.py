@@ -1,0 +1,145 @@
+"""Choosing an agent for a request: health, breakers, limits, stickiness, then the
+balancer. No I/O: the relay asks, this answers with an agent and a breaker ticket
+or raises the typed error the relay turns into a response.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+
+from ..catalog import Snapshot
+from ..config import LoadBalancerSettings, ProxySettings, StickySettings
+from ..errors import CircuitOpen, NoHealthyAgent, Overloaded, UnknownTarget
+from ..model import Agent
+from . import balancers
+from .affinity import Affinity
+from .breaker import Breakers, StateListener, Ticket
+from .limits import Limits
+from .load import LoadTable, Outcome
+from .retries import RetryBudget
+from .routing import Route
+
+
+@dataclass(slots=True)
+class Choice:
+    """The agent for one attempt, its breaker ticket, and a Set-Cookie to send (or None)."""
+
+    agent: Agent
+    ticket: Ticket
+    set_cookie: str | None = None
+
+
+@dataclass(slots=True)
+class Keys:
+    """What the request says about stickiness and hashing (header values, cookie values)."""
+
+    session: str | None = None
+    affinity_cookie: str | None = None
+    hash_key: str | None = None
+
+
+class Policy:
+    """Every per-target and per-agent decision of the proxy, with settings that swap live."""
+
+    def __init__(self, balancing: LoadBalancerSettings, sticky: StickySettings, proxy: ProxySettings,
+                 local_zone: str = "", clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None, breaker_listener: StateListener | None = None) -> None:
+        self.balancing = balancing
+        self.local_zone = local_zone
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.loads = LoadTable()
+        self.breakers = Breakers(balancing.circuit_breaker, clock, breaker_listener)
+        self.affinity = Affinity(sticky, clock)
+        self.limits = Limits(proxy, clock)
+        self.budget = RetryBudget(balancing.retries, clock)
+        self._balancers: dict[str, balancers.Balancer] = {}
+
+    def update(self, balancing: LoadBalancerSettings | None = None, sticky: StickySettings | None = None,
+               proxy: ProxySettings | None = None) -> None:
+        """Hot-apply new settings; breaker states, pins and load estimates are kept."""
+        if balancing is not None:
+            self.balancing = balancing
+            self._balancers.clear()
+            self.breakers.update(balancing.circuit_breaker)
+            self.budget.update(balancing.retries)
+        if sticky is not None:
+            self.affinity.update(sticky)
+        if proxy is not None:
+            self.limits.update(proxy)
+
+    def algorithm(self, route: Route) -> str:
+        """The balancer name for ``route`` (per-capability override, else the default)."""
+        return self.balancing.per_capability.get(route.capability, self.balancing.algorithm)
+
+    def _balancer(self, route: Route) -> balancers.Balancer:
+        balancer = self._balancers.get(route.key)
+        if balancer is None:
+            zone = self.local_zone if self.balancing.zone_preference else ""
+            balancer = self._balancers[route.key] = balancers.make(self.algorithm(route), zone)
+        return balancer
+
+    def choose(self, route: Route, snapshot: Snapshot, keys: Keys, exclude: Collection[str] = ()) -> Choice:
+        """An agent of ``route`` for one attempt, skipping ids in ``exclude``.
+
+        Raises UnknownTarget (no such agents), NoHealthyAgent (none healthy, or every
+        healthy one already tried), CircuitOpen (every remaining one has its breaker
+        open) or Overloaded (every remaining one is at its limit or asked us to back off).
+        """
+        agents = route.agents(snapshot)
+        if not agents:
+            raise UnknownTarget(route.host, f"no agent is registered for {route.host}")
+        now = self.clock()
+        loads, breakers, limits = self.loads, self.breakers, self.limits
+        usable: list[Agent] = []
+        healthy = circuit_open = busy = 0
+        for agent in agents:
+            if not agent.healthy or agent.id in exclude:
+                continue
+            healthy += 1
+            if not breakers.available(agent.id):
+                circuit_open += 1
+            elif loads.backed_off(agent.id, now) or not limits.agent_has_room(loads.in_flight(agent.id)):
+                busy += 1
+            else:
+                usable.append(agent)
+        while usable:
+            agent, set_cookie = self._pick(route, usable, keys, now)
+            ticket = breakers.admit(agent.id)
+            if ticket is not None:
+                return Choice(agent, ticket, set_cookie)
+            usable.remove(agent)  # its half-open trials are taken
+            circuit_open += 1
+        if not healthy:
+            raise NoHealthyAgent(route.host, f"no healthy agent for {route.host}")
+        if busy:
+            raise Overloaded(route.host, f"every agent of {route.host} is at its concurrency limit or backing off")
+        raise CircuitOpen(route.host, f"the circuit breaker of every healthy agent of {route.host} is open")
+
+    def _pick(self, route: Route, usable: list[Agent], keys: Keys, now: float) -> tuple[Agent, str | None]:
+        affinity = self.affinity
+        sticky = affinity.enabled
+        if sticky and (keys.session or keys.affinity_cookie):
+            closed = [a for a in usable if self.breakers.state(a.id) == "closed"]
+            pinned = affinity.find(route.key, keys.session, keys.affinity_cookie, closed)
+            if pinned is not None:
+                return pinned, affinity.set_cookie(keys.session, keys.affinity_cookie, pinned)
+        ctx = balancers.PickContext(self.rng, now, self.loads, keys.hash_key)
+        agent = self._balancer(route).pick(usable, ctx)
+        if not sticky:
+            return agent, None
+        affinity.pin(route.key, keys.session, agent)
+        return agent, affinity.set_cookie(keys.session, keys.affinity_cookie, agent)
+
+    def observe(self, outcome: Outcome) -> None:
+        """Fold an attempt's outcome into the load estimates (and notify outcome observers)."""
+        self.loads.observe(outcome, self.clock())
+
+    def retain(self, agent_ids: Iterable[str]) -> None:
+        """Forget per-agent state of agents that left the registry."""
+        ids = set(agent_ids)
+        self.breakers.retain(ids)
+        self.loads.retain(ids)

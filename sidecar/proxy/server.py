@@ -1,0 +1,101 @@
+"""The proxy component: binds the listener and wires catalog, policy and relay."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+
+from ..catalog import Catalog, Event, Snapshot
+from ..config import Settings
+from ..metrics import ProxyMetrics
+from .breaker import State
+from .http1 import Relay
+from .load import Observer
+from .policy import Policy
+
+log = logging.getLogger(__name__)
+
+_STATE_VALUES = {"closed": 0, "open": 1, "half_open": 2}
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 in brackets) -> (host, port)."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class ProxyServer:
+    """``async start()`` / ``async stop()``; settings swap live with ``update``."""
+
+    def __init__(self, settings: Settings, catalog: Catalog, metrics: ProxyMetrics,
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.metrics = metrics
+        self.policy = Policy(settings.load_balancer, settings.sticky, settings.proxy, local_zone=settings.agent.zone,
+                             clock=clock, rng=rng, breaker_listener=self._breaker_changed)
+        self._relay: Relay | None = None
+        self._server: asyncio.Server | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self.address: tuple[str, int] | None = None
+
+    def _breaker_changed(self, agent_id: str, state: State) -> None:
+        self.metrics.breaker_state.labels(agent_id).set(_STATE_VALUES[state])
+        self.metrics.breaker_transitions.labels(state).inc()
+        log.info("circuit breaker of agent %s is %s", agent_id, state)
+
+    def _on_snapshot(self, snapshot: Snapshot, events: Sequence[Event]) -> None:
+        live = set(snapshot.agents[k].id for k in snapshot.agents)
+        for gone in [a for a in self.policy.breakers.states() if a not in live]:
+            try:
+                self.metrics.breaker_state.remove(gone)
+            except KeyError:
+                pass
+        self.policy.retain(live)
+
+    async def start(self) -> None:
+        """Listen on ``proxy.listen``."""
+        loop = asyncio.get_running_loop()
+        relay = self._relay = Relay(self.settings.proxy, self.settings.dns.domain, self.catalog, self.policy,
+                                    self.metrics, loop)
+        host, port = parse_listen(self.settings.proxy.listen)
+        self._server = await loop.create_server(relay.protocol, host, port, reuse_address=True, backlog=1024)
+        sock = self._server.sockets[0].getsockname()
+        self.address = (sock[0], sock[1])
+        self._unsubscribe = self.catalog.subscribe(self._on_snapshot)
+        log.info("proxy listening on %s:%d", *self.address)
+
+    async def stop(self) -> None:
+        """Stop listening and close every connection."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._server is not None:
+            self._server.close()
+            if self._relay is not None:
+                self._relay.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def update(self, settings: Settings) -> None:
+        """Hot-apply the balancer, breaker, retry, sticky and proxy settings (not the listener)."""
+        self.settings = settings
+        self.policy.update(settings.load_balancer, settings.sticky, settings.proxy)
+        if self._relay is not None:
+            self._relay.update(settings.proxy)
+            self._relay.zone = settings.dns.domain
+
+    def breaker_state(self, agent_id: str) -> State:
+        """closed, open or half_open: for ``/v1/agents``."""
+        return self.policy.breakers.state(agent_id)
+
+    def breaker_states(self) -> dict[str, State]:
+        """Every agent this sidecar holds a breaker for, with its state."""
+        return self.policy.breakers.states()
+
+    def add_observer(self, observer: Observer) -> None:
+        """Receive every upstream attempt's Outcome (agent id, kind, latency, status)."""
+        self.policy.loads.add_observer(observer)

@@ -263,7 +263,7 @@ class Answers:
                            ar=list(answer.additional) if with_additional else [])
         if question.edns:
             record.add_ar(self._opt(question.edns == _EDNS_DO))
-        return record.pack()
+        return bytes(record.pack())
 
     def _opt(self, do: bool, ext_rcode: int = 0) -> RR:
         return EDNS0(udp_len=self.max_udp_payload, ext_rcode=ext_rcode, flags="do" if do else "")
@@ -304,7 +304,7 @@ class Answers:
         if any(rr.rtype == _OPT for rr in record.ar):
             reply.add_ar(self._opt(False))
         self._metrics.errors[RCODE.get(rcode, str(rcode)).lower()] += 1
-        return reply.pack()
+        return bytes(reply.pack())
 
     def _bad_version(self, record: DNSRecord, opt: RR) -> bytes:
         """RFC 6891: an unknown EDNS version gets BADVERS (extended rcode 16) and our version, 0."""
@@ -313,7 +313,7 @@ class Answers:
                           questions=list(record.questions))
         reply.add_ar(self._opt(bool(opt.ttl & 0x8000), ext_rcode=RCODE_BADVERS >> 4))
         self._metrics.errors["badvers"] += 1
-        return reply.pack()
+        return bytes(reply.pack())
 
     def _error_header(self, data: bytes, rcode: int, reason: str) -> bytes | None:
         """A bare header reply (no sections) when only the header can be read; None (drop) when not even that."""

@@ -859,6 +859,7 @@ class Relay:
                     break
         out.append(b"\r\n")
         scan.keys = keys
+        request.chunked = scan.chunked
         return b"".join(out)
 
     @staticmethod

@@ -38,6 +38,7 @@ class Backend:
         self.hits = 0
         self.gate = asyncio.Event()
         self.release = asyncio.Event()
+        self.entered = asyncio.Event()
         self.seen: list[dict[str, Any]] = []
         self.runner: web.AppRunner | None = None
         self.port = 0
@@ -81,6 +82,7 @@ class Backend:
         return response
 
     async def hang(self, request: web.Request) -> web.Response:
+        self.entered.set()
         await self.release.wait()
         return web.Response(text="released")
 
@@ -245,8 +247,7 @@ async def test_concurrency_limit_answers_overloaded(harness: Harness) -> None:
     harness.register(harness.backends[0].agent())
     await harness.start(proxy={"listen": "127.0.0.1:0", "max_concurrency": 1})
     hanging = asyncio.create_task(harness.get("chat.agents.local", "/hang"))
-    while not harness.proxy or not harness.proxy.policy.limits.active("chat"):
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(harness.backends[0].entered.wait(), WAIT)
     status, _, body = await harness.get("chat.agents.local")
     assert (status, body["code"]) == (503, "overloaded")
     hanging.cancel()
@@ -367,12 +368,12 @@ async def test_retries_only_when_safe(harness: Harness) -> None:
 
 async def test_sticky_cookie_through_the_relay(harness: Harness) -> None:
     await harness.start(sticky={"enabled": True}, load_balancer={"algorithm": "round_robin"})
-    status, headers, body = await harness.get("chat.agents.local")
+    _, headers, body = await harness.get("chat.agents.local")
     cookie = headers["set-cookie"].split(";")[0]
     pinned = body["agent"]
     harness.register(*(b.agent() for b in harness.backends), agent("new", harness.backends[0].port))
     for _ in range(6):
-        status, headers, body = await harness.get("chat.agents.local", headers={"Cookie": cookie})
+        _, headers, body = await harness.get("chat.agents.local", headers={"Cookie": cookie})
         assert body["agent"] == pinned and "set-cookie" not in headers
     for _ in range(2):
         _, _, body = await harness.get("chat.agents.local", headers={"X-Session-Id": "s-1"})

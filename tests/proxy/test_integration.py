@@ -1,0 +1,71 @@
+"""The proxy of a whole sidecar on a real etcd: agents registered in etcd, real backends."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from sidecar.model import Agent
+from sidecar.server import Server
+
+from ..registry.test_etcd_registry import eventually
+from .test_relay import Backend
+
+pytestmark = [pytest.mark.etcd, pytest.mark.asyncio]
+
+
+@pytest_asyncio.fixture
+async def backends() -> AsyncIterator[list[Backend]]:
+    started = [Backend(f"agent-{i}") for i in range(2)]
+    for backend in started:
+        await backend.start()
+    yield started
+    for backend in started:
+        backend.release.set()
+        await backend.stop()
+
+
+async def put(server: Server, *agents: Agent) -> None:
+    for agent in agents:
+        await server.etcd.put(agent.key(server.settings.etcd.prefix), agent.to_bytes())
+
+
+async def test_proxy_follows_etcd(make_server: Callable[..., Any], backends: list[Backend]) -> None:
+    server: Server = await make_server(load_balancer={"algorithm": "round_robin"}, sticky={"enabled": False})
+    first, second = (b.agent() for b in backends)
+    await put(server, first, second)
+    await eventually(lambda: len(server.catalog.snapshot.agents) == 2, what="agents to sync")
+    assert server.proxy.address is not None
+    url = f"http://127.0.0.1:{server.proxy.address[1]}"
+    async with aiohttp.ClientSession() as session:
+
+        async def agents_seen(times: int = 4, **kw: Any) -> set[str]:
+            seen = set()
+            for _ in range(times):
+                async with session.get(url + "/", headers={"Host": "chat.agents.local"}, **kw) as response:
+                    assert response.status == 200
+                    seen.add(response.headers["x-sidecar-agent"])
+            return seen
+
+        assert await agents_seen() == {"agent-0", "agent-1"}
+        # Absolute-form, as a client with HTTP_PROXY set sends it.
+        async with session.get("http://agent-1.id.agents.local/x", proxy=url) as response:
+            assert response.headers["x-sidecar-agent"] == "agent-1"
+        # Health written to etcd steers traffic.
+        await put(server, second.with_status("unhealthy"))
+        await eventually(lambda: not server.catalog.snapshot.select(agent_id="agent-1")[0].healthy,
+                         what="health to sync")
+        assert await agents_seen() == {"agent-0"}
+        # Deleting the last healthy agent leaves no_healthy_agent; deleting all, unknown_target.
+        await server.etcd.delete(first.key(server.settings.etcd.prefix))
+        await eventually(lambda: len(server.catalog.snapshot.agents) == 1, what="delete to sync")
+        async with session.get(url + "/", headers={"Host": "chat.agents.local"}) as response:
+            assert (response.status, response.headers["x-sidecar-error"]) == (503, "no_healthy_agent")
+        await server.etcd.delete(second.key(server.settings.etcd.prefix))
+        await eventually(lambda: not server.catalog.snapshot.agents, what="delete to sync")
+        async with session.get(url + "/", headers={"Host": "chat.agents.local"}) as response:
+            assert (response.status, response.headers["x-sidecar-error"]) == (404, "unknown_target")

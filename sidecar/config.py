@@ -1,0 +1,356 @@
+"""Inert, validated settings: one frozen dataclass per subsystem.
+
+The YAML file keeps the original layout (sections under ``service_discovery:``);
+the dynamic document in etcd has the same sections at its top level. Every
+value is checked once, here: an unknown key or a bad value raises ConfigError
+naming the dotted key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+from .model import parse_duration
+
+Duration = typing.Annotated[float, "duration"]
+# HOST:PORT or [V6]:PORT; port 0 asks the kernel for a free one (tests).
+Listen = typing.Annotated[str, "listen"]
+
+
+def _opt(default: Any = dataclasses.MISSING, *, min: float | None = None, max: float | None = None,
+         **kw: Any) -> Any:
+    meta = {"min": min, "max": max}
+    if isinstance(default, (dict, tuple, list)) or dataclasses.is_dataclass(default):
+        value = default
+        return field(default_factory=lambda: value, metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass(frozen=True)
+class EtcdSettings:
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    prefix: str = ""
+    dial_timeout: Duration = _opt(5.0, min=0.1)
+    request_timeout: Duration = _opt(5.0, min=0.1)
+    username: str = ""
+    password: str = ""
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    default_ttl: Duration = _opt(10.0, min=2.0)
+    # 0 means a third of each lease's TTL.
+    refresh_interval: Duration = _opt(0.0, min=0.0)
+
+
+@dataclass(frozen=True)
+class HealthCheckSettings:
+    interval: Duration = _opt(2.0, min=0.1, max=5.0)
+    timeout: Duration = _opt(1.0, min=0.05)
+    failure_threshold: int = _opt(3, min=1)
+    success_threshold: int = _opt(2, min=1)
+    # Serve every agent of a capability when all of them are unhealthy (Envoy's panic mode).
+    panic: bool = False
+    drain_period: Duration = _opt(2.0, min=0.0)
+
+
+@dataclass(frozen=True)
+class CircuitBreakerSettings:
+    enabled: bool = True
+    failure_threshold: int = _opt(5, min=1)
+    timeout: Duration = _opt(30.0, min=0.1)
+    half_open_requests: int = _opt(1, min=1)
+    failure_statuses: tuple[int, ...] = (502, 503, 504)
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    attempts: int = _opt(2, min=0, max=10)
+    budget: float = _opt(0.2, min=0.0, max=1.0)
+    min_retries_per_second: float = _opt(10.0, min=0.0)
+
+
+Algorithm = Literal["round_robin", "weighted_random", "least_conn", "consistent_hash", "p2c_ewma"]
+
+
+@dataclass(frozen=True)
+class LoadBalancerSettings:
+    algorithm: Algorithm = "weighted_random"
+    zone_preference: bool = False
+    per_capability: Mapping[str, Algorithm] = _opt({})
+    hash_header: str = "X-Session-Id"
+    hash_cookie: str = ""
+    circuit_breaker: CircuitBreakerSettings = _opt(CircuitBreakerSettings())
+    retries: RetrySettings = _opt(RetrySettings())
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    listen: Listen = "127.0.0.1:15053"
+    domain: str = "agents.local"
+    ttl: int = _opt(5, min=0, max=86400)
+    negative_ttl: int = _opt(5, min=0, max=86400)
+    # Empty: the nameservers of /etc/resolv.conf; ("none",) turns forwarding off.
+    upstreams: tuple[str, ...] = ()
+    upstream_timeout: Duration = _opt(2.0, min=0.05)
+    a_mode: Literal["direct", "proxy"] = "direct"
+    max_udp_payload: int = _opt(4096, min=512, max=65535)
+    tcp_idle_timeout: Duration = _opt(10.0, min=0.1)
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    listen: Listen = "127.0.0.1:15001"
+    passthrough: bool = True
+    connect_timeout: Duration = _opt(2.0, min=0.01)
+    # Per phase (time to response head, then idle time between body bytes); no total timeout.
+    read_timeout: Duration = _opt(60.0, min=0.01)
+    idle_timeout: Duration = _opt(60.0, min=0.1)
+    max_header_bytes: int = _opt(65536, min=1024)
+    max_concurrency: int = _opt(10000, min=1)
+    max_concurrency_per_agent: int = _opt(1000, min=1)
+    rate_limit: float = _opt(0.0, min=0.0)
+    rate_burst: int = _opt(0, min=0)
+
+
+@dataclass(frozen=True)
+class StickySettings:
+    enabled: bool = True
+    cookie: str = "sidecar_affinity"
+    header: str = "X-Session-Id"
+    cookie_max_age: Duration = _opt(3600.0, min=0.0)
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    listen: Listen = "127.0.0.1:15000"
+    token: str = ""
+
+
+@dataclass(frozen=True)
+class GrpcSettings:
+    listen: Listen = "127.0.0.1:15010"
+
+
+@dataclass(frozen=True)
+class AgentHealthSettings:
+    type: Literal["http", "tcp", "grpc"] = "http"
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    name: str = ""
+    id: str = ""
+    address: str = ""
+    port: int = _opt(0, min=0, max=65535)
+    version: str = ""
+    protocol: str = "http"
+    capabilities: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    metadata: Mapping[str, str] = _opt({})
+    weight: int = _opt(100, min=0, max=65535)
+    zone: str = ""
+    ttl: Duration = _opt(10.0, min=2.0)
+    card: str = ""
+    health: AgentHealthSettings = _opt(AgentHealthSettings())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``sidecar run`` needs; built once from flag > env > file > default."""
+
+    etcd: EtcdSettings = _opt(EtcdSettings())
+    registry: RegistrySettings = _opt(RegistrySettings())
+    health_check: HealthCheckSettings = _opt(HealthCheckSettings())
+    load_balancer: LoadBalancerSettings = _opt(LoadBalancerSettings())
+    dns: DnsSettings = _opt(DnsSettings())
+    proxy: ProxySettings = _opt(ProxySettings())
+    sticky: StickySettings = _opt(StickySettings())
+    admin: AdminSettings = _opt(AdminSettings())
+    grpc: GrpcSettings = _opt(GrpcSettings())
+    agent: AgentSettings = _opt(AgentSettings())
+    loop: Literal["uvloop", "asyncio"] = "uvloop"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+# Sections of the dynamic document (``{prefix}/config/sidecar``), hot-applied.
+DYNAMIC_SECTIONS = ("registry", "health_check", "load_balancer", "dns", "proxy", "sticky")
+
+
+def build(cls: type[Any], data: Mapping[str, Any] | None, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, validating every key and value."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(path.rstrip(".") or "<document>", data, "must be a mapping")
+    hints = typing.get_type_hints(cls, include_extras=True)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            close = ", ".join(sorted(known))
+            raise ConfigError(f"{path}{key}", data[key], f"unknown key (known: {close})")
+    values = {}
+    for name, value in data.items():
+        f = known[name]
+        values[name] = _coerce(hints[name], value, f"{path}{name}", f.metadata)
+    return cls(**values)
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge two nested mappings; ``override`` wins."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def as_dict(settings: Any) -> dict[str, Any]:
+    """Settings back to plain data (durations as seconds), for show/history."""
+    return typing.cast(dict[str, Any], _plain(dataclasses.asdict(settings)))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(hint: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is typing.Annotated:
+        base, *marks = typing.get_args(hint)
+        if "duration" in marks:
+            try:
+                seconds = _duration(value)
+            except ValueError as exc:
+                raise ConfigError(key, value, f"must be a duration like 5s or 500ms ({exc})") from None
+            return _bounded(seconds, key, value, meta)
+        text = _coerce(base, value, key, meta)
+        if "listen" in marks:
+            host, sep, port = text.rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) > 65535:
+                raise ConfigError(key, value, "must be HOST:PORT, e.g. 127.0.0.1:15053")
+        return text
+    if dataclasses.is_dataclass(hint):
+        return build(typing.cast(type, hint), value, key + ".")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(key, value, "must be one of " + ", ".join(map(str, choices)))
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(key, value, "must be true or false")
+    if hint is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, value, "must be an integer")
+        return _bounded(value, key, value, meta)
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, value, "must be a number")
+        return _bounded(float(value), key, value, meta)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, value, "must be a string")
+        return value
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, value, "must be a list")
+        return tuple(_coerce(item, v, f"{key}[{i}]", {}) for i, v in enumerate(value))
+    if origin in (Mapping, dict):
+        item = typing.get_args(hint)[1]
+        if isinstance(value, str):
+            pairs = [p for p in value.split(",") if p.strip()]
+            if not all("=" in p for p in pairs):
+                raise ConfigError(key, value, "must be a mapping or k=v,k2=v2")
+            value = dict(p.split("=", 1) for p in pairs)
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, value, "must be a mapping")
+        return {str(k): _coerce(item, v, f"{key}.{k}", {}) for k, v in value.items()}
+    raise ConfigError(key, value, f"unsupported setting type {hint!r}")  # pragma: no cover
+
+
+def _duration(value: Any) -> float:
+    # Config durations are seconds when bare numbers ("5" or 5), Go strings otherwise.
+    if isinstance(value, bool):
+        raise ValueError("not a duration")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("negative")
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return _duration(float(value))
+        except ValueError:
+            return parse_duration(value)
+    raise ValueError("not a duration")
+
+
+def _bounded(number: float, key: str, raw: Any, meta: Mapping[str, Any]) -> Any:
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and number < low:
+        raise ConfigError(key, raw, f"must be at least {low:g}")
+    if high is not None and number > high:
+        raise ConfigError(key, raw, f"must be at most {high:g}")
+    return number
+
+
+def load_file_document(data: Any, source: str) -> dict[str, Any]:
+    """The sections of a parsed YAML file (under ``service_discovery:`` or at top level)."""
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(source, data, "the file must hold a mapping")
+    extra = {k: v for k, v in data.items() if k != "service_discovery"}
+    sections = data.get("service_discovery", {})
+    if sections is None:
+        sections = {}
+    if not isinstance(sections, Mapping):
+        raise ConfigError("service_discovery", sections, "must be a mapping")
+    return merge(dict(sections), extra)
+
+
+def validate_dynamic(document: Any) -> dict[str, Any]:
+    """Check a dynamic document (sections at top level); returns it normalised."""
+    if not isinstance(document, Mapping):
+        raise ConfigError("<document>", document, "must be a mapping of sections")
+    for section in document:
+        if section not in DYNAMIC_SECTIONS:
+            raise ConfigError(section, document[section],
+                              "not a dynamic section (dynamic: " + ", ".join(DYNAMIC_SECTIONS) + ")")
+    built = build(Settings, document)
+    return {s: as_dict(getattr(built, s)) for s in document}
+
+
+def apply_dynamic(settings: Settings, document: Mapping[str, Any]) -> Settings:
+    """Settings with the dynamic document's sections laid over the static ones."""
+    validate_dynamic(document)
+    merged = merge(as_dict(settings), dict(document))
+    return typing.cast(Settings, build(Settings, merged))

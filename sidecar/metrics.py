@@ -1,0 +1,196 @@
+"""Every Prometheus collector, built once per server on its own CollectorRegistry.
+
+Names follow ``sidecar_<subsystem>_<thing>_<unit>``. Components receive the
+group they need (``metrics.registry``, ``metrics.dns``...) instead of touching
+module globals, so two servers in one process (the tests) never collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class RegistryMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registrations = Counter(
+            "sidecar_registry_registrations_total", "Agent registrations by outcome.",
+            ["outcome"], registry=registry)
+        self.registration_seconds = Histogram(
+            "sidecar_registry_registration_duration_seconds", "Lease grant + put of one registration.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=registry)
+        self.reregistrations = Counter(
+            "sidecar_registry_reregistrations_total", "Agents registered again after their lease was lost.",
+            registry=registry)
+        self.keepalive_failures = Counter(
+            "sidecar_registry_keepalive_failures_total", "Lease refreshes that failed.", registry=registry)
+        self.owned_agents = Gauge(
+            "sidecar_registry_owned_agents", "Agents whose lease this sidecar keeps alive.", registry=registry)
+        self.invalid_values = Counter(
+            "sidecar_registry_invalid_values_total", "etcd values skipped because they do not parse.",
+            registry=registry)
+        self.watch_events = Counter(
+            "sidecar_registry_watch_events_total", "Watch events applied, by type.", ["type"], registry=registry)
+        self.watch_restarts = Counter(
+            "sidecar_registry_watch_restarts_total", "Watch streams restarted, by reason.", ["reason"],
+            registry=registry)
+        self.relists = Counter(
+            "sidecar_registry_relists_total", "Full range reads (start, compaction, reconnect).",
+            registry=registry)
+        self.snapshot_revision = Gauge(
+            "sidecar_registry_snapshot_revision", "etcd revision of the served snapshot.", registry=registry)
+        self.snapshot_agents = Gauge(
+            "sidecar_registry_snapshot_agents", "Agents in the served snapshot.", registry=registry)
+        self.snapshot_healthy_agents = Gauge(
+            "sidecar_registry_snapshot_healthy_agents", "Healthy agents in the served snapshot.", registry=registry)
+        self.etcd_up = Gauge(
+            "sidecar_registry_etcd_up", "1 while the watch on etcd is established.", registry=registry)
+        self.stale_seconds = Gauge(
+            "sidecar_registry_snapshot_stale_seconds",
+            "Seconds since the snapshot was last known current (0 while the watch is up).", registry=registry)
+        self.discovery_seconds = Histogram(
+            "sidecar_registry_discovery_duration_seconds", "Time to answer a discovery query from the snapshot.",
+            buckets=(1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05), registry=registry)
+
+
+class DnsMetrics:
+    """DNS counters as plain ints and dicts, bumped on the query path and turned into families at scrape time.
+
+    A prometheus_client ``labels().inc()`` per query would cost more than the
+    cached answer itself, so the query path only does ``counter[key] += 1``;
+    the latency histogram is fed a sample of the queries (see ``LATENCY_SAMPLE``).
+    """
+
+    LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 0.01, 0.05, 0.25, 1.0, 5.0)
+    # One query in LATENCY_SAMPLE (a power of two) is timed.
+    LATENCY_SAMPLE = 64
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        import collections
+
+        self.queries: collections.Counter[tuple[str, str]] = collections.Counter()  # (qtype, rcode)
+        self.errors: collections.Counter[str] = collections.Counter()  # error replies we made, by reason
+        self.dropped: collections.Counter[str] = collections.Counter()  # messages not answered, by reason
+        self.upstream_errors: collections.Counter[tuple[str, str]] = collections.Counter()  # (upstream, reason)
+        self.forwarded: collections.Counter[str] = collections.Counter()  # by outcome
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.cache_invalidations = 0
+        self.truncated = 0
+        self.tcp_connections = 0
+        self._latency_counts = [0] * (len(self.LATENCY_BUCKETS) + 1)
+        self._latency_sum = 0.0
+        self.forward_seconds = Histogram(
+            "sidecar_dns_forward_duration_seconds", "Time to answer a forwarded query (all upstream attempts).",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=registry)
+        registry.register(self)  # type: ignore[arg-type]
+
+    def observe_latency(self, seconds: float) -> None:
+        """Record one sampled in-zone query's processing time."""
+        import bisect
+
+        self._latency_counts[bisect.bisect_left(self.LATENCY_BUCKETS, seconds)] += 1
+        self._latency_sum += seconds
+
+    def describe(self) -> list[object]:
+        return list(self.collect())
+
+    def collect(self) -> list[object]:
+        from collections.abc import Mapping
+        from typing import Any
+
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        def counter(name: str, doc: str, labels: list[str], values: Mapping[Any, int]) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=labels)
+            for key, value in sorted(values.items(), key=lambda kv: str(kv[0])):
+                family.add_metric(list(key) if isinstance(key, tuple) else [str(key)], value)
+            return family
+
+        buckets, running = [], 0
+        for bound, count in zip((*self.LATENCY_BUCKETS, float("inf")), self._latency_counts, strict=True):
+            running += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        tcp = GaugeMetricFamily("sidecar_dns_tcp_connections", "Open DNS TCP connections.",
+                                value=self.tcp_connections)
+        return [
+            counter("sidecar_dns_queries", "Queries answered, by qtype and rcode.", ["qtype", "rcode"],
+                    dict(self.queries)),
+            counter("sidecar_dns_errors", "Error replies made here (formerr, notimp, refused, servfail...).",
+                    ["reason"], dict(self.errors)),
+            counter("sidecar_dns_dropped", "Messages dropped unanswered, by reason.", ["reason"], dict(self.dropped)),
+            counter("sidecar_dns_forwarded", "Queries forwarded upstream, by outcome.", ["outcome"],
+                    dict(self.forwarded)),
+            counter("sidecar_dns_upstream_errors", "Failed upstream attempts, by upstream and reason.",
+                    ["upstream", "reason"], dict(self.upstream_errors)),
+            CounterMetricFamily("sidecar_dns_cache_hits", "Queries answered from the wire cache.",
+                                value=self.cache_hits),
+            CounterMetricFamily("sidecar_dns_cache_misses", "In-zone queries answered by the general path.",
+                                value=self.cache_misses),
+            CounterMetricFamily("sidecar_dns_cache_invalidations", "Wire caches dropped for a new snapshot.",
+                                value=self.cache_invalidations),
+            CounterMetricFamily("sidecar_dns_truncated", "Replies sent with TC set.", value=self.truncated),
+            tcp,
+            HistogramMetricFamily(
+                "sidecar_dns_query_duration_seconds",
+                f"In-zone query processing time, one query in {self.LATENCY_SAMPLE} sampled.",
+                buckets=buckets, sum_value=self._latency_sum),
+        ]
+
+
+class ProxyMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "sidecar_proxy_requests_total", "Requests answered, by kind (capability, name, id, external, connect) "
+            "and outcome (ok or an error code).", ["kind", "outcome"], registry=registry)
+        self.request_seconds = Histogram(
+            "sidecar_proxy_request_duration_seconds", "Time from request head to response head sent.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+            registry=registry)
+        self.attempts = Counter(
+            "sidecar_proxy_upstream_attempts_total", "Upstream attempts, by outcome kind.", ["outcome"],
+            registry=registry)
+        self.retries = Counter(
+            "sidecar_proxy_retries_total", "Requests sent again to another agent.", registry=registry)
+        self.retry_budget_exhausted = Counter(
+            "sidecar_proxy_retry_budget_exhausted_total", "Retries refused by the retry budget.", registry=registry)
+        self.connections = Gauge(
+            "sidecar_proxy_client_connections", "Client connections open.", registry=registry)
+        self.upstream_connections = Counter(
+            "sidecar_proxy_upstream_connections_total", "Upstream connections opened.", registry=registry)
+        self.pool_reuses = Counter(
+            "sidecar_proxy_upstream_connection_reuses_total", "Requests sent on a pooled upstream connection.",
+            registry=registry)
+        self.tunnels = Gauge(
+            "sidecar_proxy_tunnels", "CONNECT and Upgrade tunnels open.", registry=registry)
+        self.breaker_state = Gauge(
+            "sidecar_proxy_breaker_state", "Circuit breaker state per agent: 0 closed, 1 open, 2 half_open.",
+            ["agent"], registry=registry)
+        self.breaker_transitions = Counter(
+            "sidecar_proxy_breaker_transitions_total", "Circuit breaker state changes, by new state.", ["state"],
+            registry=registry)
+        self.client_errors = Counter(
+            "sidecar_proxy_client_errors_total", "Client connections closed on a protocol error or reset, by kind.",
+            ["kind"], registry=registry)
+
+
+class HealthMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        pass
+
+
+class Metrics:
+    """All metric groups of one server, on one CollectorRegistry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.collector_registry = registry or CollectorRegistry()
+        self.registry = RegistryMetrics(self.collector_registry)
+        self.dns = DnsMetrics(self.collector_registry)
+        self.proxy = ProxyMetrics(self.collector_registry)
+        self.health = HealthMetrics(self.collector_registry)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every collector."""
+        return generate_latest(self.collector_registry)

@@ -1,0 +1,1 @@
+"""The registry: etcd access, leases, and the watch that feeds the catalog."""

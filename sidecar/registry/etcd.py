@@ -1,0 +1,367 @@
+"""The one module that talks to etcd (through aetcd); everything else uses EtcdClient.
+
+Facts this wrapper handles (aetcd 1.0 against etcd 3.4): every call carries a
+timeout (a frozen etcd otherwise blocks forever); gRPC keepalive pings make a
+watch on a partitioned etcd fail instead of hanging; several endpoints become
+one gRPC target with the round_robin policy; leases are refreshed over one
+shared LeaseKeepAlive stream (aetcd opens a stream per refresh).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aetcd
+import aetcd.exceptions
+import aetcd.rpc
+import grpc
+
+from ..errors import ConfigError, ConflictError, LeaseNotFound, RegistryUnavailable, RevisionCompacted
+
+log = logging.getLogger(__name__)
+
+_CHANNEL_OPTIONS = {
+    "grpc.keepalive_time_ms": 5000,
+    "grpc.keepalive_timeout_ms": 2000,
+    "grpc.http2.ping_timeout_ms": 2000,
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.http2.max_pings_without_data": 0,
+    "grpc.lb_policy_name": "round_robin",
+    # The sidecar's own etcd traffic never goes through an HTTP_PROXY from the environment.
+    "grpc.enable_http_proxy": 0,
+    "grpc.initial_reconnect_backoff_ms": 200,
+    "grpc.max_reconnect_backoff_ms": 2000,
+    "grpc.max_receive_message_length": 64 * 1024 * 1024,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    key: str
+    value: bytes
+    mod_revision: int
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """One change under a watched prefix; ``value`` is empty for a delete."""
+
+    deleted: bool
+    key: str
+    value: bytes
+    revision: int
+
+
+def parse_endpoints(endpoints: Sequence[str]) -> list[tuple[str, int]]:
+    """(host, port) of each ``http://host:port`` (or bare ``host:port``) etcd endpoint."""
+    parsed = []
+    for endpoint in endpoints:
+        text = endpoint.strip()
+        if not text:
+            continue
+        url = urlsplit(text if "://" in text else f"http://{text}")
+        if url.scheme not in ("http", "https"):
+            raise ConfigError("etcd.endpoints", endpoint, "must be http://host:port")
+        if url.scheme == "https":
+            raise ConfigError("etcd.endpoints", endpoint, "TLS to etcd is not supported yet; use http://")
+        try:
+            port = url.port or 2379
+        except ValueError:
+            raise ConfigError("etcd.endpoints", endpoint, "bad port") from None
+        if not url.hostname:
+            raise ConfigError("etcd.endpoints", endpoint, "missing host")
+        parsed.append((url.hostname, port))
+    if not parsed:
+        raise ConfigError("etcd.endpoints", list(endpoints), "at least one endpoint is needed")
+    return parsed
+
+
+def grpc_target(endpoints: Sequence[tuple[str, int]]) -> str:
+    """One gRPC target naming every endpoint (resolving host names once)."""
+    if len(endpoints) == 1 and not _is_ip(endpoints[0][0]):
+        host, port = endpoints[0]
+        return f"dns:///{host}:{port}"
+    addresses: list[tuple[int, str]] = []
+    for host, port in endpoints:
+        if _is_ip(host):
+            addresses.append((ipaddress.ip_address(host).version, _hostport(host, port)))
+            continue
+        for family, *_, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            version = 6 if family == socket.AF_INET6 else 4
+            addresses.append((version, _hostport(str(sockaddr[0]), port)))
+    version = addresses[0][0]
+    same = [a for v, a in addresses if v == version]
+    return f"ipv{version}:" + ",".join(dict.fromkeys(same))
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class EtcdClient:
+    """Async etcd v3 access with timeouts, typed errors and a shared keepalive stream."""
+
+    def __init__(self, endpoints: Sequence[str], *, timeout: float = 5.0,
+                 username: str = "", password: str = "") -> None:
+        self.endpoints = list(endpoints)
+        self.timeout = timeout
+        target = grpc_target(parse_endpoints(endpoints))
+        # aetcd builds its target as f"{host}:{port}"; split ours at the last colon.
+        host, _, port = target.rpartition(":")
+        self._client = aetcd.Client(
+            host=host, port=int(port), username=username or None, password=password or None,
+            timeout=timeout, options=dict(_CHANNEL_OPTIONS), connect_wait_timeout=int(max(timeout, 1)),
+        )
+        self._keepalive: _KeepAliveStream | None = None
+
+    async def close(self) -> None:
+        if self._keepalive is not None:
+            await self._keepalive.close()
+            self._keepalive = None
+        try:
+            await self._client.close()
+        except Exception:  # closing a broken channel must not mask the caller's error
+            log.debug("etcd client close failed", exc_info=True)
+
+    async def get_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
+        """Every key under ``prefix`` and the store revision they were read at."""
+        async with _errors():
+            result = await self._client.get_prefix(prefix.encode())
+        return result.header.revision, [
+            KeyValue(kv.key.decode(errors="replace"), kv.value, kv.mod_revision, kv.lease) for kv in result.kvs
+        ]
+
+    async def get(self, key: str) -> KeyValue | None:
+        async with _errors():
+            result = await self._client.get(key.encode())
+        if result is None:
+            return None
+        return KeyValue(key, result.value, result.mod_revision, result.lease)
+
+    async def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        """Write ``key``; with ``lease`` the key dies with the lease. Returns the revision."""
+        async with _errors():
+            result = await self._client.put(key.encode(), value, lease=lease or None)
+        return int(result.header.revision)
+
+    async def delete(self, key: str) -> bool:
+        async with _errors():
+            result = await self._client.delete(key.encode())
+        return result is not None
+
+    async def put_if(self, key: str, value: bytes, mod_revision: int) -> int:
+        """Compare-and-swap: write only if ``key`` is still at ``mod_revision`` (0: absent)."""
+        client = self._client
+        compare = [client.transactions.mod(key.encode()) == mod_revision]
+        async with _errors():
+            succeeded, responses = await client.transaction(
+                compare=compare, success=[client.transactions.put(key.encode(), value)], failure=[])
+        if not succeeded:
+            raise ConflictError(f"{key} changed concurrently")
+        return int(responses[0].header.revision) if responses else 0
+
+    async def grant(self, ttl: int) -> int:
+        """A new lease of ``ttl`` seconds; returns its id."""
+        async with _errors():
+            lease = await self._client.lease(ttl)
+        return int(lease.id)
+
+    async def revoke(self, lease_id: int) -> None:
+        """Revoke a lease (its keys are deleted); a lease already gone is not an error."""
+        try:
+            async with _errors():
+                await self._client.revoke_lease(lease_id)
+        except LeaseNotFound:
+            pass
+
+    async def refresh(self, lease_id: int) -> int:
+        """Keep a lease alive; returns the granted TTL, raises LeaseNotFound if it is gone."""
+        if self._keepalive is None or self._keepalive.closed:
+            self._keepalive = _KeepAliveStream(self._client)
+        return await asyncio.wait_for(self._keepalive.refresh(lease_id), self.timeout)
+
+    async def compact(self, revision: int) -> None:
+        async with _errors():
+            await self._client.compact(revision, physical=True)
+
+    async def status(self) -> int:
+        """The cluster's current revision (a cheap liveness probe)."""
+        async with _errors():
+            result = await self._client.get(b"\0sidecar-probe")
+        if result is not None:
+            return int(result.header.revision)
+        revision, _ = await self.get_prefix("\0sidecar-probe")
+        return revision
+
+    async def watch_prefix(self, prefix: str, start_revision: int) -> WatchStream:
+        """An established watch on ``prefix`` from ``start_revision`` on.
+
+        Iterating it yields batches of changes; it raises RevisionCompacted when
+        that revision is gone and RegistryUnavailable when the stream breaks.
+        """
+        async with _errors():
+            watch = await self._client.watch(
+                prefix.encode(), range_end=aetcd.utils.prefix_range_end(prefix.encode()),
+                start_revision=start_revision, progress_notify=True)
+        return WatchStream(watch)
+
+
+class WatchStream:
+    """Batches of WatchEvents from one etcd watch; events already queued come as one batch."""
+
+    def __init__(self, watch: Any) -> None:
+        self._watch = watch
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._error: BaseException | None = None
+        self._task = asyncio.get_running_loop().create_task(self._pump())
+
+    async def _pump(self) -> None:
+        try:
+            async for event in self._watch:
+                self._queue.put_nowait(event)
+            self._queue.put_nowait(RegistryUnavailable("watch stream ended"))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._queue.put_nowait(exc)
+
+    def __aiter__(self) -> WatchStream:
+        return self
+
+    async def __anext__(self) -> list[WatchEvent]:
+        if self._error is not None:
+            raise self._error
+        items = [await self._queue.get()]
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        batch = []
+        for item in items:
+            if isinstance(item, BaseException):
+                # What came before the error is delivered first; the error next time.
+                self._error = _translate(item)
+                break
+            kv = item.kv
+            batch.append(WatchEvent(item.kind == "DELETE", kv.key.decode(errors="replace"), kv.value,
+                                    kv.mod_revision))
+        if not batch and self._error is not None:
+            raise self._error
+        return batch
+
+    async def close(self) -> None:
+        self._task.cancel()
+        try:
+            await asyncio.wait_for(self._watch.cancel(), 1.0)
+        except BaseException:  # the stream may already be gone
+            pass
+
+
+class _errors:
+    """Translate aetcd/gRPC errors into the sidecar's typed registry errors."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, asyncio.CancelledError):
+            return False
+        translated = _translate(exc)
+        if translated is exc:
+            return False
+        raise translated from exc
+
+
+def _translate(exc: BaseException) -> BaseException:
+    if isinstance(exc, aetcd.exceptions.RevisionCompactedError):
+        return RevisionCompacted(exc.compacted_revision)
+    text = str(exc).lower()
+    if "lease not found" in text or "requested lease not found" in text:
+        return LeaseNotFound(str(exc))
+    if isinstance(exc, (aetcd.exceptions.ClientError, grpc.RpcError, asyncio.TimeoutError,
+                        ConnectionError, OSError)):
+        return RegistryUnavailable(f"etcd: {type(exc).__name__}: {exc}")
+    return exc
+
+
+class _KeepAliveStream:
+    """One LeaseKeepAlive bidi stream shared by every lease of this process (as clientv3 does)."""
+
+    def __init__(self, client: aetcd.Client) -> None:
+        self._client = client
+        self._call: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._waiters: dict[int, list[asyncio.Future[int]]] = {}
+        self._lock = asyncio.Lock()
+        self.closed = False
+
+    async def refresh(self, lease_id: int) -> int:
+        async with self._lock:
+            if self._call is None:
+                await self._client.connect()
+                self._call = self._client.leasestub.LeaseKeepAlive(metadata=self._client.metadata)
+                self._reader = asyncio.get_running_loop().create_task(self._read())
+            future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(lease_id, []).append(future)
+            try:
+                await self._call.write(aetcd.rpc.LeaseKeepAliveRequest(ID=lease_id))
+            except BaseException as exc:
+                self._fail(RegistryUnavailable(f"etcd keepalive stream: {exc}"))
+        ttl = await future
+        if ttl <= 0:
+            raise LeaseNotFound(f"lease {lease_id:x} not found")
+        return ttl
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                response = await self._call.read()
+                if response is grpc.aio.EOF:
+                    raise RegistryUnavailable("etcd keepalive stream closed")
+                waiters = self._waiters.get(response.ID)
+                if waiters:
+                    future = waiters.pop(0)
+                    if not waiters:
+                        del self._waiters[response.ID]
+                    if not future.done():
+                        future.set_result(int(response.TTL))
+        except asyncio.CancelledError:
+            self._fail(RegistryUnavailable("etcd keepalive stream cancelled"))
+            raise
+        except BaseException as exc:
+            self._fail(RegistryUnavailable(f"etcd keepalive stream: {exc}"))
+
+    def _fail(self, error: Exception) -> None:
+        self.closed = True
+        waiters, self._waiters = self._waiters, {}
+        for futures in waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
+        if self._call is not None:
+            self._call.cancel()
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+        if self._call is not None:
+            self._call.cancel()

@@ -1,0 +1,107 @@
+"""The composition root: builds every component from Settings, wires them, runs them.
+
+Nothing else constructs the world. Components have ``async start()`` and
+``async stop()``; they are started in order after the first etcd sync begins
+and stopped in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Protocol
+
+from .admin import AdminApi
+from .catalog import Catalog
+from .config import Settings
+from .dns import DnsServer
+from .metrics import Metrics
+from .proxy.server import ProxyServer
+from .registry.etcd import EtcdClient
+from .registry.lease import LeaseKeeper
+from .registry.sync import CatalogSync
+
+log = logging.getLogger(__name__)
+
+
+class Component(Protocol):
+    async def start(self) -> None:
+        """Bind listeners / start tasks; raise if that is impossible."""
+
+    async def stop(self) -> None:
+        """Release everything start() took; safe to call once after start()."""
+
+
+class Server:
+    """One sidecar: etcd sync, catalog, listeners and local agent, from one Settings."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        etcd_settings = settings.etcd
+        self.etcd = EtcdClient(etcd_settings.endpoints, timeout=etcd_settings.request_timeout,
+                               username=etcd_settings.username, password=etcd_settings.password)
+        self.catalog = Catalog()
+        self.sync = CatalogSync(self.etcd, etcd_settings.prefix, self.catalog, self.metrics.registry)
+        self.leases = LeaseKeeper(self.etcd, etcd_settings.prefix, self.metrics.registry,
+                                  refresh_interval=settings.registry.refresh_interval)
+        self.admin = AdminApi(settings.admin, settings.registry, self.catalog, self.sync, self.leases, self.etcd,
+                              self.metrics, self.readiness)
+        # Listeners and workers, started in this order after the sync task.
+        self.components: list[Component] = []
+        self.dns = DnsServer(settings.dns, self.catalog, self.metrics.dns, local_zone=settings.agent.zone,
+                             proxy_listen=settings.proxy.listen)
+        self.components.append(self.dns)
+        self.proxy = ProxyServer(settings, self.catalog, self.metrics.proxy)
+        self.components.append(self.proxy)
+        self._started: list[Component] = []
+        self._listening = False
+        self.started_at = time.time()
+
+    def readiness(self) -> dict[str, Any]:
+        """Ready once the first snapshot has synced and every listener is up."""
+        synced = self.catalog.synced
+        detail: dict[str, Any] = {
+            "ready": synced and self._listening,
+            "synced": synced,
+            "listeners": self._listening,
+            "etcd_connected": self.sync.connected,
+            "revision": self.catalog.snapshot.revision,
+            "agents": len(self.catalog.snapshot.agents),
+        }
+        if self.sync.stale_since is not None and synced:
+            detail["stale_since"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.sync.stale_since))
+            detail["stale_seconds"] = round(self.sync.stale_seconds(), 3)
+        return detail
+
+    async def start(self) -> None:
+        await self.sync.start()
+        try:
+            for component in (*self.components, self.admin):
+                await component.start()
+                self._started.append(component)
+        except BaseException:
+            await self.stop()
+            raise
+        self._listening = True
+
+    async def stop(self) -> None:
+        self._listening = False
+        for component in reversed(self._started):
+            try:
+                await component.stop()
+            except Exception:
+                log.exception("stopping %r failed", component)
+        self._started.clear()
+        await self.leases.close()
+        await self.sync.stop()
+        await self.etcd.close()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start, serve until ``stop`` is set, then shut down gracefully."""
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()

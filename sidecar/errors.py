@@ -1,0 +1,120 @@
+"""The typed error tree; responses are made from these in one place per surface."""
+
+from __future__ import annotations
+
+
+class SidecarError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(SidecarError):
+    """A setting that does not validate; names the key and the offending value."""
+
+    def __init__(self, key: str, value: object, reason: str) -> None:
+        self.key = key
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{key}: {reason} (got {value!r})")
+
+
+class FieldError(SidecarError):
+    """One bad field of an agent record."""
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{field}: {reason} (got {value!r})")
+
+    def as_dict(self) -> dict[str, object]:
+        return {"field": self.field, "value": _jsonable(self.value), "error": self.reason}
+
+
+class ValidationError(SidecarError):
+    """An agent record with one or more bad fields."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(str(e) for e in errors))
+
+
+class RegistryError(SidecarError):
+    """The registry backend (etcd) failed."""
+
+
+class RegistryUnavailable(RegistryError):
+    """etcd could not be reached or did not answer in time."""
+
+
+class LeaseNotFound(RegistryError):
+    """The lease is gone (expired or revoked); the keys attached to it are gone too."""
+
+
+class RevisionCompacted(RegistryError):
+    """A watch asked for a revision etcd has compacted away; relist."""
+
+    def __init__(self, compact_revision: int) -> None:
+        self.compact_revision = compact_revision
+        super().__init__(f"revision compacted up to {compact_revision}")
+
+
+class ConflictError(RegistryError):
+    """A compare-and-swap lost to a concurrent writer."""
+
+
+def _jsonable(value: object) -> object:
+    if value is None or isinstance(value, (str, int, float, bool, list, dict)):
+        return value
+    return repr(value)
+
+
+class ProxyError(SidecarError):
+    """A request the HTTP proxy could not route or relay; ``target`` is the requested host."""
+
+    agent_id: str = ""  # the agent that failed, when there was one
+
+    def __init__(self, target: str = "", detail: str = "") -> None:
+        self.target = target
+        self.detail = detail
+        super().__init__(detail or type(self).__name__)
+
+
+class BadRequest(ProxyError):
+    """The client sent a request that is not valid HTTP/1 (bad request line, smuggling)."""
+
+
+class HeadersTooLarge(ProxyError):
+    """The request line and headers exceed ``proxy.max_header_bytes``."""
+
+
+class UnknownTarget(ProxyError):
+    """An in-zone host that names no capability, service, id or tag."""
+
+
+class PassthroughDisabled(ProxyError):
+    """A host outside the zone while ``proxy.passthrough`` is off."""
+
+
+class NoHealthyAgent(ProxyError):
+    """The target exists but none of its agents is healthy."""
+
+
+class CircuitOpen(ProxyError):
+    """Every healthy agent of the target has its breaker open."""
+
+
+class Overloaded(ProxyError):
+    """A concurrency limit or the rate limit refused the request."""
+
+    def __init__(self, target: str = "", detail: str = "", retry_after: float = 0.0, rate_limited: bool = False) -> None:
+        super().__init__(target, detail)
+        self.retry_after = retry_after
+        self.rate_limited = rate_limited
+
+
+class UpstreamError(ProxyError):
+    """The agent (or passthrough host) refused, reset or answered garbage."""
+
+
+class UpstreamTimeout(ProxyError):
+    """The agent did not connect or answer within the per-phase timeout."""

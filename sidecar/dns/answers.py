@@ -183,6 +183,10 @@ class Answers:
         if header.qr:
             self._metrics.dropped["response"] += 1
             return None
+        if not all(_valid_name(q.qname.label) for q in record.questions):
+            # dnslib reads names it cannot write back (labels over 63 bytes through pointers).
+            record.questions = []
+            return self._error(record, RCODE.FORMERR)
         if header.opcode != OPCODE.QUERY:
             return self._error(record, RCODE.NOTIMP)
         options = [rr for rr in record.ar if rr.rtype == _OPT]
@@ -200,8 +204,6 @@ class Answers:
             id=data[:2], rd=header.rd, cd=header.cd, opcode=header.opcode, labels=tuple(q.qname.label),
             qtype=q.qtype, qclass=q.qclass, edns=edns, limit=TCP_LIMIT if tcp else limit,
         )
-        if sum(len(part) + 1 for part in question.labels) + 1 > MAX_NAME:
-            return self._error(record, RCODE.FORMERR)
         key_labels = question.key_labels
         if not in_zone(self.zone, key_labels):
             if not self.forwarding:
@@ -331,6 +333,10 @@ RCODE_BADVERS = 16
 
 def _stat(qtype: int, rcode: int) -> tuple[str, str]:
     return str(QTYPE.get(qtype, qtype)), str(RCODE.get(rcode, rcode))
+
+
+def _valid_name(labels: Sequence[bytes]) -> bool:
+    return all(0 < len(part) <= 63 for part in labels) and sum(len(part) + 1 for part in labels) + 1 <= MAX_NAME
 
 
 def _wire_name(labels: Sequence[bytes]) -> bytes:

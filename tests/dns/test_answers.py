@@ -250,6 +250,13 @@ def check_reply(data: bytes, raw: bytes | Forward | None) -> None:
 @given(st.binary(max_size=600))
 @example(b"\x00\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00\x01\xc0\x0c\x00\x01\x00\x01")
 @example(b"\x00\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00\x01\x00\x00\x01\x00\x01\x00\x00\x29")
+# Found by the atheris run (bench/dns/fuzz.py): a question label over 63 bytes that dnslib reads but cannot write.
+@example(bytes.fromhex(
+    "b340019600060000000000000000004c4c4c4c4c230301000001000000610000002c0000000000000000000000000000"
+    "000034003434343434343434343434343434343434343434343434343434343434343424343434343434343434343434"
+    "343434343434343434343434343434343434343434343434343434343434343434343434343434343434343434343434"
+    "343400000000000000100000000000000000000000000000ffff63616c03090027"
+))
 def test_random_bytes_never_break_the_parser(data: bytes) -> None:
     answers = answers_for(SHUFFLING)
     check_reply(data, answers.fast(data))

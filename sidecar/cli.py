@@ -285,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             from .dev import dev
 
             logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-            code = _run_until_signal(args.loop, dev)
+            code = _run_until_signal(args.loop, lambda stop: dev(stop, args.loop))
         elif args.command == "register":
             logging.basicConfig(level="WARNING")
             code = _run_until_signal("asyncio", lambda stop: _register(args, stop))

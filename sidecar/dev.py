@@ -1,0 +1,193 @@
+"""``sidecar dev``: a private etcd, the sidecar on its default listeners, and demo agents."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .config import Settings, build
+from .errors import SidecarError
+from .model import parse_agent
+from .server import Server
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel says is free right now on ``host``."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedEtcd:
+    """One single-member etcd in a temporary directory on free loopback ports (stopped by PID)."""
+
+    def __init__(self, name: str = "sidecar-dev") -> None:
+        binary = shutil.which("etcd")
+        if binary is None:
+            raise SidecarError(
+                "no `etcd` on PATH. Install it (Debian/Ubuntu: sudo apt-get install etcd-server etcd-client) "
+                "or run your own and use `sidecar run --etcd-endpoints URL`.")
+        self.binary = binary
+        self.name = name
+        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # tmpfs: fsyncs cost nothing
+        self.dir = tempfile.mkdtemp(prefix=f"{name}-", dir=base)
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.client_port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start etcd and wait until /health says true."""
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        with open(os.path.join(self.dir, "etcd.log"), "ab") as log:
+            self.process = subprocess.Popen(
+                [self.binary, "--name", self.name, "--data-dir", os.path.join(self.dir, "data"),
+                 "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                 "--initial-cluster", f"{self.name}={peer}", "--log-level", "warn", "--logger", "zap"],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SidecarError(f"etcd exited with {self.process.returncode}; see {self.dir}/etcd.log")
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as response:
+                    if b'"true"' in response.read():
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise SidecarError(f"etcd did not become healthy within {timeout:g}s; see {self.dir}/etcd.log")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a frozen member cannot handle SIGTERM
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class DemoAgent:
+    id: str
+    name: str
+    capabilities: tuple[str, ...]
+    tags: tuple[str, ...]
+    zone: str = "dev-a"
+
+
+DEMO_AGENTS = (
+    DemoAgent("chat-1", "chat-agent", ("chat",), ("gpu", "fast")),
+    DemoAgent("chat-2", "chat-agent", ("chat",), ("cpu",), zone="dev-b"),
+    DemoAgent("summarizer-1", "summarizer", ("summarize", "translate"), ("batch",)),
+)
+
+
+def demo_app(agent: DemoAgent) -> web.Application:
+    """A tiny HTTP agent: echoes who answered, has /health and an SSE /stream."""
+
+    async def hello(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.json_response({
+            "agent": agent.id, "capabilities": list(agent.capabilities), "method": request.method,
+            "path": request.path_qs, "received_bytes": len(body),
+            "forwarded_for": request.headers.get("X-Forwarded-For", ""),
+        })
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for n in range(5):
+            await response.write(f"data: {json.dumps({'agent': agent.id, 'token': n})}\n\n".encode())
+            await asyncio.sleep(0.2)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/stream", stream)
+    app.router.add_route("*", "/{tail:.*}", hello)
+    return app
+
+
+async def dev(stop: asyncio.Event, loop_name: str = "uvloop") -> int:
+    """Run the embedded development setup until ``stop`` is set; clean up everything."""
+    etcd = EmbeddedEtcd()
+    runners: list[web.AppRunner] = []
+    server: Server | None = None
+    try:
+        await asyncio.to_thread(etcd.start)
+        settings = build(Settings, {"etcd": {"endpoints": [etcd.endpoint]}, "loop": loop_name,
+                                    "agent": {"zone": "dev-a"}})
+        server = Server(settings)
+        await server.start()
+        for demo in DEMO_AGENTS:
+            runner = web.AppRunner(demo_app(demo), access_log=None, handle_signals=False)
+            await runner.setup()
+            port = free_port()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            runners.append(runner)
+            await server.leases.register(parse_agent({
+                "id": demo.id, "name": demo.name, "address": "127.0.0.1", "port": port,
+                "capabilities": list(demo.capabilities), "tags": list(demo.tags), "zone": demo.zone,
+                "version": "dev", "metadata": {"demo": "true"},
+                "health": {"type": "http", "url": f"http://127.0.0.1:{port}/health", "status": "healthy"},
+            }))
+        print(_banner(settings, etcd.endpoint), flush=True)
+        await stop.wait()
+        print("\nsidecar dev: shutting down", flush=True)
+        return 0
+    finally:
+        if server is not None:
+            await server.stop()
+        for runner in runners:
+            await runner.cleanup()
+        await asyncio.to_thread(etcd.cleanup)
+
+
+def _banner(settings: Settings, etcd_endpoint: str) -> str:
+    dns_host, _, dns_port = settings.dns.listen.rpartition(":")
+    proxy = settings.proxy.listen
+    admin = settings.admin.listen
+    agents = ", ".join(f"{d.id} ({'/'.join(d.capabilities)})" for d in DEMO_AGENTS)
+    return f"""
+sidecar dev is running (Ctrl-C stops everything and removes the temporary etcd).
+
+  etcd      {etcd_endpoint}   (private, in a temp dir)
+  admin     http://{admin}
+  proxy     http://{proxy}
+  dns       {settings.dns.listen} (UDP and TCP)
+  agents    {agents}
+
+Try:
+  curl -s http://{admin}/v1/agents | python3 -m json.tool
+  dig @{dns_host} -p {dns_port} chat.agents.local SRV
+  dig @{dns_host} -p {dns_port} gpu.chat.agents.local A
+  dig @{dns_host} -p {dns_port} summarizer-1.id.agents.local TXT
+  curl -s -H 'Host: chat.agents.local' http://{proxy}/hello
+  curl -s -x http://{proxy} http://summarize.agents.local/v1/run
+  curl -sN -x http://{proxy} http://chat.agents.local/stream
+  ETCD_ENDPOINTS={etcd_endpoint} sidecar agents
+  ETCD_ENDPOINTS={etcd_endpoint} sidecar register --name my-agent --address 127.0.0.1 --port 9000 --capability code
+"""

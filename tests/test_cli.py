@@ -1,0 +1,140 @@
+"""The command line, as a user runs it: real processes, a real etcd."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from sidecar.cli import parser, settings_from
+
+from .etcd_process import EtcdProcess, free_port
+
+
+def sidecar(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_precedence_flag_over_env_over_file(tmp_path) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text("service_discovery:\n  dns: {listen: '127.0.0.1:1111', domain: file.local}\n"
+                      "  proxy: {listen: '127.0.0.1:2222'}\n  load_balancer: {algorithm: round_robin}\n")
+    args = parser().parse_args(["run", "--config", str(config), "--dns-listen", "127.0.0.1:3333",
+                                "--agent-capability", "a", "--agent-capability", "b", "--agent-meta", "k=v"])
+    env = {"SIDECAR_DNS_LISTEN": "127.0.0.1:4444", "SIDECAR_PROXY_LISTEN": "127.0.0.1:5555",
+           "ETCD_ENDPOINTS": "http://10.0.0.1:2379,http://10.0.0.2:2379"}
+    settings = settings_from(args, env)
+    assert settings.dns.listen == "127.0.0.1:3333"        # flag
+    assert settings.proxy.listen == "127.0.0.1:5555"      # env over file
+    assert settings.dns.domain == "file.local"            # file over default
+    assert settings.load_balancer.algorithm == "round_robin"
+    assert settings.admin.listen == "127.0.0.1:15000"     # default
+    assert settings.etcd.endpoints == ("http://10.0.0.1:2379", "http://10.0.0.2:2379")
+    assert settings.agent.capabilities == ("a", "b") and settings.agent.metadata == {"k": "v"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dns-listen", "nowhere"], "dns.listen: must be HOST:PORT"),
+        (["--dns-a-mode", "sideways"], "dns.a_mode: must be one of direct, proxy"),
+        (["--etcd-endpoints", "ftp://x"], "etcd.endpoints: must be http://host:port"),
+        (["--agent-port", "99999"], "agent.port: must be at most 65535"),
+    ],
+)
+def test_invalid_flags_exit_2_naming_key_and_value(args: list[str], message: str) -> None:
+    result = sidecar("run", *args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_invalid_files_exit_2(tmp_path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("service_discovery: [\n")
+    result = sidecar("run", "--config", str(broken))
+    assert result.returncode == 2 and "not valid YAML at line 2" in result.stderr
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("service_discovery:\n  load_balancer: {algoritm: round_robin}\n")
+    result = sidecar("run", "--config", str(unknown))
+    assert result.returncode == 2 and "load_balancer.algoritm: unknown key" in result.stderr
+    result = sidecar("run", "--config", str(tmp_path / "missing.yaml"))
+    assert result.returncode == 2 and "cannot read" in result.stderr
+
+
+@pytest.mark.etcd
+def test_register_then_agents_then_interrupt(etcd: EtcdProcess, prefix: str) -> None:
+    env = {"ETCD_ENDPOINTS": etcd.endpoint, "SIDECAR_PREFIX": prefix}
+    with subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "register", "--name", "coder", "--id", "coder-1", "--address",
+         "127.0.0.1", "--port", "9000", "--capability", "code", "--tag", "py", "--meta", "team=ml", "--ttl", "5s"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}) as process:
+        _register_then_agents(process, env, prefix)
+
+
+def _register_then_agents(process: subprocess.Popen, env: dict[str, str], prefix: str) -> None:
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        line = process.stdout.readline()
+        assert line.startswith(f"registered {prefix}/services/coder/coder-1"), line + process.stderr.read()
+        table = sidecar("agents", "--capability", "code", env=env)
+        assert table.returncode == 0
+        header, row = table.stdout.splitlines()
+        assert header.split()[:5] == ["ID", "NAME", "ADDRESS", "PORT", "HEALTH"]
+        assert row.split()[:5] == ["coder-1", "coder", "127.0.0.1", "9000", "healthy"]
+        lines = sidecar("agents", "--json", "--tag", "py", env=env).stdout.splitlines()
+        assert [json.loads(x)["metadata"] for x in lines] == [{"team": "ml"}]
+        assert sidecar("agents", "--tag", "nope", env=env).stdout.splitlines()[1:] == []
+        process.send_signal(signal.SIGINT)
+        assert process.wait(20) == 0
+        assert sidecar("agents", "--json", env=env).stdout == ""
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_register_rejects_bad_agents() -> None:
+    result = sidecar("register", "--name", "x", "--address", "not valid", "--port", "80", "--ttl", "1s",
+                     "--etcd-endpoints", "http://127.0.0.1:1")
+    assert result.returncode == 2
+    assert "address:" in result.stderr and "ttl:" in result.stderr
+
+
+def test_agents_says_when_etcd_is_unreachable() -> None:
+    result = sidecar("agents", "--etcd-endpoints", f"http://127.0.0.1:{free_port()}", timeout=60)
+    assert result.returncode == 1 and "etcd unavailable" in result.stderr
+
+
+@pytest.mark.etcd
+def test_run_serves_and_stops_cleanly_on_sigterm(etcd: EtcdProcess, prefix: str) -> None:
+    admin = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "run", "--etcd-endpoints", etcd.endpoint, "--prefix", prefix,
+         "--admin-listen", f"127.0.0.1:{admin}", "--dns-listen", f"127.0.0.1:{free_port()}",
+         "--proxy-listen", f"127.0.0.1:{free_port()}", "--grpc-listen", f"127.0.0.1:{free_port()}",
+         "--upstream-dns", "none"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -154,6 +154,12 @@ async def dev(stop: asyncio.Event, loop_name: str = "uvloop") -> int:
                 "version": "dev", "metadata": {"demo": "true"},
                 "health": {"type": "http", "url": f"http://127.0.0.1:{port}/health", "status": "healthy"},
             }))
+        # Print "what to try" only once this sidecar's own snapshot serves the demo agents.
+        deadline = asyncio.get_running_loop().time() + 10
+        while not all(d.id in server.catalog.snapshot.by_id for d in DEMO_AGENTS):
+            if asyncio.get_running_loop().time() > deadline:
+                raise SidecarError("the demo agents did not reach the snapshot within 10 s")
+            await asyncio.sleep(0.01)
         print(_banner(settings, etcd.endpoint), flush=True)
         await stop.wait()
         print("\nsidecar dev: shutting down", flush=True)

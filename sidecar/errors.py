@@ -46,6 +46,10 @@ class RegistryUnavailable(RegistryError):
     """etcd could not be reached or did not answer in time."""
 
 
+class RegistryBusy(RegistryUnavailable):
+    """etcd is shedding load ("too many requests"); retried with backoff before surfacing."""
+
+
 class LeaseNotFound(RegistryError):
     """The lease is gone (expired or revoked); the keys attached to it are gone too."""
 
@@ -56,10 +60,6 @@ class RevisionCompacted(RegistryError):
     def __init__(self, compact_revision: int) -> None:
         self.compact_revision = compact_revision
         super().__init__(f"revision compacted up to {compact_revision}")
-
-
-class ConflictError(RegistryError):
-    """A compare-and-swap lost to a concurrent writer."""
 
 
 def _jsonable(value: object) -> object:
@@ -118,3 +118,17 @@ class UpstreamError(ProxyError):
 
 class UpstreamTimeout(ProxyError):
     """The agent did not connect or answer within the per-phase timeout."""
+
+
+class CardError(SidecarError):
+    """An A2A agent card that cannot be read or does not have the expected shape; names the source."""
+
+    def __init__(self, source: str, reason: str, *, kind: str = "invalid") -> None:
+        self.source = source
+        self.reason = reason
+        self.kind = kind  # "missing" (404, no file), "unreachable" (cannot fetch) or "invalid"
+        super().__init__(f"A2A agent card {source}: {reason}")
+
+    @property
+    def missing(self) -> bool:
+        return self.kind == "missing"

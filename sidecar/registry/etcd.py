@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import random
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aetcd
@@ -23,9 +24,10 @@ import aetcd.exceptions
 import aetcd.rpc
 import grpc
 
-from ..errors import ConfigError, ConflictError, LeaseNotFound, RegistryUnavailable, RevisionCompacted
+from ..errors import ConfigError, LeaseNotFound, RegistryBusy, RegistryUnavailable, RevisionCompacted
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _CHANNEL_OPTIONS = {
     "grpc.keepalive_time_ms": 5000,
@@ -118,7 +120,7 @@ class EtcdClient:
     """Async etcd v3 access with timeouts, typed errors and a shared keepalive stream."""
 
     def __init__(self, endpoints: Sequence[str], *, timeout: float = 5.0,
-                 username: str = "", password: str = "") -> None:
+                 username: str = "", password: str = "", max_inflight: int = 256) -> None:
         self.endpoints = list(endpoints)
         self.timeout = timeout
         target = grpc_target(parse_endpoints(endpoints))
@@ -129,6 +131,9 @@ class EtcdClient:
             timeout=timeout, options=dict(_CHANNEL_OPTIONS), connect_wait_timeout=int(max(timeout, 1)),
         )
         self._keepalive: _KeepAliveStream | None = None
+        # Bounded in-flight unary calls: a burst of thousands of registrations is queued here
+        # instead of pushing etcd into "too many requests".
+        self._inflight = asyncio.Semaphore(max_inflight)
 
     async def close(self) -> None:
         if self._keepalive is not None:
@@ -139,54 +144,58 @@ class EtcdClient:
         except Exception:  # closing a broken channel must not mask the caller's error
             log.debug("etcd client close failed", exc_info=True)
 
+    async def _call(self, method: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """One unary call: bounded in flight, retried while etcd sheds load, errors typed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        delay = 0.01
+        while True:
+            async with self._inflight:
+                try:
+                    return await method(*args, **kwargs)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    cause, error = exc, _translate(exc)
+            # "etcdserver: too many requests": apply has fallen behind commit; back off and retry.
+            if isinstance(error, RegistryBusy) and loop.time() + delay < deadline:
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 0.5)
+                continue
+            if error is cause:
+                raise error
+            raise error from cause
+
     async def get_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
         """Every key under ``prefix`` and the store revision they were read at."""
-        async with _errors():
-            result = await self._client.get_prefix(prefix.encode())
+        result = await self._call(self._client.get_prefix, prefix.encode())
         return result.header.revision, [
             KeyValue(kv.key.decode(errors="replace"), kv.value, kv.mod_revision, kv.lease) for kv in result.kvs
         ]
 
     async def get(self, key: str) -> KeyValue | None:
-        async with _errors():
-            result = await self._client.get(key.encode())
+        result = await self._call(self._client.get, key.encode())
         if result is None:
             return None
         return KeyValue(key, result.value, result.mod_revision, result.lease)
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
         """Write ``key``; with ``lease`` the key dies with the lease. Returns the revision."""
-        async with _errors():
-            result = await self._client.put(key.encode(), value, lease=lease or None)
+        result = await self._call(self._client.put, key.encode(), value, lease=lease or None)
         return int(result.header.revision)
 
     async def delete(self, key: str) -> bool:
-        async with _errors():
-            result = await self._client.delete(key.encode())
-        return result is not None
-
-    async def put_if(self, key: str, value: bytes, mod_revision: int) -> int:
-        """Compare-and-swap: write only if ``key`` is still at ``mod_revision`` (0: absent)."""
-        client = self._client
-        compare = [client.transactions.mod(key.encode()) == mod_revision]
-        async with _errors():
-            succeeded, responses = await client.transaction(
-                compare=compare, success=[client.transactions.put(key.encode(), value)], failure=[])
-        if not succeeded:
-            raise ConflictError(f"{key} changed concurrently")
-        return int(responses[0].header.revision) if responses else 0
+        return await self._call(self._client.delete, key.encode()) is not None
 
     async def grant(self, ttl: int) -> int:
         """A new lease of ``ttl`` seconds; returns its id."""
-        async with _errors():
-            lease = await self._client.lease(ttl)
+        lease = await self._call(self._client.lease, ttl)
         return int(lease.id)
 
     async def revoke(self, lease_id: int) -> None:
         """Revoke a lease (its keys are deleted); a lease already gone is not an error."""
         try:
-            async with _errors():
-                await self._client.revoke_lease(lease_id)
+            await self._call(self._client.revoke_lease, lease_id)
         except LeaseNotFound:
             pass
 
@@ -196,29 +205,15 @@ class EtcdClient:
             self._keepalive = _KeepAliveStream(self._client)
         return await asyncio.wait_for(self._keepalive.refresh(lease_id), self.timeout)
 
-    async def compact(self, revision: int) -> None:
-        async with _errors():
-            await self._client.compact(revision, physical=True)
-
-    async def status(self) -> int:
-        """The cluster's current revision (a cheap liveness probe)."""
-        async with _errors():
-            result = await self._client.get(b"\0sidecar-probe")
-        if result is not None:
-            return int(result.header.revision)
-        revision, _ = await self.get_prefix("\0sidecar-probe")
-        return revision
-
     async def watch_prefix(self, prefix: str, start_revision: int) -> WatchStream:
         """An established watch on ``prefix`` from ``start_revision`` on.
 
         Iterating it yields batches of changes; it raises RevisionCompacted when
         that revision is gone and RegistryUnavailable when the stream breaks.
         """
-        async with _errors():
-            watch = await self._client.watch(
-                prefix.encode(), range_end=aetcd.utils.prefix_range_end(prefix.encode()),
-                start_revision=start_revision, progress_notify=True)
+        watch = await self._call(self._client.watch, prefix.encode(),
+                                 range_end=aetcd.utils.prefix_range_end(prefix.encode()),
+                                 start_revision=start_revision, progress_notify=True)
         return WatchStream(watch)
 
 
@@ -271,25 +266,12 @@ class WatchStream:
             pass
 
 
-class _errors:
-    """Translate aetcd/gRPC errors into the sidecar's typed registry errors."""
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None or isinstance(exc, asyncio.CancelledError):
-            return False
-        translated = _translate(exc)
-        if translated is exc:
-            return False
-        raise translated from exc
-
-
 def _translate(exc: BaseException) -> BaseException:
     if isinstance(exc, aetcd.exceptions.RevisionCompactedError):
         return RevisionCompacted(exc.compacted_revision)
     text = str(exc).lower()
+    if "too many requests" in text:
+        return RegistryBusy(f"etcd: {exc}")
     if "lease not found" in text or "requested lease not found" in text:
         return LeaseNotFound(str(exc))
     if isinstance(exc, (aetcd.exceptions.ClientError, grpc.RpcError, asyncio.TimeoutError,

@@ -198,3 +198,22 @@ async def test_thousand_concurrent_registrations(etcd: EtcdProcess, prefix: str)
         await eventually(lambda: len(peer.ids("bulk")) == 1000)
         await registry.leases.close()
         await eventually(lambda: peer.ids("bulk") == [])
+
+
+async def test_python_api_discover_and_watch(etcd: EtcdProcess, prefix: str) -> None:
+    async with Registry([etcd.endpoint], prefix=prefix) as registry:
+        changes = registry.watch()
+        first = asyncio.ensure_future(anext(changes))
+        await asyncio.sleep(0)
+        handle = await registry.register(name="coder", address="127.0.0.1", port=9000, capabilities=["Code"],
+                                         tags=["py"], ttl="5s")
+        snapshot, events = await asyncio.wait_for(first, 20)
+        while "code" not in snapshot.by_capability:
+            snapshot, events = await asyncio.wait_for(anext(changes), 20)
+        assert [a.id for a in await registry.discover("code", tags=["PY"])] == [handle.agent.id]
+        assert await registry.discover("code", tags=["go"]) == ()
+        assert [a.name for a in await registry.discover(name="coder")] == ["coder"]
+        await handle.close()
+        while "code" in snapshot.by_capability:
+            snapshot, events = await asyncio.wait_for(anext(changes), 20)
+        await changes.aclose()

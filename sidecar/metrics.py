@@ -178,7 +178,38 @@ class ProxyMetrics:
 
 class HealthMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        pass
+        self.checks = Counter(
+            "sidecar_health_checks_total", "Active checks of the local agent, by type and outcome "
+            "(pass, loaded = HTTP 429, fail).", ["type", "outcome"], registry=registry)
+        self.check_seconds = Histogram(
+            "sidecar_health_check_duration_seconds", "Time one active check took, by type.", ["type"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=registry)
+        self.status = Gauge(
+            "sidecar_health_agent_healthy", "1 while the local agent's published status is healthy.",
+            registry=registry)
+        self.status_changes = Counter(
+            "sidecar_health_status_changes_total", "Changes of the local agent's published status, by new status.",
+            ["status"], registry=registry)
+        self.status_writes = Counter(
+            "sidecar_health_status_writes_total", "Writes of the local agent's record to etcd, by outcome.",
+            ["outcome"], registry=registry)
+        self.flap_penalty = Gauge(
+            "sidecar_health_flap_penalty_ratio", "Decayed flap-damping penalty of the local agent.",
+            registry=registry)
+        self.suppressed_recoveries = Counter(
+            "sidecar_health_suppressed_recoveries_total", "Recoveries held back because the agent flaps.",
+            registry=registry)
+        self.card_errors = Counter(
+            "sidecar_health_card_errors_total", "A2A agent cards that could not be read, by reason.", ["reason"],
+            registry=registry)
+        self.ejections = Counter(
+            "sidecar_health_ejections_total", "Agents ejected by passive outlier detection.", registry=registry)
+        self.ejections_refused = Counter(
+            "sidecar_health_ejections_refused_total", "Ejections skipped because too many agents of a capability "
+            "were already ejected.", registry=registry)
+        self.ejected_agents = Gauge(
+            "sidecar_health_ejected_agents", "Agents currently ejected by passive outlier detection.",
+            registry=registry)
 
 
 class Metrics:

@@ -16,6 +16,7 @@ from .admin import AdminApi
 from .catalog import Catalog
 from .config import Settings
 from .dns import DnsServer
+from .health import agent as local_agent
 from .metrics import Metrics
 from .proxy.server import ProxyServer
 from .registry.etcd import EtcdClient
@@ -55,6 +56,12 @@ class Server:
         self.components.append(self.dns)
         self.proxy = ProxyServer(settings, self.catalog, self.metrics.proxy)
         self.components.append(self.proxy)
+        # Last, so that it is stopped first: the agent drains while DNS and the proxy still serve.
+        self.local_agent: local_agent.LocalAgent | None = None
+        if local_agent.enabled(settings.agent):
+            self.local_agent = local_agent.LocalAgent(settings.agent, settings.health_check, self.leases,
+                                                      self.metrics.health)
+            self.components.append(self.local_agent)
         self._started: list[Component] = []
         self._listening = False
         self.started_at = time.time()
@@ -70,6 +77,8 @@ class Server:
             "revision": self.catalog.snapshot.revision,
             "agents": len(self.catalog.snapshot.agents),
         }
+        if self.local_agent is not None:
+            detail["local_agent"] = self.local_agent.describe()
         if self.sync.stale_since is not None and synced:
             detail["stale_since"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.sync.stale_since))
             detail["stale_seconds"] = round(self.sync.stale_seconds(), 3)

@@ -1,0 +1,237 @@
+"""The local agent's lifecycle: card -> first passing check -> register -> keep the
+published health current -> on stop, drain (unhealthy), wait, revoke the lease.
+
+A component of the server (``start``/``stop``). Re-registration after an etcd
+outage longer than the TTL is the lease keeper's: it writes ``registration.agent``,
+which this component keeps equal to the latest verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from ..config import AgentSettings, HealthCheckSettings
+from ..errors import CardError, ConfigError, RegistryUnavailable, ValidationError
+from ..metrics import HealthMetrics
+from ..model import HEALTHY, UNHEALTHY, Agent, new_agent_id, parse_agent
+from ..registry.lease import LeaseKeeper, Registration
+from . import a2a
+from .active import ActiveChecker, Verdict
+from .checks import HealthCheck, make, target
+
+log = logging.getLogger(__name__)
+
+LOADED_KEY = "health.loaded"
+DRAINING_KEY = "health.draining"
+
+
+def default_address(environ: Mapping[str, str]) -> str:
+    """``POD_IP`` when set, else this host's address (loopback when it has none)."""
+    pod_ip = environ.get("POD_IP", "").strip()
+    if pod_ip:
+        return pod_ip
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def enabled(settings: AgentSettings) -> bool:
+    """Whether ``sidecar run`` has a local agent to register."""
+    return bool(settings.name or settings.port or settings.card)
+
+
+class LocalAgent:
+    """Registers, checks and drains the agent next to this sidecar."""
+
+    def __init__(self, settings: AgentSettings, checking: HealthCheckSettings, leases: LeaseKeeper,
+                 metrics: HealthMetrics, environ: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self.checking = checking
+        self.leases = leases
+        self.metrics = metrics
+        self.environ = os.environ if environ is None else environ
+        self.registration: Registration | None = None
+        self.checker: ActiveChecker | None = None
+        self.card: a2a.Card | None = None
+        self.error = ""  # the last card or record problem, for readiness detail
+        self._fields: dict[str, Any] = {}
+        self._explicit: tuple[str, ...] = ()
+        self._check: HealthCheck | None = None
+        self._passed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._writing = asyncio.Lock()
+
+    def describe(self) -> dict[str, Any]:
+        """State for ``/readyz``: registered or not, the verdict, the last error."""
+        verdict = self.checker.verdict if self.checker is not None else Verdict()
+        out: dict[str, Any] = {"registered": self.registration is not None, "status": verdict.status}
+        if self.registration is not None:
+            out["id"] = self.registration.agent.id
+        if self.error:
+            out["error"] = self.error
+        return out
+
+    async def start(self) -> None:
+        """Validate the flags (a bad value stops the sidecar at start) and begin the lifecycle in the background."""
+        s = self.settings
+        if not s.name and not s.card and not s.port:
+            raise ConfigError("agent.name", s.name, "the local agent needs a name, a port or a card")
+        if not s.card and not s.port:
+            raise ConfigError("agent.port", s.port, "set the local agent's port (or --agent-card)")
+        fields: dict[str, Any] = {
+            "name": s.name or "agent", "id": s.id, "address": s.address or default_address(self.environ),
+            "port": s.port, "version": s.version, "protocol": s.protocol, "capabilities": list(s.capabilities),
+            "tags": list(s.tags), "metadata": dict(s.metadata), "weight": s.weight, "zone": s.zone,
+            "ttl": f"{s.ttl}s",
+        }
+        # A bad flag value is a ValidationError now, at start, not a log line later.
+        parse_agent({**fields, "id": s.id or "check", "port": s.port or 1}, strict=True)
+        self._fields = fields
+        self._explicit = tuple(k for k, v in (("name", s.name), ("version", s.version), ("port", s.port),
+                                              ("protocol", s.protocol != "http"), ("capabilities", s.capabilities))
+                               if v)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._lifecycle(), name="local-agent"))
+
+    async def stop(self) -> None:
+        """Drain: publish unhealthy, wait ``drain_period`` so peers move away, revoke the lease."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("local agent task failed")
+        self._tasks.clear()
+        registration, self.registration = self.registration, None
+        if registration is not None:
+            draining = _with_verdict(registration.agent, Verdict(UNHEALTHY))
+            draining = replace(draining, metadata={**draining.metadata, DRAINING_KEY: "true"})
+            try:
+                await registration.update(draining)
+                self.metrics.status_writes.labels("ok").inc()
+                log.info("local agent %s is draining for %gs", registration.agent.id, self.checking.drain_period)
+                await asyncio.sleep(self.checking.drain_period)
+            except RegistryUnavailable as exc:
+                self.metrics.status_writes.labels("error").inc()
+                log.warning("could not mark the local agent draining (%s); revoking its lease", exc)
+            await registration.close()
+            log.info("local agent %s deregistered", registration.agent.id)
+        if self._check is not None:
+            await self._check.close()
+            self._check = None
+
+    async def _lifecycle(self) -> None:
+        s = self.settings
+        fields = self._fields
+        # A card named by flag, or needed for the name, must be read; one found by itself is optional.
+        if s.card or not s.name:
+            self.card = await self._load_card_until_read()
+            fields = a2a.merge_card(fields, self.card, self._explicit)
+            if not fields["port"]:
+                self.error = f"agent.port: not set, and the card's URL {self.card.url!r} names no port"
+                log.error("local agent: %s", self.error)
+                return
+        kind = s.health.type
+        url = target(kind, s.health.url, fields["address"], fields["port"])
+        try:
+            self._check = make(kind, url, self.checking.timeout)
+        except ValueError as exc:
+            self.error = f"agent.health.url: {exc}"
+            log.error("local agent: %s", self.error)
+            return
+        fields["health"] = {"type": kind, "url": url, "interval": f"{self.checking.interval}s",
+                            "timeout": f"{self.checking.timeout}s"}
+        self.checker = ActiveChecker(self._check, kind, self.checking, self._changed, self.metrics)
+        self._tasks.append(asyncio.get_running_loop().create_task(self.checker.run(), name="local-agent-check"))
+        log.info("checking the local agent (%s %s) before registering it", kind, url)
+        await self._passed.wait()
+        if self.card is None and not s.capabilities:
+            try:
+                self.card = await a2a.discover_card(fields["port"], self.checking.timeout * 2)
+                fields = a2a.merge_card(fields, self.card, self._explicit)
+                log.info("read the local agent's A2A card: capabilities %s", ",".join(self.card.capabilities()))
+            except CardError as exc:
+                self.metrics.card_errors.labels(exc.kind).inc()
+                if exc.missing:
+                    log.info("local agent serves no A2A card (%s); registering it from the flags", exc.source)
+                else:
+                    self.error = str(exc)
+                    log.error("%s; registering the local agent from the flags", exc)
+        fields["id"] = fields["id"] or new_agent_id(fields["name"])
+        try:
+            agent = parse_agent(fields, strict=True)
+        except ValidationError as exc:
+            self.error = f"invalid local agent: {exc}"
+            log.error("%s; not registering it", self.error)
+            return
+        await self._register(agent)
+
+    async def _load_card_until_read(self) -> a2a.Card:
+        source = self.settings.card
+        last = ""
+        while True:
+            try:
+                if source:
+                    card = await a2a.load_card(source, self.checking.timeout * 2)
+                else:
+                    card = await a2a.discover_card(self.settings.port, self.checking.timeout * 2)
+                self.error = ""
+                return card
+            except CardError as exc:
+                self.metrics.card_errors.labels(exc.kind).inc()
+                self.error = str(exc)
+                if self.error != last:
+                    log.error("%s; the local agent is not registered until it can be read (retrying)", exc)
+                    last = self.error
+            await asyncio.sleep(self.checking.interval)
+
+    async def _register(self, agent: Agent) -> None:
+        warned = False
+        while True:
+            async with self._writing:
+                assert self.checker is not None
+                record = _with_verdict(agent, self.checker.verdict)
+                try:
+                    self.registration = await self.leases.register(record)
+                    log.info("registered the local agent %s (%s:%d, %s)", record.id, record.address, record.port,
+                             record.health.status)
+                    return
+                except RegistryUnavailable as exc:
+                    if not warned:
+                        log.warning("cannot register the local agent yet: %s (retrying)", exc)
+                        warned = True
+            await asyncio.sleep(min(self.checking.interval, 1.0) * random.uniform(0.5, 1.0))
+
+    async def _changed(self, verdict: Verdict) -> None:
+        if verdict.status == HEALTHY:
+            self._passed.set()
+        async with self._writing:
+            registration = self.registration
+            if registration is None:
+                return
+            try:
+                await registration.update(_with_verdict(registration.agent, verdict))
+                self.metrics.status_writes.labels("ok").inc()
+            except RegistryUnavailable as exc:
+                # The lease keeper writes registration.agent (already updated) when etcd is back.
+                self.metrics.status_writes.labels("error").inc()
+                log.warning("could not write the local agent's status %s now (%s); it is written when etcd "
+                            "is back", verdict.status, exc)
+
+
+def _with_verdict(agent: Agent, verdict: Verdict) -> Agent:
+    metadata = {k: v for k, v in agent.metadata.items() if k != LOADED_KEY}
+    if verdict.loaded:
+        metadata[LOADED_KEY] = "true"
+    return replace(agent, metadata=metadata, health=replace(agent.health, status=verdict.status))
+

@@ -28,8 +28,9 @@ def build() -> Answers:
     agents = {}
     for i in range(60):
         agent = parse_agent({"id": f"a{i}", "name": f"svc{i % 3}", "address": f"10.0.{i // 250}.{i % 250}",
-                             "port": 8000 + i, "capabilities": ["chat", f"cap{i % 5}"], "tags": ["gpu"] if i % 2 else [],
-                             "zone": "z1" if i % 4 else "z2", "weight": i * 7, "metadata": {"k": "v" * i}})
+                             "port": 8000 + i, "capabilities": ["chat", f"cap{i % 5}"],
+                             "tags": ["gpu"] if i % 2 else [], "zone": "z1" if i % 4 else "z2", "weight": i * 7,
+                             "metadata": {"k": "v" * i}})
         agents[agent.key("")] = agent
     catalog = Catalog()
     catalog.apply([Reset(7, agents)])

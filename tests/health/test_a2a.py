@@ -1,0 +1,171 @@
+"""A2A agent cards: both shapes, bad cards named clearly, and a sidecar that reads its agent's card."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.errors import CardError
+from sidecar.health import a2a
+from sidecar.model import HEALTHY, parse_agent
+
+from .conftest import HttpAgent, answers, wait_for
+
+V1 = {
+    "name": "Travel Planner",
+    "description": "plans trips",
+    "version": "2.1.0",
+    "provider": {"organization": "Example Org", "url": "https://example.org"},
+    "supportedInterfaces": [
+        {"url": "http://127.0.0.1:9999/a2a/v1", "protocolBinding": "JSONRPC", "protocolVersion": "1.0"},
+        {"url": "http://127.0.0.1:9998/grpc", "protocolBinding": "GRPC", "protocolVersion": "1.0"},
+    ],
+    "skills": [
+        {"id": "plan_trip", "name": "Plan", "description": "d", "tags": ["Travel", "Multi Step"]},
+        {"id": "book-hotel", "name": "Book", "description": "d", "tags": ["travel", "Hotels & Stays"]},
+    ],
+}
+V03 = {
+    "name": "weather",
+    "version": "0.3.1",
+    "protocolVersion": "0.3.0",
+    "url": "http://localhost:7000/",
+    "preferredTransport": "JSONRPC",
+    "skills": [{"id": "forecast", "name": "Forecast", "description": "d", "tags": ["weather"]}],
+}
+
+
+def test_v1_card() -> None:
+    card = a2a.parse_card(V1, "test")
+    assert (card.shape, card.url, card.binding, card.port) == ("1.0", "http://127.0.0.1:9999/a2a/v1", "JSONRPC", 9999)
+    assert card.capabilities() == ("plan_trip", "book-hotel")
+    assert card.tag_labels() == ("travel", "multi-step", "hotels---stays")
+    assert card.metadata() == {
+        "a2a.name": "Travel Planner", "a2a.card": "1.0", "a2a.url": "http://127.0.0.1:9999/a2a/v1",
+        "a2a.version": "2.1.0", "a2a.binding": "JSONRPC", "a2a.protocol_version": "1.0",
+        "a2a.provider": "Example Org", "a2a.provider_url": "https://example.org",
+        "a2a.tags": json.dumps(["Travel", "Multi Step", "travel", "Hotels & Stays"]),
+    }
+
+
+def test_v03_card() -> None:
+    card = a2a.parse_card(V03, "test")
+    assert (card.shape, card.url, card.port, card.protocol_version) == ("0.3", "http://localhost:7000/", 7000, "0.3.0")
+    assert card.capabilities() == ("forecast",)
+
+
+def test_merge_keeps_flags_and_makes_a_valid_agent() -> None:
+    base = {"name": "", "id": "tp-1", "address": "127.0.0.1", "port": 0, "version": "", "protocol": "http",
+            "capabilities": [], "tags": ["mine"], "metadata": {"team": "x", "a2a.name": "flag wins"}}
+    merged = a2a.merge_card(base, a2a.parse_card(V1, "t"), explicit=())
+    agent = parse_agent(merged, strict=True)
+    assert (agent.name, agent.port, agent.version) == ("travel-planner", 9999, "2.1.0")
+    assert agent.capabilities == ("plan_trip", "book-hotel")
+    assert agent.tags == ("mine", "travel", "multi-step", "hotels---stays")
+    assert agent.metadata["team"] == "x" and agent.metadata["a2a.name"] == "flag wins"
+    kept = a2a.merge_card({**base, "name": "tp", "port": 80, "capabilities": ["chat"]}, a2a.parse_card(V1, "t"),
+                          explicit=("name", "port", "capabilities"))
+    assert (kept["name"], kept["port"], kept["capabilities"]) == ("tp", 80, ["chat"])
+
+
+@pytest.mark.parametrize(("card", "reason"), [
+    ([], "must be a JSON object"),
+    ({"url": "http://h:1/"}, "name is missing"),
+    ({"name": "x"}, "neither supportedInterfaces (v1.0) nor url (v0.2/v0.3)"),
+    ({"name": "x", "supportedInterfaces": []}, "supportedInterfaces must be a non-empty list"),
+    ({"name": "x", "supportedInterfaces": [{"protocolBinding": "JSONRPC"}]}, "supportedInterfaces[0].url is missing"),
+    ({"name": "x", "url": "not a url"}, "is not an absolute URL"),
+    ({"name": "x", "url": "http://h:1/", "skills": {}}, "skills must be a list"),
+    ({"name": "x", "url": "http://h:1/", "skills": [{"name": "no id"}]}, "skills[0].id is missing"),
+    ({"name": "x", "url": "http://h:1/", "skills": [{"id": "a", "tags": "t"}]}, "skills[0].tags must be a list"),
+    ({"name": 5, "url": "http://h:1/"}, "name must be a non-empty string"),
+])
+def test_malformed_cards_name_the_field(card: Any, reason: str) -> None:
+    with pytest.raises(CardError) as caught:
+        a2a.parse_card(card, "card.json")
+    assert reason in str(caught.value) and "card.json" in str(caught.value)
+
+
+@pytest.mark.asyncio
+async def test_files_missing_and_not_json(tmp_path: Path) -> None:
+    with pytest.raises(CardError) as missing:
+        await a2a.load_card(str(tmp_path / "none.json"), 1.0)
+    assert missing.value.missing
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(CardError, match="is not valid JSON"):
+        await a2a.load_card(str(bad), 1.0)
+    good = tmp_path / "card.json"
+    good.write_text(json.dumps(V03))
+    assert (await a2a.load_card(f"file://{good}", 1.0)).name == "weather"
+
+
+@pytest.mark.asyncio
+async def test_discovery_prefers_agent_card_json_then_agent_json(http_agent: HttpAgent) -> None:
+    with pytest.raises(CardError) as missing:
+        await a2a.discover_card(http_agent.port, 2.0)
+    assert missing.value.missing and "agent-card.json" in str(missing.value) and "agent.json" in str(missing.value)
+    http_agent.cards["/.well-known/agent.json"] = V03
+    assert (await a2a.discover_card(http_agent.port, 2.0)).shape == "0.3"
+    http_agent.cards["/.well-known/agent-card.json"] = V1
+    assert (await a2a.discover_card(http_agent.port, 2.0)).shape == "1.0"
+    http_agent.cards["/.well-known/agent-card.json"] = b"<html>"
+    with pytest.raises(CardError, match="is not valid JSON"):
+        await a2a.discover_card(http_agent.port, 2.0)
+
+
+FAST = {"interval": 0.3, "timeout": 0.5, "drain_period": 0.1}
+
+
+def _agent(port: int, **extra: Any) -> dict[str, Any]:
+    return {"id": "card-1", "address": "127.0.0.1", "port": port, **extra}
+
+
+@pytest.mark.etcd
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("path", "card"), [("/.well-known/agent-card.json", V1), ("/.well-known/agent.json", V03)])
+async def test_sidecar_reads_the_served_card(make_server: Callable[..., Any], http_agent: HttpAgent,
+                                             path: str, card: dict[str, Any]) -> None:
+    http_agent.cards[path] = card
+    await make_server(agent=_agent(http_agent.port, name="trip"), health_check=FAST)
+    observer = await make_server()
+    capability = card["skills"][0]["id"].replace("_", "-")
+    await wait_for(lambda: answers(observer, f"{capability}.agents.local"), 10, "the card's capability in DNS")
+    agent = observer.catalog.snapshot.select(agent_id="card-1")[0]
+    assert agent.name == "trip" and agent.port == http_agent.port and agent.health.status == HEALTHY
+    assert agent.metadata["a2a.name"] == card["name"] and agent.version == card["version"]
+
+
+@pytest.mark.etcd
+@pytest.mark.asyncio
+async def test_no_card_registers_from_flags(make_server: Callable[..., Any], http_agent: HttpAgent) -> None:
+    local = await make_server(agent=_agent(http_agent.port, name="plain"), health_check=FAST)
+    observer = await make_server()
+    await wait_for(lambda: observer.catalog.snapshot.select(agent_id="card-1"), 10, "registration")
+    assert observer.catalog.snapshot.select(agent_id="card-1")[0].capabilities == ()
+    assert "error" not in local.readiness()["local_agent"]
+
+
+@pytest.mark.etcd
+@pytest.mark.asyncio
+async def test_malformed_card_file_is_an_error_and_the_sidecar_keeps_running(
+        make_server: Callable[..., Any], http_agent: HttpAgent, tmp_path: Path) -> None:
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps({"name": "x", "skills": []}))
+    local = await make_server(agent=_agent(http_agent.port, card=str(path)), health_check=FAST)
+    observer = await make_server()
+    await wait_for(lambda: "error" in local.readiness()["local_agent"] and local.readiness()["ready"], 10,
+                   "the card error, the sidecar ready")
+    detail = local.readiness()
+    assert detail["ready"] and "neither supportedInterfaces" in detail["local_agent"]["error"]
+    assert not detail["local_agent"]["registered"]
+    assert local.metrics.health.card_errors.labels("invalid")._value.get() >= 1
+    # Fixed on disk: read on the next attempt, registered under the card's name.
+    path.write_text(json.dumps(V03))
+    await wait_for(lambda: answers(observer, "forecast.agents.local"), 10, "registration from the fixed card")
+    assert observer.catalog.snapshot.select(agent_id="card-1")[0].name == "weather"
+    assert "error" not in local.readiness()["local_agent"]

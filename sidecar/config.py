@@ -49,6 +49,18 @@ class RegistrySettings:
 
 
 @dataclass(frozen=True)
+class OutlierSettings:
+    """Passive health: agents the proxy sees failing are ejected from its picks for a while."""
+
+    enabled: bool = True
+    consecutive_failures: int = _opt(5, min=1)
+    base_ejection_time: Duration = _opt(30.0, min=0.1)
+    max_ejection_time: Duration = _opt(300.0, min=0.1)
+    # Never eject more than this share of one capability's agents.
+    max_ejection_share: float = _opt(0.5, min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
 class HealthCheckSettings:
     interval: Duration = _opt(2.0, min=0.1, max=5.0)
     timeout: Duration = _opt(1.0, min=0.05)
@@ -57,6 +69,7 @@ class HealthCheckSettings:
     # Serve every agent of a capability when all of them are unhealthy (Envoy's panic mode).
     panic: bool = False
     drain_period: Duration = _opt(2.0, min=0.0)
+    outlier_detection: OutlierSettings = _opt(OutlierSettings())
 
 
 @dataclass(frozen=True)

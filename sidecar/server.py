@@ -17,6 +17,7 @@ from .catalog import Catalog
 from .config import Settings
 from .dns import DnsServer
 from .health import agent as local_agent
+from .health.outliers import OutlierDetector
 from .metrics import Metrics
 from .proxy.server import ProxyServer
 from .registry.etcd import EtcdClient
@@ -52,10 +53,16 @@ class Server:
         # Listeners and workers, started in this order after the sync task.
         self.components: list[Component] = []
         self.dns = DnsServer(settings.dns, self.catalog, self.metrics.dns, local_zone=settings.agent.zone,
-                             proxy_listen=settings.proxy.listen)
+                             proxy_listen=settings.proxy.listen, panic=settings.health_check.panic)
         self.components.append(self.dns)
         self.proxy = ProxyServer(settings, self.catalog, self.metrics.proxy)
         self.components.append(self.proxy)
+        # Passive health: the proxy's outcomes feed outlier detection, whose ejections the proxy's picks skip.
+        self.outliers = OutlierDetector(settings.health_check.outlier_detection, self.metrics.health)
+        self.catalog.subscribe(self.outliers.on_snapshot)
+        self.proxy.add_observer(lambda outcome: self.outliers.observe(outcome.agent_id, outcome.kind.value))
+        self.proxy.policy.admitted = self.outliers.admitted
+        self.proxy.policy.panic = settings.health_check.panic
         # Last, so that it is stopped first: the agent drains while DNS and the proxy still serve.
         self.local_agent: local_agent.LocalAgent | None = None
         if local_agent.enabled(settings.agent):

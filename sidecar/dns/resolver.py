@@ -17,6 +17,7 @@ from dnslib import AAAA, NS, PTR, QTYPE, RCODE, RR, SOA, SRV, TXT, A, DNSLabel
 
 from ..catalog import Snapshot
 from ..model import Agent
+from ..serving import servable
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -50,6 +51,8 @@ class Zone:
     proxy_address: IPAddress | None = None
     # Glue for the NS host ns.dns.<zone> (the DNS listener, when it is a specific address).
     ns_address: IPAddress | None = None
+    # health_check.panic: when no agent of a name is healthy, answer with all of them.
+    panic: bool = False
     labels: tuple[bytes, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -95,7 +98,7 @@ def resolve(snapshot: Snapshot, zone: Zone, name: Sequence[bytes], qtype: int, r
     if not rel:
         _apex(snapshot, zone, qtype, answer)
     elif rel == _DNS_SD:
-        caps = sorted(c for c, agents in snapshot.by_capability.items() if any(a.healthy for a in agents))
+        caps = sorted(c for c, agents in snapshot.by_capability.items() if servable(agents, zone.panic))
         if qtype in (_PTR, _ANY):
             answer.answer = [RR(owner, _PTR, ttl=zone.ttl, rdata=PTR(zone.name(b"_" + c.encode(), b"_tcp")))
                              for c in caps]
@@ -109,7 +112,7 @@ def resolve(snapshot: Snapshot, zone: Zone, name: Sequence[bytes], qtype: int, r
                 answer.rcode = RCODE.NXDOMAIN
         else:
             agents, kinds = found
-            _records(zone, owner, [a for a in agents if a.healthy], kinds, qtype, rng, answer)
+            _records(zone, owner, list(servable(agents, zone.panic)), kinds, qtype, rng, answer)
     if not answer.answer:
         answer.additional = []
         answer.authority = [_soa(snapshot, zone, zone.negative_ttl)]

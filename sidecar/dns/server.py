@@ -46,7 +46,7 @@ class DnsServer:
     """Serves the zone over UDP and TCP on ``settings.listen`` and forwards the other names."""
 
     def __init__(self, settings: DnsSettings, catalog: Catalog, metrics: DnsMetrics, *, local_zone: str = "",
-                 proxy_listen: str = "", resolv_conf: str = "/etc/resolv.conf") -> None:
+                 proxy_listen: str = "", resolv_conf: str = "/etc/resolv.conf", panic: bool = False) -> None:
         self.settings = settings
         self.catalog = catalog
         self.metrics = metrics
@@ -62,7 +62,8 @@ class DnsServer:
                 log.warning("dns.a_mode=proxy needs a proxy listen IP address (got %r); answering directly",
                             proxy_listen)
         self.zone = Zone(domain=settings.domain, ttl=settings.ttl, negative_ttl=settings.negative_ttl,
-                         local_zone=local_zone, proxy_address=proxy_address, ns_address=_ip_or_none(self.host))
+                         local_zone=local_zone, proxy_address=proxy_address, ns_address=_ip_or_none(self.host),
+                         panic=panic)
         self.answers = Answers(self.zone, catalog.snapshot, metrics, forwarding=bool(self.upstreams),
                                max_udp_payload=min(settings.max_udp_payload, 4096))
         forwarder = Forwarder(self.upstreams, settings.upstream_timeout, metrics) if self.upstreams else None

@@ -14,6 +14,7 @@ from ..catalog import Snapshot
 from ..config import LoadBalancerSettings, ProxySettings, StickySettings
 from ..errors import CircuitOpen, NoHealthyAgent, Overloaded, UnknownTarget
 from ..model import Agent
+from ..serving import servable
 from . import balancers
 from .affinity import Affinity
 from .breaker import Breakers, StateListener, Ticket
@@ -57,6 +58,9 @@ class Policy:
         self.limits = Limits(proxy, clock)
         self.budget = RetryBudget(balancing.retries, clock)
         self._balancers: dict[str, balancers.Balancer] = {}
+        # Set by the composition root: health_check.panic, and passive health's filter (outlier ejections).
+        self.panic = False
+        self.admitted: Callable[[Agent], bool] | None = None
 
     def update(self, balancing: LoadBalancerSettings | None = None, sticky: StickySettings | None = None,
                proxy: ProxySettings | None = None) -> None:
@@ -96,8 +100,8 @@ class Policy:
         loads, breakers, limits = self.loads, self.breakers, self.limits
         usable: list[Agent] = []
         healthy = circuit_open = busy = 0
-        for agent in agents:
-            if not agent.healthy or agent.id in exclude:
+        for agent in servable(agents, self.panic, self.admitted):
+            if agent.id in exclude:
                 continue
             healthy += 1
             if not breakers.available(agent.id):

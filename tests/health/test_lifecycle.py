@@ -128,6 +128,13 @@ def _run_args(etcd: EtcdProcess, prefix: str, config: str, port: int, agent_id: 
             "--agent-port", str(port), "--agent-capability", "echo", "--agent-ttl", ttl]
 
 
+async def registered(child: SidecarProcess, observer: Server, agent_id: str) -> None:
+    try:
+        await wait_for(lambda: status_in(observer, agent_id) == HEALTHY, 20 + SLACK, "registration")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; exit code {child.returncode()}; log:\n{child.log()}") from None
+
+
 async def test_sigkill_expires_within_ttl(make_server: Callable[..., Any], http_agent: HttpAgent,
                                           etcd: EtcdProcess, prefix: str, tmp_path: Path) -> None:
     ttl = 3.0
@@ -135,7 +142,7 @@ async def test_sigkill_expires_within_ttl(make_server: Callable[..., Any], http_
     child = SidecarProcess(_run_args(etcd, prefix, _config(tmp_path, 1.0), http_agent.port, "killed-1", "3s"),
                            str(tmp_path / "sidecar.log")).start()
     try:
-        await wait_for(lambda: status_in(observer, "killed-1") == HEALTHY, 20 + SLACK, "registration")
+        await registered(child, observer, "killed-1")
         child.signal(signal.SIGKILL)
         await wait_for(lambda: status_in(observer, "killed-1") is None, ttl + 1 + SLACK, "the lease to expire")
     finally:
@@ -151,7 +158,7 @@ async def test_sigterm_drains_deregisters_and_exits_zero(make_server: Callable[.
     child = SidecarProcess(_run_args(etcd, prefix, _config(tmp_path, 1.0), http_agent.port, "term-1", "30s"),
                            str(tmp_path / "sidecar.log")).start()
     try:
-        await wait_for(lambda: status_in(observer, "term-1") == HEALTHY, 20 + SLACK, "registration")
+        await registered(child, observer, "term-1")
         assert await answers(observer, "echo.agents.local") == ["127.0.0.1"]
         child.signal(signal.SIGTERM)
         await wait_for(lambda: _empty(observer), 1 + SLACK, "the draining agent to leave DNS")

@@ -30,7 +30,8 @@ async def get(server: Server, host: str) -> tuple[int, str]:
     url = f"http://127.0.0.1:{server.proxy.address[1]}/health"
     async with aiohttp.ClientSession() as session, session.get(url, headers={"Host": host}) as response:
         await response.read()
-        return response.status, response.headers.get("x-sidecar-agent") or response.headers.get("x-sidecar-error", "")
+        agent = response.headers.get("x-sidecar-agent") or response.headers.get("x-sidecar-error")
+        return response.status, agent or ""
 
 
 async def test_panic_serves_unhealthy_agents_rather_than_none(make_server: Callable[..., Any],

@@ -11,7 +11,6 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Union
 
 from .model import Agent
 
@@ -45,15 +44,16 @@ class Delete:
     revision: int
 
 
-Event = Union[Reset, Upsert, Delete]
+Event = Reset | Upsert | Delete
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """One consistent view of the registry at an etcd revision.
 
-    Index values are tuples of agents ordered by etcd key, healthy or not;
-    callers filter on ``Agent.healthy`` (and their own local state).
+    Index values are tuples of agents, healthy or not, in etcd key order as
+    listed and then in order of arrival; callers filter on ``Agent.healthy``
+    (and their own local state) and must not depend on the order.
     """
 
     revision: int = 0
@@ -202,4 +202,5 @@ class Catalog:
 
 
 def _ordered(members: Mapping[str, Agent]) -> tuple[Agent, ...]:
-    return tuple(members[k] for k in sorted(members))
+    # Insertion order (a C-level copy): sorting 10,000 keys on every event cost ~5 ms.
+    return tuple(members.values())

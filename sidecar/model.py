@@ -7,9 +7,12 @@ durations are integer nanoseconds (``"30s"`` strings are read too),
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
+import socket
+import sys
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -29,15 +32,40 @@ DEFAULT_WEIGHT = 100
 MAX_LABEL = 63
 
 _NON_LABEL = re.compile(r"[^a-z0-9-]")
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*\.?$")
+_HOST_LABEL = r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_HOST_LABEL}(\.{_HOST_LABEL})*\.?$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _FRACTION = re.compile(r"(\.\d{6})\d+")
 
 
+@functools.lru_cache(maxsize=65536)
 def label(text: str) -> str:
     """Map a capability, tag, name or id to its DNS label: lower case, [a-z0-9-] only."""
-    return _NON_LABEL.sub("-", text.lower())
+    return sys.intern(_NON_LABEL.sub("-", text.lower()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _labels(texts: tuple[str, ...]) -> tuple[str, ...]:
+    # Agents mostly share their capability and tag lists: one tuple/frozenset serves them all.
+    return tuple(dict.fromkeys(label(t) for t in texts))
+
+
+@functools.lru_cache(maxsize=4096)
+def _label_set(texts: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(_labels(texts))
+
+
+def parse_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address in ``address``, or None for a host name (inet_pton: fast and strict)."""
+    try:
+        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, address))
+    except OSError:
+        pass
+    try:
+        return ipaddress.IPv6Address(socket.inet_pton(socket.AF_INET6, address))
+    except OSError:
+        return None
 
 
 def parse_duration(value: object) -> float:
@@ -136,13 +164,9 @@ class Agent:
         setattr_ = object.__setattr__
         setattr_(self, "id_label", label(self.id))
         setattr_(self, "name_label", label(self.name))
-        setattr_(self, "capability_labels", tuple(dict.fromkeys(label(c) for c in self.capabilities)))
-        setattr_(self, "tag_labels", frozenset(label(t) for t in self.tags))
-        try:
-            ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(self.address)
-        except ValueError:
-            ip = None
-        setattr_(self, "ip", ip)
+        setattr_(self, "capability_labels", _labels(self.capabilities))
+        setattr_(self, "tag_labels", _label_set(self.tags))
+        setattr_(self, "ip", parse_ip(self.address))
 
     @property
     def healthy(self) -> bool:
@@ -203,7 +227,7 @@ class _Fields:
         if not isinstance(value, str):
             self.bad(path + name, value, "must be a string")
             return default
-        return value
+        return sys.intern(value) if len(value) <= 64 else value
 
     def strings(self, data: Mapping[str, Any], name: str) -> tuple[str, ...]:
         value = data.get(name)
@@ -212,7 +236,7 @@ class _Fields:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             self.bad(name, value, "must be a list of strings")
             return ()
-        return tuple(dict.fromkeys(value))
+        return _unique(tuple(value))
 
     def duration(self, data: Mapping[str, Any], name: str, default: float, path: str = "") -> float:
         value = data.get(name)
@@ -310,6 +334,11 @@ def parse_agent(data: object, *, strict: bool = False, default_ttl: float = DEFA
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _unique(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(sys.intern(v) for v in values))
+
+
 def _parse_health(raw: object, f: _Fields, strict: bool) -> Health:
     if raw is None:
         return Health()
@@ -335,11 +364,7 @@ def _parse_health(raw: object, f: _Fields, strict: bool) -> Health:
 
 
 def _valid_address(address: str) -> bool:
-    try:
-        ipaddress.ip_address(address)
-        return True
-    except ValueError:
-        return bool(_HOSTNAME.match(address))
+    return parse_ip(address) is not None or bool(_HOSTNAME.match(address))
 
 
 def decode_agent(raw: bytes) -> Agent:

@@ -34,13 +34,17 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def phase(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
 def agent(i: int, cap: str = "bench", ttl: str = "60s"):
     return parse_agent({"id": f"a{i}", "name": "bench", "address": f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}",
                         "port": 8000 + i % 1000, "capabilities": [cap, f"c{i % 100}"], "tags": ["t1", "t2"],
                         "metadata": {"model": "m", "i": str(i)}, "ttl": ttl})
 
 
-async def burst(keeper: LeaseKeeper, count: int, cap: str) -> dict[str, float]:
+async def burst(keeper: LeaseKeeper, count: int, cap: str, base: int) -> dict[str, float]:
     times: list[float] = []
     errors = 0
 
@@ -55,7 +59,7 @@ async def burst(keeper: LeaseKeeper, count: int, cap: str) -> dict[str, float]:
         times.append(time.perf_counter() - started)
 
     started = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(count)))
+    await asyncio.gather(*(one(base + i) for i in range(count)))
     total = time.perf_counter() - started
     return {"count": count, "total_s": total, "errors": errors, "p50_ms": pct(times, 0.5) * 1e3,
             "p99_ms": pct(times, 0.99) * 1e3}
@@ -87,7 +91,7 @@ async def singles(keeper: LeaseKeeper, count: int) -> dict[str, float]:
     times = []
     for i in range(count):
         started = time.perf_counter()
-        registration = await keeper.register(agent(100_000 + i, "single"))
+        registration = await keeper.register(agent(500_000 + i, "single"))
         times.append(time.perf_counter() - started)
         await registration.close()
     return {"count": count, "p50_ms": pct(times, 0.5) * 1e3, "p99_ms": pct(times, 0.99) * 1e3}
@@ -155,7 +159,7 @@ async def propagation(keeper: LeaseKeeper, admin: int, count: int) -> dict[str, 
     times = []
     loop = asyncio.get_running_loop()
     for i in range(count):
-        record = agent(200_000 + i, "propagation")
+        record = agent(600_000 + i, "propagation")
         seen[record.id] = loop.create_future()
         registration = await keeper.register(record)
         acknowledged = time.perf_counter()
@@ -182,25 +186,32 @@ async def main() -> None:
         client = EtcdClient([etcd.endpoint], timeout=10)
         keeper = LeaseKeeper(client, "", metrics.registry)
         for count in bursts:
+            phase(f"raw burst of {count}")
             results[f"raw_burst_{count}"] = await raw_burst(etcd.endpoint, count, f"/raw-burst-{count}")
-            results[f"burst_{count}"] = await burst(keeper, count, f"burst{count}")
+            phase(f"sidecar burst of {count}")
+            results[f"burst_{count}"] = await burst(keeper, count, f"burst{count}", base=count * 10)
             if count != max(bursts):
                 await keeper.close()
+        phase("single registrations")
         results["raw_single"] = await raw_singles(etcd.endpoint, args.singles)
         results["single"] = await singles(keeper, args.singles)
         # The largest burst is still registered: start a sidecar process that must hold it.
         held = len(keeper.registrations)
+        phase(f"sidecar process with {held} agents")
         process, admin, ready_s = start_sidecar(etcd.endpoint)
         try:
             results["ready_with_agents"] = {"agents": held, "ready_s": ready_s}
             await asyncio.sleep(1.0)
             results["rss_with_agents"] = {"agents": held, "rss_mb": rss_mb(process.pid)}
+            phase("propagation")
             results["propagation"] = await propagation(keeper, admin, args.propagation)
         finally:
             process.terminate()
             process.wait()
+        phase("closing")
         await keeper.close()
         await client.close()
+        phase("empty sidecar")
         process, admin, ready_empty = start_sidecar(etcd.endpoint)
         await asyncio.sleep(1.0)
         results["empty_sidecar"] = {"ready_s": ready_empty, "rss_mb": rss_mb(process.pid)}

@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import random
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -30,10 +30,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _CHANNEL_OPTIONS = {
-    "grpc.keepalive_time_ms": 5000,
+    # etcd's server enforces pings at most every 5 s, and none without an active stream
+    # (else GOAWAY "too_many_pings"): 6 s, only while a watch or keepalive stream is open.
+    "grpc.keepalive_time_ms": 6000,
     "grpc.keepalive_timeout_ms": 2000,
     "grpc.http2.ping_timeout_ms": 2000,
-    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.keepalive_permit_without_calls": 0,
     "grpc.http2.max_pings_without_data": 0,
     "grpc.lb_policy_name": "round_robin",
     # The sidecar's own etcd traffic never goes through an HTTP_PROXY from the environment.
@@ -281,61 +283,66 @@ def _translate(exc: BaseException) -> BaseException:
 
 
 class _KeepAliveStream:
-    """One LeaseKeepAlive bidi stream shared by every lease of this process (as clientv3 does)."""
+    """One LeaseKeepAlive bidi stream shared by every lease of this process (as clientv3 does).
+
+    Requests go through a queue that the stream consumes; answers are matched to
+    waiters by lease id, in order. Nothing awaits while holding a lock, so a
+    cancelled refresh can never wedge the others.
+    """
 
     def __init__(self, client: aetcd.Client) -> None:
         self._client = client
-        self._call: Any = None
-        self._reader: asyncio.Task[None] | None = None
+        self._requests: asyncio.Queue[Any] = asyncio.Queue()
         self._waiters: dict[int, list[asyncio.Future[int]]] = {}
-        self._lock = asyncio.Lock()
+        self._reader: asyncio.Task[None] | None = None
         self.closed = False
 
     async def refresh(self, lease_id: int) -> int:
-        async with self._lock:
-            if self._call is None:
-                await self._client.connect()
-                self._call = self._client.leasestub.LeaseKeepAlive(metadata=self._client.metadata)
-                self._reader = asyncio.get_running_loop().create_task(self._read())
-            future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            self._waiters.setdefault(lease_id, []).append(future)
-            try:
-                await self._call.write(aetcd.rpc.LeaseKeepAliveRequest(ID=lease_id))
-            except BaseException as exc:
-                self._fail(RegistryUnavailable(f"etcd keepalive stream: {exc}"))
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._run())
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(lease_id, []).append(future)
+        self._requests.put_nowait(aetcd.rpc.LeaseKeepAliveRequest(ID=lease_id))
         ttl = await future
         if ttl <= 0:
             raise LeaseNotFound(f"lease {lease_id:x} not found")
         return ttl
 
-    async def _read(self) -> None:
+    async def _outgoing(self) -> AsyncIterator[Any]:
+        while True:
+            request = await self._requests.get()
+            if request is None:
+                return
+            yield request
+
+    async def _run(self) -> None:
         try:
-            while True:
-                response = await self._call.read()
-                if response is grpc.aio.EOF:
-                    raise RegistryUnavailable("etcd keepalive stream closed")
+            await self._client.connect()
+            call = self._client.leasestub.LeaseKeepAlive(self._outgoing(), metadata=self._client.metadata)
+            async for response in call:
                 waiters = self._waiters.get(response.ID)
-                if waiters:
-                    future = waiters.pop(0)
-                    if not waiters:
-                        del self._waiters[response.ID]
-                    if not future.done():
-                        future.set_result(int(response.TTL))
+                if not waiters:
+                    continue
+                future = waiters.pop(0)
+                if not waiters:
+                    del self._waiters[response.ID]
+                if not future.done():
+                    future.set_result(int(response.TTL))
+            self._fail(RegistryUnavailable("etcd keepalive stream closed"))
         except asyncio.CancelledError:
-            self._fail(RegistryUnavailable("etcd keepalive stream cancelled"))
+            self._fail(RegistryUnavailable("etcd keepalive stream closed"))
             raise
-        except BaseException as exc:
-            self._fail(RegistryUnavailable(f"etcd keepalive stream: {exc}"))
+        except Exception as exc:
+            self._fail(RegistryUnavailable(f"etcd keepalive stream: {_translate(exc)}"))
 
     def _fail(self, error: Exception) -> None:
         self.closed = True
+        self._requests.put_nowait(None)
         waiters, self._waiters = self._waiters, {}
         for futures in waiters.values():
             for future in futures:
                 if not future.done():
                     future.set_exception(error)
-        if self._call is not None:
-            self._call.cancel()
 
     async def close(self) -> None:
         self.closed = True
@@ -345,5 +352,3 @@ class _KeepAliveStream:
                 await self._reader
             except asyncio.CancelledError:
                 pass
-        if self._call is not None:
-            self._call.cancel()

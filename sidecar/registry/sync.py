@@ -43,6 +43,9 @@ class CatalogSync:
         # Wall-clock time since which the snapshot may be stale (None while the watch is up).
         self.stale_since: float | None = time.time()
         self.synced = asyncio.Event()
+        # Counted when scraped, not on every event (an O(agents) walk).
+        metrics.snapshot_healthy_agents.set_function(
+            lambda: sum(1 for a in self._catalog.snapshot.agents.values() if a.healthy))
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="catalog-sync")
@@ -143,7 +146,6 @@ class CatalogSync:
         snapshot = self._catalog.apply(events)
         self._metrics.snapshot_revision.set(snapshot.revision)
         self._metrics.snapshot_agents.set(len(snapshot.agents))
-        self._metrics.snapshot_healthy_agents.set(sum(1 for a in snapshot.agents.values() if a.healthy))
 
     def _decode(self, key: str, value: bytes) -> Agent | None:
         try:

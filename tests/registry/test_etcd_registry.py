@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sidecar.catalog import Catalog
+from sidecar.catalog import Catalog, Upsert
 from sidecar.errors import LeaseNotFound, RegistryUnavailable
 from sidecar.metrics import Metrics
 from sidecar.model import parse_agent
@@ -210,10 +210,26 @@ async def test_python_api_discover_and_watch(etcd: EtcdProcess, prefix: str) -> 
         snapshot, events = await asyncio.wait_for(first, 20)
         while "code" not in snapshot.by_capability:
             snapshot, events = await asyncio.wait_for(anext(changes), 20)
+        assert any(isinstance(e, Upsert) and e.agent.id == handle.agent.id for e in events)
         assert [a.id for a in await registry.discover("code", tags=["PY"])] == [handle.agent.id]
         assert await registry.discover("code", tags=["go"]) == ()
         assert [a.name for a in await registry.discover(name="coder")] == ["coder"]
         await handle.close()
         while "code" in snapshot.by_capability:
-            snapshot, events = await asyncio.wait_for(anext(changes), 20)
+            snapshot, _ = await asyncio.wait_for(anext(changes), 20)
         await changes.aclose()
+
+
+async def test_a_frozen_etcd_is_noticed_and_the_watch_resumes(private_etcd: EtcdProcess, prefix: str) -> None:
+    """SIGSTOP, as a partition looks from here: gRPC keepalive must break the silent watch."""
+    async with Sidecar(private_etcd.endpoint, prefix) as peer:
+        private_etcd.ctl("put", f"{prefix}/services/svc/a1", agent().to_bytes().decode())
+        await eventually(lambda: peer.ids() == ["a1"])
+        private_etcd.pause()
+        try:
+            await eventually(lambda: not peer.sync.connected, timeout=40, what="the frozen watch to fail")
+            assert peer.ids() == ["a1"]
+        finally:
+            private_etcd.resume()
+        private_etcd.ctl("put", f"{prefix}/services/svc/a2", agent("a2").to_bytes().decode())
+        await eventually(lambda: peer.ids() == ["a1", "a2"], timeout=40, what="the watch to resume")

@@ -172,6 +172,7 @@ def parser() -> argparse.ArgumentParser:
     register.add_argument("--weight", type=int, default=100)
     register.add_argument("--zone", default="")
     register.add_argument("--status", default="healthy", choices=("healthy", "unhealthy", "unknown"))
+    register.add_argument("--card", help="A2A agent card URL or file: skills -> capabilities, tags, metadata")
 
     agents = commands.add_parser("agents", help="table of registered agents with health")
     _etcd_options(agents)
@@ -225,6 +226,13 @@ async def _register(args: argparse.Namespace, stop: asyncio.Event) -> int:
         "metadata": _meta_value(args.meta, "--meta"), "version": args.agent_version,
         "protocol": args.protocol, "weight": args.weight, "zone": args.zone, "health": {"status": args.status},
     }
+    if args.card:
+        from .health import a2a
+
+        card = await a2a.load_card(args.card, 5.0)
+        explicit = ["name", "port", *(["capabilities"] if args.capability else []),
+                    *(["version"] if args.agent_version else [])]
+        data = a2a.merge_card(data, card, explicit)
     agent = parse_agent(data, strict=True)
     environ = dict(os.environ)
     async with Registry(_endpoints(args, environ), prefix=_prefix(args, environ)) as registry:

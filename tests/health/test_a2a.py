@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from sidecar.errors import CardError
 from sidecar.health import a2a
 from sidecar.model import HEALTHY, parse_agent
 
+from ..etcd_process import EtcdProcess
 from .conftest import HttpAgent, answers, wait_for
 
 V1 = {
@@ -169,3 +173,34 @@ async def test_malformed_card_file_is_an_error_and_the_sidecar_keeps_running(
     await wait_for(lambda: answers(observer, "forecast.agents.local"), 10, "registration from the fixed card")
     assert observer.catalog.snapshot.select(agent_id="card-1")[0].name == "weather"
     assert "error" not in local.readiness()["local_agent"]
+
+
+def _register(etcd: EtcdProcess, prefix: str, card: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "register", "--etcd-endpoints", etcd.endpoint, "--prefix", prefix,
+         "--name", "trip", "--id", "trip-1", "--address", "127.0.0.1", "--port", "9999", "--card", card],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.etcd
+def test_register_command_reads_a_card(etcd: EtcdProcess, prefix: str, tmp_path: Path) -> None:
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps(V1))
+    child = _register(etcd, prefix, str(path))
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().startswith("registered ")
+        stored = json.loads(etcd.ctl("get", "--print-value-only", f"{prefix}/services/trip/trip-1"))
+        assert stored["capabilities"] == ["plan_trip", "book-hotel"] and stored["metadata"]["a2a.card"] == "1.0"
+        child.send_signal(signal.SIGINT)
+        assert child.wait(20) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+    path.write_text("[]")
+    bad = _register(etcd, prefix, str(path))
+    output, _ = bad.communicate(timeout=30)
+    assert bad.returncode == 1 and "A2A agent card" in output and "must be a JSON object" in output

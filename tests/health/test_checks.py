@@ -54,10 +54,10 @@ async def _hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
     writer.close()
 
 
-async def _start(kind: str) -> Target:
+async def start_target(kind: str) -> Target:
     if kind == "http":
         agent = await HttpAgent().start()
-        return Target(kind, make(kind, target(kind, "", "127.0.0.1", agent.port), 2.0), agent)
+        return Target(kind, make(kind, target(kind, "", "127.0.0.1", agent.port), 2.0), agent, agent.port)
     if kind == "tcp":
         server = await asyncio.start_server(_hang_up, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
@@ -68,12 +68,12 @@ async def _start(kind: str) -> Target:
     port = grpc_server.add_insecure_port("127.0.0.1:0")
     await grpc_server.start()
     await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    return Target(kind, make(kind, target(kind, "", "127.0.0.1", port), 2.0), (servicer, grpc_server))
+    return Target(kind, make(kind, target(kind, "", "127.0.0.1", port), 2.0), (servicer, grpc_server), port)
 
 
 @pytest_asyncio.fixture(params=["http", "tcp", "grpc"])
 async def live(request: pytest.FixtureRequest) -> AsyncIterator[Target]:
-    started = await _start(request.param)
+    started = await start_target(request.param)
     yield started
     await started.check.close()
     await started.stop()
@@ -120,7 +120,7 @@ async def test_http_429_is_healthy_but_loaded(http_agent: HttpAgent) -> None:
 
 @pytest.mark.asyncio
 async def test_grpc_asks_about_one_service() -> None:
-    live = await _start("grpc")
+    live = await start_target("grpc")
     servicer, server = live.server
     port = host_port(live.check.target)[1]  # type: ignore[attr-defined]
     check = make("grpc", f"grpc://127.0.0.1:{port}/agent.v1.Chat", 2.0)

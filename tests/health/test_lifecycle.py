@@ -19,6 +19,7 @@ from sidecar.server import Server
 
 from ..etcd_process import EtcdProcess
 from .conftest import HttpAgent, SidecarProcess, answers, wait_for
+from .test_checks import start_target
 
 pytestmark = [pytest.mark.etcd, pytest.mark.asyncio]
 
@@ -70,6 +71,24 @@ async def test_registers_after_first_pass_then_follows_failure_and_recovery(
     http_agent.status = 200
     await wait_for(lambda: answers(observer, "echo.agents.local"), 2 * INTERVAL + 1 + SLACK, "recovery")
     assert status_in(observer, "echo-1") == HEALTHY
+
+
+@pytest.mark.parametrize("kind", ["tcp", "grpc"])
+async def test_tcp_and_grpc_agents(make_server: Callable[..., Any], kind: str) -> None:
+    live = await start_target(kind)
+    try:
+        await make_server(agent=agent_section(live.port, health={"type": kind}), health_check=checking())
+        observer = await make_server()
+        await wait_for(lambda: status_in(observer, "echo-1") == HEALTHY, 10 + SLACK, "registration")
+        assert observer.catalog.snapshot.select(agent_id="echo-1")[0].health.type == kind
+        await live.set_healthy(False)
+        await wait_for(lambda: status_in(observer, "echo-1") == UNHEALTHY, THRESHOLD * INTERVAL + 1 + SLACK,
+                       "the unhealthy status")
+        await live.set_healthy(True)
+        await wait_for(lambda: status_in(observer, "echo-1") == HEALTHY, 2 * INTERVAL + 1 + SLACK, "recovery")
+    finally:
+        await live.check.close()
+        await live.stop()
 
 
 async def _empty(server: Server) -> bool:

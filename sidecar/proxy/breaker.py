@@ -167,12 +167,14 @@ class Breakers:
         breaker = self._breakers.get(ticket.agent_id)
         if breaker is None:
             if not failed:
-                return
+                return  # never failed: no breaker needed yet
             breaker = self._get(ticket.agent_id)
         if ticket.trial and breaker.trials > 0:
             breaker.trials -= 1
         cb = breaker.cb
         state = cb.current_state
+        if not failed and state == pybreaker.STATE_CLOSED and breaker.storage.counter == 0:
+            return  # the common case, and a no-op for pybreaker
         if state == pybreaker.STATE_OPEN:
             return  # already tripped by another attempt; a late report changes nothing
         if state == pybreaker.STATE_HALF_OPEN and not ticket.trial:

@@ -19,7 +19,6 @@ import random
 import re
 import typing
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
@@ -514,16 +513,19 @@ class Upstream(asyncio.Protocol):
 class Exchange:
     """One attempt's response as it arrives, held until the relay commits to it."""
 
-    __slots__ = ("body", "client", "committed", "complete", "conn", "done", "frame_chunked", "head",
-                 "headers", "keep_alive", "last", "loop", "no_body", "reason", "status", "timeout", "timer",
-                 "upgraded")
+    __slots__ = ("active", "body", "client", "committed", "complete", "conn", "failure", "frame_chunked", "head",
+                 "headers", "keep_alive", "last", "loop", "no_body", "reason", "status", "timeout", "upgraded",
+                 "waiter")
 
-    def __init__(self, client: ClientConnection, conn: Upstream, timeout: float, no_body: bool) -> None:
+    def __init__(self, client: ClientConnection, conn: Upstream, timeout: float, no_body: bool,
+                 active: set[Exchange]) -> None:
         self.client = client
         self.conn = conn
         self.loop = client.loop
         self.head: asyncio.Future[None] = self.loop.create_future()
-        self.done: asyncio.Future[None] = self.loop.create_future()
+        # The end of the response body: ``failure`` or ``complete``; ``waiter`` only if someone waits.
+        self.failure: ProxyError | None = None
+        self.waiter: asyncio.Future[None] | None = None
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -536,27 +538,26 @@ class Exchange:
         self.upgraded: bytes | None = None
         self.timeout = timeout
         self.last = self.loop.time()
-        self.timer: asyncio.TimerHandle | None = self.loop.call_at(self.last + timeout, self._check)
+        # Watched by the relay's sweeper (one timer for all exchanges, not one each).
+        self.active = active
+        active.add(self)
 
-    def _check(self) -> None:
-        now = self.loop.time()
+    def check(self, now: float) -> None:
+        """Fail the exchange when the agent has been silent for ``timeout`` seconds."""
         if self.conn.read_paused:
             self.last = now  # the client is slow, not the agent
         if now - self.last < self.timeout:
-            self.timer = self.loop.call_at(self.last + self.timeout, self._check)
             return
-        self.timer = None
+        self.stop_timer()
         error = UpstreamTimeout("", f"no response from the agent for {self.timeout:g}s")
         if not self.head.done():
             self.head.set_exception(error)
-        elif not self.done.done():
-            self.done.set_exception(error)
+        else:
+            self._fail(error)
         self.conn.close()
 
     def stop_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.active.discard(self)
 
     def on_head(self, status: int, keep_alive: bool) -> None:
         if 100 <= status < 200 and status != 101:
@@ -602,8 +603,8 @@ class Exchange:
         error = UpstreamError("", f"invalid response from the agent: {detail}")
         if not self.head.done():
             self.head.set_exception(error)
-        elif not self.done.done():
-            self.done.set_exception(error)
+        else:
+            self._fail(error)
 
     def on_lost(self) -> None:
         if not self.head.done():
@@ -611,8 +612,8 @@ class Exchange:
         elif not self.complete:
             if self.upgraded is None and not self._framed():
                 self._finish()  # a close-delimited body ends here
-            elif not self.done.done():
-                self.done.set_exception(UpstreamError("", "the agent closed the connection mid-response"))
+            else:
+                self._fail(UpstreamError("", "the agent closed the connection mid-response"))
 
     def _framed(self) -> bool:
         for name, value in self.headers:
@@ -629,23 +630,42 @@ class Exchange:
         if self.committed:
             if self.frame_chunked:
                 self.client.write(b"0\r\n\r\n")
-            if not self.done.done():
-                self.done.set_result(None)
+            self._wake()
 
     def commit(self, head: bytes, frame_chunked: bool) -> None:
         """Send the response head (and what arrived of the body) to the client; stream the rest."""
         self.committed = True
         self.frame_chunked = frame_chunked
-        client = self.client
-        client.write(head)
-        for chunk in self.body:
-            self.on_body(chunk)
+        # One write for head, body so far and terminator: small responses cost one send().
+        out = [head]
+        if frame_chunked:
+            for chunk in self.body:
+                out.extend((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            if self.complete:
+                out.append(b"0\r\n\r\n")
+        else:
+            out.extend(self.body)
         self.body = []
+        self.client.write(b"".join(out))
         if self.complete:
-            if frame_chunked:
-                client.write(b"0\r\n\r\n")
-            if not self.done.done():
-                self.done.set_result(None)
+            self._wake()
+
+    def _fail(self, error: ProxyError) -> None:
+        if self.failure is None and not self.complete:
+            self.failure = error
+            self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def finished(self) -> None:
+        """Wait until the whole response has been relayed; raises the ProxyError that cut it short."""
+        if not (self.complete and self.committed) and self.failure is None:
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        if self.failure is not None:
+            raise self.failure
 
 
 class Pool:
@@ -654,6 +674,7 @@ class Pool:
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self._idle: dict[tuple[str, int], list[Upstream]] = {}
+        self.reuses = 0
 
     async def acquire(self, address: str, port: int, connect_timeout: float) -> Upstream:
         """A connected Upstream: a pooled one if any is fresh, else a new connection.
@@ -668,7 +689,7 @@ class Pool:
                 conn = idle.pop()
                 if not conn.closed and conn.idle_since > horizon:
                     conn.reused = True
-                    self.relay.metrics.pool_reuses.inc()
+                    self.reuses += 1
                     return conn
                 conn.close()
         async with asyncio.timeout(connect_timeout):
@@ -715,8 +736,32 @@ class Relay:
         self.loop = loop or asyncio.get_running_loop()
         self.pool = Pool(self)
         self.connections: set[ClientConnection] = set()
-        self._counters: dict[tuple[str, str], Callable[[], None]] = {}
-        self._attempts: dict[OutcomeKind, Callable[[], None]] = {}
+        self.exchanges: set[Exchange] = set()
+        self._tally: dict[tuple[str, str], int] = {}
+        self._attempt_tally: dict[OutcomeKind, int] = {}
+        self._routes: dict[str, routing.Route] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep()
+
+    def _sweep(self) -> None:
+        self.flush_metrics()
+        now = self.loop.time()
+        for exchange in list(self.exchanges):
+            exchange.check(now)
+        tick = min(1.0, max(0.01, self.settings.read_timeout / 10))
+        self._sweeper = self.loop.call_at(now + tick, self._sweep)
+
+    def _route(self, authority: str) -> routing.Route:
+        found = self._routes.get(authority)
+        if found is None:
+            try:
+                found = routing.route(authority, self.zone)
+            except ValueError as exc:
+                raise BadRequest(authority, str(exc)) from None
+            if len(self._routes) >= 4096:
+                self._routes.clear()
+            self._routes[authority] = found
+        return found
 
     def protocol(self) -> ClientConnection:
         """A protocol factory for ``loop.create_server``."""
@@ -726,18 +771,29 @@ class Relay:
         """Swap proxy settings live (timeouts, limits, passthrough)."""
         self.settings = settings
         self.policy.update(proxy=settings)
+        self._routes.clear()
 
+    # Per-request counters are tallied in plain dicts and added to Prometheus by the
+    # sweeper (at most a second late): a locked Counter.inc per request costs more.
     def _count(self, kind: str, outcome: str) -> None:
-        counter = self._counters.get((kind, outcome))
-        if counter is None:
-            counter = self._counters[(kind, outcome)] = self.metrics.requests.labels(kind, outcome).inc
-        counter()
+        key = (kind, outcome)
+        self._tally[key] = self._tally.get(key, 0) + 1
 
     def _count_attempt(self, kind: OutcomeKind) -> None:
-        counter = self._attempts.get(kind)
-        if counter is None:
-            counter = self._attempts[kind] = self.metrics.attempts.labels(kind.value).inc
-        counter()
+        self._attempt_tally[kind] = self._attempt_tally.get(kind, 0) + 1
+
+    def flush_metrics(self) -> None:
+        """Add the tallied per-request counts to the Prometheus collectors."""
+        metrics = self.metrics
+        tally, self._tally = self._tally, {}
+        for (kind, outcome), count in tally.items():
+            metrics.requests.labels(kind, outcome).inc(count)
+        attempts, self._attempt_tally = self._attempt_tally, {}
+        for outcome_kind, count in attempts.items():
+            metrics.attempts.labels(outcome_kind.value).inc(count)
+        if self.pool.reuses:
+            metrics.pool_reuses.inc(self.pool.reuses)
+            self.pool.reuses = 0
 
     # -- one request
 
@@ -751,10 +807,7 @@ class Relay:
             if request.method == b"CONNECT":
                 kind = "connect"
                 return await self._connect(client, request, authority)
-            try:
-                route = routing.route(authority, self.zone)
-            except ValueError as exc:
-                raise BadRequest(authority, str(exc)) from None
+            route = self._route(authority)
             kind = route.kind
             if route.kind == "external":
                 if not self.settings.passthrough:
@@ -929,7 +982,7 @@ class Relay:
         if client.closed:
             pool.release(conn)
             raise _ClientGone
-        exchange = Exchange(client, conn, self.settings.read_timeout, request.method == b"HEAD")
+        exchange = Exchange(client, conn, self.settings.read_timeout, request.method == b"HEAD", self.exchanges)
         conn.exchange = exchange
         conn.client = client
         client.upstream = conn
@@ -1059,7 +1112,7 @@ class Relay:
             exchange.stop_timer()
             return await self._tunnel(client, conn, exchange.upgraded)
         try:
-            await exchange.done
+            await exchange.finished()
         except ProxyError:
             exchange.stop_timer()
             client.upstream = None
@@ -1154,6 +1207,9 @@ class Relay:
 
     def close(self) -> None:
         """Close every client connection and pooled upstream connection."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self.flush_metrics()
         for connection in list(self.connections):
             connection.abort()
         self.pool.close()

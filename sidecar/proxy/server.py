@@ -87,6 +87,12 @@ class ProxyServer:
         if self._relay is not None:
             self._relay.update(settings.proxy)
             self._relay.zone = settings.dns.domain
+            self._relay.update(settings.proxy)
+
+    def flush_metrics(self) -> None:
+        """Bring the per-request counters up to date (the relay adds them at least once a second)."""
+        if self._relay is not None:
+            self._relay.flush_metrics()
 
     def breaker_state(self, agent_id: str) -> State:
         """closed, open or half_open: for ``/v1/agents``."""

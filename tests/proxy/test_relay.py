@@ -321,7 +321,9 @@ async def test_keep_alive_reuses_upstream_connections(harness: Harness) -> None:
     await harness.start()
     for _ in range(20):
         assert (await harness.get("chat.agents.local"))[0] == 200
-    metrics = harness.proxy.metrics  # type: ignore[union-attr]
+    assert harness.proxy is not None
+    harness.proxy.flush_metrics()
+    metrics = harness.proxy.metrics
     assert metrics.upstream_connections._value.get() == 1
     assert metrics.pool_reuses._value.get() == 19
 

@@ -1084,9 +1084,7 @@ class Relay:
             policy.limits.release(route.key)
 
     def _can_choose_again(self, route: routing.Route, tried: list[str]) -> bool:
-        breakers = self.policy.breakers
-        return any(a.healthy and a.id not in tried and breakers.available(a.id)
-                   for a in route.agents(self.catalog.snapshot))
+        return self.policy.has_another(route, self.catalog.snapshot, tried)
 
     def _may_retry(self, request: Request, sent: bool, tried: int, attempts: int) -> bool:
         if tried > attempts:

@@ -123,6 +123,11 @@ class Policy:
             raise Overloaded(route.host, f"every agent of {route.host} is at its concurrency limit or backing off")
         raise CircuitOpen(route.host, f"the circuit breaker of every healthy agent of {route.host} is open")
 
+    def has_another(self, route: Route, snapshot: Snapshot, tried: Collection[str]) -> bool:
+        """Whether an agent not in ``tried`` could take a retry now (servable, breaker allows it)."""
+        return any(a.id not in tried and self.breakers.available(a.id)
+                   for a in servable(route.agents(snapshot), self.panic, self.admitted))
+
     def _pick(self, route: Route, usable: list[Agent], keys: Keys, now: float) -> tuple[Agent, str | None]:
         affinity = self.affinity
         sticky = affinity.enabled

@@ -60,7 +60,10 @@ class AdminApi:
         self._etcd = etcd
         self._metrics = metrics
         self._readiness = readiness
+        # Extra per-agent fields for /v1/agents (e.g. the proxy's breaker state).
         self.annotators: list[AgentAnnotator] = []
+        # Called before /metrics renders (components that count cheaply fold their counters in).
+        self.before_scrape: list[Callable[[], None]] = []
         self.app = web.Application(middlewares=[self._auth])
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
@@ -115,7 +118,8 @@ class AdminApi:
         return web.json_response(detail, status=200 if detail.get("ready") else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        self._metrics.registry.stale_seconds.set(self._sync.stale_seconds())
+        for hook in self.before_scrape:
+            hook()
         body = self._metrics.exposition()
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

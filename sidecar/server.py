@@ -63,6 +63,8 @@ class Server:
         self.proxy.add_observer(lambda outcome: self.outliers.observe(outcome.agent_id, outcome.kind.value))
         self.proxy.policy.admitted = self.outliers.admitted
         self.proxy.policy.panic = settings.health_check.panic
+        self.admin.annotators.append(lambda agent: {"breaker": self.proxy.breaker_state(agent.id)})
+        self.admin.before_scrape.append(self.proxy.flush_metrics)
         # Last, so that it is stopped first: the agent drains while DNS and the proxy still serve.
         self.local_agent: local_agent.LocalAgent | None = None
         if local_agent.enabled(settings.agent):

@@ -51,7 +51,8 @@ async def test_register_list_filter_and_delete(make_server, etcd: EtcdProcess, p
         async with http.post(url + "/v1/agents", json={**AGENT, "id": "chat-2", "tags": ["cpu"],
                                                         "health": {"status": "unhealthy"}}) as response:
             assert response.status == 201
-        assert json.loads(etcd.ctl("get", "--print-value-only", f"{prefix}/services/chat-agent/chat-1"))["id"] == "chat-1"
+        stored = json.loads(etcd.ctl("get", "--print-value-only", f"{prefix}/services/chat-agent/chat-1"))
+        assert stored["id"] == "chat-1"
         await eventually(lambda: len(server.catalog.snapshot.agents) == 2)
 
         async def ids(query: str) -> list[str]:

@@ -43,6 +43,7 @@ class CatalogSync:
         # Wall-clock time since which the snapshot may be stale (None while the watch is up).
         self.stale_since: float | None = time.time()
         self.synced = asyncio.Event()
+        metrics.stale_seconds.set_function(self.stale_seconds)
         # Counted when scraped, not on every event (an O(agents) walk).
         metrics.snapshot_healthy_agents.set_function(
             lambda: sum(1 for a in self._catalog.snapshot.agents.values() if a.healthy))

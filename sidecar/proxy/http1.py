@@ -13,12 +13,14 @@ is asked of ``Policy``; every typed error becomes a response in
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
 import re
 import typing
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httptools
@@ -38,10 +40,11 @@ from ..errors import (
     UpstreamTimeout,
 )
 from ..metrics import ProxyMetrics
+from ..model import Agent
 from . import routing
 from .affinity import cookie_value
 from .load import Outcome, OutcomeKind
-from .policy import Keys, Policy
+from .policy import Choice, Keys, Policy
 from .retries import safe_to_retry
 
 log = logging.getLogger(__name__)
@@ -134,6 +137,30 @@ class _Scan:
     keys: Keys | None = None
 
 
+class Flight:
+    """One request forwarded to agents, across its attempts."""
+
+    __slots__ = ("attempt_started", "choice", "client", "head", "keep", "keys", "last_agent", "last_error", "relay",
+                 "released", "request", "route", "started", "tried")
+
+    def __init__(self, relay: Relay, client: ClientConnection, request: Request, route: routing.Route, head: bytes,
+                 keys: Keys, started: float) -> None:
+        self.relay = relay
+        self.client = client
+        self.request = request
+        self.route = route
+        self.head = head
+        self.keys = keys
+        self.started = started
+        self.tried: list[str] = []
+        self.choice: Choice | None = None
+        self.attempt_started = started
+        self.last_error: ProxyError | None = None
+        self.last_agent = ""
+        self.keep = True  # keep the client connection after this response
+        self.released = False  # the target's concurrency slot is given back
+
+
 class Request:
     """One client request: head, and a body that is streamed to the attached upstream."""
 
@@ -215,6 +242,8 @@ class ClientConnection(asyncio.Protocol):
         self.header_bytes = 0
         self.waiter: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
+        # The rest of the active request, handed from the fast path to the task: (kind, job).
+        self.handoff: tuple[str, Callable[[], Awaitable[bool]]] | None = None
         self.paused: set[str] = set()
         self.closed = False
         self.busy = False
@@ -300,6 +329,8 @@ class ClientConnection(asyncio.Protocol):
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
         request.upgrade = parser.should_upgrade()
+        if not self.busy and not self.queue and self.relay.begin(self, request):
+            return
         self.queue.append(request)
         if len(self.queue) > PIPELINE_LIMIT:
             self.pause_reading("pipeline")
@@ -369,10 +400,43 @@ class ClientConnection(asyncio.Protocol):
 
     # -- serving
 
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def hand_off(self, kind: str, job: Callable[[], Awaitable[bool]]) -> None:
+        """Let the task finish the active request with ``job`` (the fast path cannot wait)."""
+        self.handoff = (kind, job)
+        self._wake()
+
+    def done(self, request: Request, keep: bool) -> bool:
+        """The active request is answered; close the connection unless it may serve another."""
+        self.active = None
+        self.busy = False
+        self.last_active = self.loop.time()
+        if not keep or not request.keep_alive or not request.body_done or request.upgrade:
+            self.close()
+            return False
+        if self.queue:
+            self._wake()  # pipelined requests arrived meanwhile: the task serves them
+        return True
+
     async def serve(self) -> None:
         try:
-            while not self.closed:
-                if not self.queue:
+            while True:
+                handoff = self.handoff
+                if handoff is not None:
+                    # Run even when the client has gone: the job gives back what the request holds.
+                    self.handoff = None
+                    request = self.active
+                    assert request is not None
+                    if not self.done(request, await self.relay.resume(self, request, *handoff)):
+                        return
+                    continue
+                if self.closed:
+                    return
+                if self.busy or not self.queue:
                     self.waiter = self.loop.create_future()
                     await self.waiter
                     self.waiter = None
@@ -381,12 +445,7 @@ class ClientConnection(asyncio.Protocol):
                 self.resume_reading("pipeline")
                 self.active = request
                 self.busy = True
-                keep = await self.relay.handle(self, request)
-                self.active = None
-                self.busy = False
-                self.last_active = self.loop.time()
-                if not keep or not request.keep_alive or not request.body_done or request.upgrade:
-                    self.close()
+                if not self.done(request, await self.relay.handle(self, request)):
                     return
         except asyncio.CancelledError:
             self.abort()
@@ -442,6 +501,8 @@ class Upstream(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             exchange.on_garbage(str(exc))
             self.close()
+        if exchange.landing:
+            exchange.land()
 
     def pause_writing(self) -> None:
         if self.client is not None:
@@ -511,18 +572,29 @@ class Upstream(asyncio.Protocol):
 
 
 class Exchange:
-    """One attempt's response as it arrives, held until the relay commits to it."""
+    """One attempt's response as it arrives, held until the relay commits to it.
 
-    __slots__ = ("active", "body", "client", "committed", "complete", "conn", "failure", "frame_chunked", "head",
-                 "headers", "keep_alive", "last", "loop", "no_body", "reason", "status", "timeout", "upgraded",
-                 "waiter")
+    The response head and the end of the body are reported either to a waiting task
+    (``head`` and ``waiter`` futures) or, on the fast path, straight to the ``flight``'s
+    callbacks in the relay, from inside the upstream socket's read callback.
+    """
+
+    __slots__ = ("active", "body", "client", "committed", "complete", "conn", "failure", "flight", "frame_chunked",
+                 "head", "headed", "headers", "keep_alive", "landing", "last", "loop", "no_body", "reason", "status",
+                 "timeout", "upgraded", "waiter")
 
     def __init__(self, client: ClientConnection, conn: Upstream, timeout: float, no_body: bool,
-                 active: set[Exchange]) -> None:
+                 active: set[Exchange], flight: Flight | None = None) -> None:
         self.client = client
         self.conn = conn
         self.loop = client.loop
-        self.head: asyncio.Future[None] = self.loop.create_future()
+        self.flight = flight
+        # Set only when a task waits for the head (the fast path is called back instead).
+        self.head: asyncio.Future[None] | None = None if flight is not None else self.loop.create_future()
+        self.headed = False  # the head (or the failure before it) has been reported
+        # Fast path: the head has arrived; the relay is told once the read that brought it has been
+        # parsed, so a small response goes to the client whole, in one write.
+        self.landing = False
         # The end of the response body: ``failure`` or ``complete``; ``waiter`` only if someone waits.
         self.failure: ProxyError | None = None
         self.waiter: asyncio.Future[None] | None = None
@@ -550,14 +622,41 @@ class Exchange:
             return
         self.stop_timer()
         error = UpstreamTimeout("", f"no response from the agent for {self.timeout:g}s")
-        if not self.head.done():
-            self.head.set_exception(error)
+        if not self.headed:
+            self._head_failed(error)
         else:
             self._fail(error)
         self.conn.close()
 
     def stop_timer(self) -> None:
         self.active.discard(self)
+
+    def _head_arrived(self) -> None:
+        if self.headed:
+            return
+        self.headed = True
+        if self.flight is not None:
+            self.landing = True
+        elif self.head is not None:
+            self.head.set_result(None)
+
+    def land(self) -> None:
+        """Fast path: hand the arrived head (and the body parsed with it) to the relay."""
+        self.landing = False
+        flight = self.flight
+        if flight is not None:
+            flight.relay._landed(flight, self)
+
+    def _head_failed(self, error: ProxyError) -> None:
+        if self.headed:
+            return
+        self.headed = True
+        flight = self.flight
+        if flight is not None:
+            self.flight = None
+            flight.relay._crashed(flight, self, error)
+        elif self.head is not None:
+            self.head.set_exception(error)
 
     def on_head(self, status: int, keep_alive: bool) -> None:
         if 100 <= status < 200 and status != 101:
@@ -569,11 +668,11 @@ class Exchange:
             return
         self.status = status
         self.keep_alive = keep_alive
-        if not self.head.done():
-            self.head.set_result(None)
         if self.no_body:
             # A HEAD response: llhttp cannot be told, so it would wait for Content-Length bytes.
             self.keep_alive = False
+        self._head_arrived()
+        if self.no_body:
             self._finish()
 
     def on_body(self, chunk: bytes) -> None:
@@ -596,19 +695,18 @@ class Exchange:
     def on_upgrade(self, rest: bytes) -> None:
         self.upgraded = rest
         self.keep_alive = False
-        if not self.head.done():
-            self.head.set_result(None)
+        self._head_arrived()
 
     def on_garbage(self, detail: str) -> None:
         error = UpstreamError("", f"invalid response from the agent: {detail}")
-        if not self.head.done():
-            self.head.set_exception(error)
+        if not self.headed:
+            self._head_failed(error)
         else:
             self._fail(error)
 
     def on_lost(self) -> None:
-        if not self.head.done():
-            self.head.set_exception(UpstreamError("", "the agent closed the connection before responding"))
+        if not self.headed:
+            self._head_failed(UpstreamError("", "the agent closed the connection before responding"))
         elif not self.complete:
             if self.upgraded is None and not self._framed():
                 self._finish()  # a close-delimited body ends here
@@ -636,17 +734,21 @@ class Exchange:
         """Send the response head (and what arrived of the body) to the client; stream the rest."""
         self.committed = True
         self.frame_chunked = frame_chunked
-        # One write for head, body so far and terminator: small responses cost one send().
-        out = [head]
-        if frame_chunked:
-            for chunk in self.body:
-                out.extend((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
-            if self.complete:
-                out.append(b"0\r\n\r\n")
+        body = self.body
+        if not body and not frame_chunked:
+            self.client.write(head)
         else:
-            out.extend(self.body)
-        self.body = []
-        self.client.write(b"".join(out))
+            # One write for head, body so far and terminator: small responses cost one send().
+            out = [head]
+            if frame_chunked:
+                for chunk in body:
+                    out.extend((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                if self.complete:
+                    out.append(b"0\r\n\r\n")
+            else:
+                out.extend(body)
+            self.body = []
+            self.client.write(b"".join(out))
         if self.complete:
             self._wake()
 
@@ -656,7 +758,13 @@ class Exchange:
             self._wake()
 
     def _wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
+        if self.landing:
+            return  # the relay has not seen the head yet; ``land`` looks at failure and completion
+        flight = self.flight
+        if flight is not None:
+            self.flight = None  # report the end once
+            flight.relay._arrived(flight, self)
+        elif self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
     async def finished(self) -> None:
@@ -676,13 +784,9 @@ class Pool:
         self._idle: dict[tuple[str, int], list[Upstream]] = {}
         self.reuses = 0
 
-    async def acquire(self, address: str, port: int, connect_timeout: float) -> Upstream:
-        """A connected Upstream: a pooled one if any is fresh, else a new connection.
-
-        Raises asyncio.TimeoutError or OSError when connecting fails.
-        """
-        key = (address, port)
-        idle = self._idle.get(key)
+    def take(self, address: str, port: int) -> Upstream | None:
+        """A fresh pooled connection to address:port, or None."""
+        idle = self._idle.get((address, port))
         if idle:
             horizon = self.relay.loop.time() - min(self.relay.settings.idle_timeout, UPSTREAM_IDLE)
             while idle:
@@ -692,6 +796,17 @@ class Pool:
                     self.reuses += 1
                     return conn
                 conn.close()
+        return None
+
+    async def acquire(self, address: str, port: int, connect_timeout: float) -> Upstream:
+        """A connected Upstream: a pooled one if any is fresh, else a new connection.
+
+        Raises asyncio.TimeoutError or OSError when connecting fails.
+        """
+        conn = self.take(address, port)
+        if conn is not None:
+            return conn
+        key = (address, port)
         async with asyncio.timeout(connect_timeout):
             _, conn = await self.relay.loop.create_connection(lambda: Upstream(self.relay, key), address, port)
         self.relay.metrics.upstream_connections.inc()
@@ -815,12 +930,16 @@ class Relay:
                 return await self._passthrough(client, request, route, path)
             return await self._forward(client, request, route, path)
         except ProxyError as err:
-            self._count(kind, error_status(err)[1])
-            keep = request.keep_alive and request.body_done and request.error is None and not request.upgrade
-            client.write(error_response(err, err.agent_id, keep))
-            return keep
+            return self._answer(client, request, kind, err)
         except _ClientGone:
             return False
+
+    def _answer(self, client: ClientConnection, request: Request, kind: str, err: ProxyError) -> bool:
+        """Send ``err`` as the response; whether the client connection may stay open."""
+        self._count(kind, error_status(err)[1])
+        keep = request.keep_alive and request.body_done and request.error is None and not request.upgrade
+        client.write(error_response(err, err.agent_id, keep))
+        return keep
 
     def _target(self, request: Request) -> tuple[str, bytes]:
         """(authority, origin-form path) from an origin-, absolute- or authority-form target."""
@@ -982,106 +1101,267 @@ class Relay:
         if client.closed:
             pool.release(conn)
             raise _ClientGone
-        exchange = Exchange(client, conn, self.settings.read_timeout, request.method == b"HEAD", self.exchanges)
+        exchange = self._send(client, request, head, conn, None)
+        assert exchange.head is not None
+        try:
+            await exchange.head
+        except ProxyError as err:
+            raise self._attempt_failed(client, request, exchange, err) from None
+        return exchange
+
+    def _send(self, client: ClientConnection, request: Request, head: bytes, conn: Upstream,
+              flight: Flight | None) -> Exchange:
+        """Write the request head (and the body so far) to ``conn``; the response goes to the new Exchange."""
+        exchange = Exchange(client, conn, self.settings.read_timeout, request.method == b"HEAD", self.exchanges,
+                            flight)
         conn.exchange = exchange
         conn.client = client
         client.upstream = conn
         conn.write_raw(head)
         request.attach(conn)
-        try:
-            await exchange.head
-        except ProxyError as err:
-            request.detach()
-            client.upstream = None
-            exchange.stop_timer()
-            conn.exchange = None
-            conn.close()
-            kind = OutcomeKind.TIMEOUT if isinstance(err, UpstreamTimeout) else OutcomeKind.RESET
-            raise _AttemptFailed(kind, True, err) from None
         return exchange
+
+    def _attempt_failed(self, client: ClientConnection, request: Request, exchange: Exchange,
+                        err: ProxyError) -> _AttemptFailed:
+        """Drop an attempt whose response head never came."""
+        self._discard(client, request, exchange)
+        kind = OutcomeKind.TIMEOUT if isinstance(err, UpstreamTimeout) else OutcomeKind.RESET
+        return _AttemptFailed(kind, True, err)
 
     def _discard(self, client: ClientConnection, request: Request, exchange: Exchange) -> None:
         request.detach()
         client.upstream = None
         exchange.stop_timer()
+        exchange.flight = None
         exchange.conn.exchange = None
         exchange.conn.close()
 
-    async def _forward(self, client: ClientConnection, request: Request, route: routing.Route, path: bytes) -> bool:
-        policy = self.policy
+    # -- forwarding to agents: the same steps, run by the connection's task (``_fly``) or,
+    # while nothing needs awaiting, from the socket callbacks (``begin``, ``_landed``, ``_arrived``).
+
+    def _flight(self, client: ClientConnection, request: Request, route: routing.Route, path: bytes) -> Flight:
         started = self.loop.time()
         scan = _Scan()
         head = self._request_head(request, path, route.host if route.port == 80 else f"{route.host}:{route.port}",
                                   scan)
-        keys = scan.keys or Keys()
-        policy.limits.acquire(route.key)
+        return Flight(self, client, request, route, head, scan.keys or Keys(), started)
+
+    async def _forward(self, client: ClientConnection, request: Request, route: routing.Route, path: bytes) -> bool:
+        flight = self._flight(client, request, route, path)
+        self.policy.limits.acquire(route.key)
+        self.policy.budget.request()
+        return await self._fly(flight)
+
+    async def _fly(self, flight: Flight, choice: Choice | None = None) -> bool:
+        """Attempt agents until one answer is relayed; raises the ProxyError for the client otherwise."""
+        policy = self.policy
+        client, request = flight.client, flight.request
         try:
-            policy.budget.request()
-            retries = policy.balancing.retries
-            failure_statuses = policy.balancing.circuit_breaker.failure_statuses
-            tried: list[str] = []
-            last_error: ProxyError | None = None
-            last_agent = ""
             while True:
+                if choice is None:
+                    choice = self._choose(flight)
+                agent = self._depart(flight, choice)
                 try:
-                    choice = policy.choose(route, self.catalog.snapshot, keys, tried)
-                except ProxyError:
-                    if last_error is not None:
-                        last_error.agent_id = last_agent
-                        raise last_error from None
-                    raise
-                agent = choice.agent
-                tried.append(agent.id)
-                loads = policy.loads
-                loads.start(agent.id)
-                attempt_started = self.loop.time()
-                try:
-                    exchange = await self._attempt(client, request, head, agent.address, agent.port)
+                    exchange = await self._attempt(client, request, flight.head, agent.address, agent.port)
                 except _AttemptFailed as failed:
-                    loads.finish(agent.id)
-                    if client.closed:
-                        policy.breakers.release(choice.ticket)
-                        raise _ClientGone from None
-                    policy.breakers.record(choice.ticket, True)
-                    self._count_attempt(failed.kind)
-                    policy.observe(Outcome(agent.id, failed.kind, self.loop.time() - attempt_started))
-                    failed.error.target = route.host
-                    last_error, last_agent = failed.error, agent.id
-                    if self._can_choose_again(route, tried) and \
-                            self._may_retry(request, failed.sent, len(tried), retries.attempts):
-                        continue
-                    failed.error.agent_id = agent.id
-                    raise failed.error from None
+                    self._failed(flight, choice, failed)  # raises unless another attempt may follow
+                    choice = None
+                    continue
                 except BaseException:
-                    loads.finish(agent.id)
+                    policy.loads.finish(agent.id)
                     policy.breakers.release(choice.ticket)
                     raise
-                status = exchange.status
-                retry_after = _retry_after(exchange) if status in (429, 503) else 0.0
-                if status in failure_statuses:
-                    kind = OutcomeKind.FAILURE_STATUS
-                elif status == 429 or retry_after:
-                    kind = OutcomeKind.BACKPRESSURE
-                else:
-                    kind = OutcomeKind.SUCCESS
-                policy.breakers.record(choice.ticket, kind is OutcomeKind.FAILURE_STATUS)
-                self._count_attempt(kind)
-                policy.observe(Outcome(agent.id, kind, self.loop.time() - attempt_started, status, retry_after))
-                if (kind is not OutcomeKind.SUCCESS and self._can_choose_again(route, tried)
-                        and self._may_retry(request, True, len(tried), retries.attempts)):
-                    # Another agent may do better; with nobody else to ask, this answer goes to the client.
-                    self._discard(client, request, exchange)
-                    loads.finish(agent.id)
-                    last_error = UpstreamError(route.host, f"the agent answered {status}")
-                    last_agent = agent.id
+                if self._judge(flight, choice, exchange):
+                    choice = None
                     continue
-                try:
-                    return await self._relay_response(client, request, exchange, agent.id, choice.set_cookie,
-                                                      route.kind, started)
-                finally:
-                    loads.finish(agent.id)
+                return await self._land(flight, choice, exchange)
         finally:
+            self._release(flight)
+
+    async def _land(self, flight: Flight, choice: Choice, exchange: Exchange) -> bool:
+        try:
+            return await self._relay_response(flight.client, flight.request, exchange, choice.agent.id,
+                                              choice.set_cookie, flight.route.kind, flight.started)
+        finally:
+            self.policy.loads.finish(choice.agent.id)
+            self._release(flight)
+
+    def _release(self, flight: Flight) -> None:
+        if not flight.released:
+            flight.released = True
+            self.policy.limits.release(flight.route.key)
+
+    def _choose(self, flight: Flight) -> Choice:
+        try:
+            return self.policy.choose(flight.route, self.catalog.snapshot, flight.keys, flight.tried)
+        except ProxyError:
+            if flight.last_error is not None:
+                flight.last_error.agent_id = flight.last_agent
+                raise flight.last_error from None
+            raise
+
+    def _depart(self, flight: Flight, choice: Choice) -> Agent:
+        agent = choice.agent
+        flight.choice = choice
+        flight.tried.append(agent.id)
+        self.policy.loads.start(agent.id)
+        flight.attempt_started = self.loop.time()
+        return agent
+
+    def _failed(self, flight: Flight, choice: Choice, failed: _AttemptFailed) -> None:
+        """Account a failed attempt; returns when another may follow, else raises the client's error."""
+        policy = self.policy
+        agent_id = choice.agent.id
+        policy.loads.finish(agent_id)
+        if flight.client.closed:
+            policy.breakers.release(choice.ticket)
+            raise _ClientGone
+        policy.breakers.record(choice.ticket, True)
+        self._count_attempt(failed.kind)
+        policy.observe(Outcome(agent_id, failed.kind, self.loop.time() - flight.attempt_started))
+        failed.error.target = flight.route.host
+        flight.last_error, flight.last_agent = failed.error, agent_id
+        if self._can_choose_again(flight.route, flight.tried) and \
+                self._may_retry(flight.request, failed.sent, len(flight.tried), policy.balancing.retries.attempts):
+            return
+        failed.error.agent_id = agent_id
+        raise failed.error
+
+    def _judge(self, flight: Flight, choice: Choice, exchange: Exchange) -> bool:
+        """Account an attempt's response head; True when it was dropped for another attempt."""
+        policy = self.policy
+        agent_id = choice.agent.id
+        status = exchange.status
+        retry_after = _retry_after(exchange) if status == 429 or status == 503 else 0.0
+        if status in policy.balancing.circuit_breaker.failure_statuses:
+            kind = OutcomeKind.FAILURE_STATUS
+        elif status == 429 or retry_after:
+            kind = OutcomeKind.BACKPRESSURE
+        else:
+            kind = OutcomeKind.SUCCESS
+        policy.breakers.record(choice.ticket, kind is OutcomeKind.FAILURE_STATUS)
+        self._count_attempt(kind)
+        policy.observe(Outcome(agent_id, kind, self.loop.time() - flight.attempt_started, status, retry_after))
+        if (kind is not OutcomeKind.SUCCESS and self._can_choose_again(flight.route, flight.tried)
+                and self._may_retry(flight.request, True, len(flight.tried), policy.balancing.retries.attempts)):
+            # Another agent may do better; with nobody else to ask, this answer goes to the client.
+            self._discard(flight.client, flight.request, exchange)
+            policy.loads.finish(agent_id)
+            flight.last_error = UpstreamError(flight.route.host, f"the agent answered {status}")
+            flight.last_agent = agent_id
+            return True
+        return False
+
+    def begin(self, client: ClientConnection, request: Request) -> bool:
+        """Start ``request`` from the client's read callback; False leaves it to the connection's task.
+
+        Taken for an in-zone target with an agent to choose and a pooled connection to it.
+        Whatever needs waiting for (connecting, a retry, a tunnel) is handed to the task
+        at the step it has reached; errors before the first attempt are left to the task.
+        """
+        if request.method == b"CONNECT" or request.upgrade or request.error is not None:
+            return False
+        try:
+            authority, path = self._target(request)
+            route = self._route(authority)
+        except ProxyError:
+            return False
+        if route.kind == "external":
+            return False
+        policy = self.policy
+        flight = self._flight(client, request, route, path)
+        try:
+            policy.limits.acquire(route.key)
+        except ProxyError:
+            return False
+        try:
+            choice = policy.choose(route, self.catalog.snapshot, flight.keys, flight.tried)
+        except ProxyError:
             policy.limits.release(route.key)
+            return False
+        policy.budget.request()
+        client.active = request
+        client.busy = True
+        agent = choice.agent
+        conn = self.pool.take(agent.address, agent.port)
+        if conn is None:
+            client.hand_off(route.kind, functools.partial(self._fly, flight, choice))
+            return True
+        self._depart(flight, choice)
+        self._send(client, request, flight.head, conn, flight)
+        return True
+
+    def _landed(self, flight: Flight, exchange: Exchange) -> None:
+        """Fast path: the response head (and what came with it) arrived; relay it or try elsewhere."""
+        choice = flight.choice
+        assert choice is not None
+        client, request = flight.client, flight.request
+        if self._judge(flight, choice, exchange):
+            client.hand_off(flight.route.kind, functools.partial(self._fly, flight))
+            return
+        if exchange.upgraded is not None:
+            exchange.flight = None
+            client.hand_off(flight.route.kind, functools.partial(self._land, flight, choice, exchange))
+            return
+        head, frame_chunked, flight.keep = self._response_head(request, exchange, choice.agent.id,
+                                                               choice.set_cookie, request.keep_alive)
+        self.metrics.request_seconds.observe(self.loop.time() - flight.started)
+        self._count(flight.route.kind, "ok")
+        exchange.commit(head, frame_chunked)
+        if exchange.failure is not None:
+            exchange._wake()
+
+    def _arrived(self, flight: Flight, exchange: Exchange) -> None:
+        """Fast path: the response ended (complete, or cut short); pool or close both sides."""
+        choice = flight.choice
+        assert choice is not None
+        client, request = flight.client, flight.request
+        conn = exchange.conn
+        request.detach()
+        client.upstream = None
+        self.policy.loads.finish(choice.agent.id)
+        self._release(flight)
+        keep = flight.keep
+        if exchange.failure is not None:
+            exchange.stop_timer()
+            conn.exchange = None
+            conn.close()
+            client.abort()
+            keep = False
+        elif exchange.keep_alive and not exchange.no_body and request.body_done:
+            self.pool.release(conn)
+        else:
+            conn.exchange = None
+            conn.close()
+        client.done(request, keep)
+
+    def _crashed(self, flight: Flight, exchange: Exchange, error: ProxyError) -> None:
+        """Fast path: the attempt failed before a response head; retry from the task, or answer."""
+        choice = flight.choice
+        assert choice is not None
+        client, request = flight.client, flight.request
+        failed = self._attempt_failed(client, request, exchange, error)
+        try:
+            self._failed(flight, choice, failed)
+        except _ClientGone:
+            self._release(flight)
+            client.done(request, False)
+            return
+        except ProxyError as err:
+            self._release(flight)
+            client.done(request, self._answer(client, request, flight.route.kind, err))
+            return
+        client.hand_off(flight.route.kind, functools.partial(self._fly, flight))
+
+    async def resume(self, client: ClientConnection, request: Request, kind: str,
+                     job: Callable[[], Awaitable[bool]]) -> bool:
+        """Run the rest of a request the fast path handed over; False when the client must be closed."""
+        try:
+            return await job()
+        except ProxyError as err:
+            return self._answer(client, request, kind, err)
+        except _ClientGone:
+            return False
 
     def _can_choose_again(self, route: routing.Route, tried: list[str]) -> bool:
         return self.policy.has_another(route, self.catalog.snapshot, tried)

@@ -21,12 +21,11 @@ import re
 import typing
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import httptools
 
 from ..catalog import Catalog
-from ..config import ProxySettings
+from ..config import LoadBalancerSettings, ProxySettings, StickySettings
 from ..errors import (
     BadRequest,
     CircuitOpen,
@@ -113,6 +112,157 @@ def error_response(err: ProxyError, agent_id: str = "", keep_alive: bool = True)
     return b"".join(lines)
 
 
+class KeyNames:
+    """The request headers and cookies that name a session or a hash key, as the head scan wants them."""
+
+    __slots__ = ("balancing", "cookie", "hash_cookie", "hash_header", "session", "sticky")
+
+    def __init__(self, sticky: StickySettings, balancing: LoadBalancerSettings) -> None:
+        self.sticky = sticky
+        self.balancing = balancing
+        self.session = sticky.header.lower().encode()
+        self.cookie = sticky.cookie
+        self.hash_header = balancing.hash_header.lower().encode()
+        self.hash_cookie = balancing.hash_cookie
+
+
+def _connection_tokens(values: list[bytes]) -> frozenset[bytes]:
+    """Header names listed in ``Connection`` headers beyond the standard hop-by-hop ones."""
+    return frozenset(t.strip().lower() for v in values for t in v.split(b",")) - HOP_BY_HOP
+
+
+# Request headers the head scan acts on besides copying (hop-by-hop ones included).
+_REQUEST_SEEN = HOP_BY_HOP | {b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"traceparent",
+                              b"cookie"}
+
+
+def request_head(method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], host: bytes, peer: bytes,
+                 upgrade: bool, names: KeyNames, drop: frozenset[bytes] = frozenset()) -> tuple[bytes, Keys, bool]:
+    """(upstream request head, stickiness/hash keys, body chunked?): hop-by-hop headers and those
+    named in ``Connection`` dropped, one ``X-Forwarded-For`` with ``peer`` appended,
+    ``X-Forwarded-Proto``/``-Host``, a valid or new ``traceparent``, the given ``host``."""
+    session_name = names.session
+    hash_header = names.hash_header
+    forwarded_for: list[bytes] = []
+    connection: list[bytes] = []
+    proto = forwarded_host = traceparent = b""
+    chunked = False
+    keys = Keys()
+    cookies: list[bytes] = []
+    out = [method, b" ", path, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        lower = name.lower()
+        if drop and lower in drop:
+            continue
+        if lower in _REQUEST_SEEN:
+            if lower in HOP_BY_HOP:
+                if lower == b"connection":
+                    connection.append(value)
+                elif lower == b"transfer-encoding":
+                    chunked = b"chunked" in value.lower()
+                continue
+            if lower == b"host":
+                continue
+            if lower == b"x-forwarded-for":
+                forwarded_for.append(value.strip())
+                continue
+            if lower == b"traceparent":
+                if _TRACEPARENT.match(value) and value[3:35] != _INVALID_TRACE[0] and value[36:52] != \
+                        _INVALID_TRACE[1] and value[:2] != b"ff":
+                    traceparent = value
+                continue
+            if lower == b"x-forwarded-proto":
+                proto = value
+            elif lower == b"x-forwarded-host":
+                forwarded_host = value
+            else:
+                cookies.append(value)
+        if lower == session_name:
+            keys.session = value.decode("latin-1")
+        if lower == hash_header:
+            keys.hash_key = value.decode("latin-1")
+        out += (name, b": ", value, b"\r\n")
+    if connection and not drop:
+        tokens = _connection_tokens(connection)
+        if tokens:  # rare: Connection names end-to-end headers; scan again without them
+            return request_head(method, path, headers, host, peer, upgrade, names, tokens)
+    if cookies:
+        text = "; ".join(c.decode("latin-1") for c in cookies)
+        keys.affinity_cookie = cookie_value(text, names.cookie)
+        if names.hash_cookie and keys.hash_key is None:
+            keys.hash_key = cookie_value(text, names.hash_cookie)
+    if forwarded_for:
+        forwarded_for.append(peer)
+        xff = b", ".join(f for f in forwarded_for if f)
+    else:
+        xff = peer
+    if not traceparent:
+        traceparent = b"00-%032x-%016x-01" % (random.getrandbits(128) or 1, random.getrandbits(64) or 1)
+    out += (b"host: ", host, b"\r\nx-forwarded-for: ", xff, b"\r\nx-forwarded-proto: ", proto or b"http",
+            b"\r\nx-forwarded-host: ", forwarded_host or host, b"\r\ntraceparent: ", traceparent, b"\r\n")
+    if chunked:
+        out.append(b"transfer-encoding: chunked\r\n")
+    if upgrade:
+        for name, value in headers:
+            if name.lower() == b"upgrade":
+                out += (b"connection: upgrade\r\nupgrade: ", value, b"\r\n")
+                break
+    out.append(b"\r\n")
+    return b"".join(out), keys, chunked
+
+
+def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], version: str, keep_alive: bool,
+                  no_body: bool, upgraded: bool, agent_id: str, set_cookie: str | None,
+                  drop: frozenset[bytes] = frozenset()) -> tuple[bytes, bool, bool]:
+    """(head for the client, re-chunk the body?, keep the client connection?): hop-by-hop headers
+    and those named in ``Connection`` dropped, ``x-sidecar-agent`` and ``set-cookie`` added, framing
+    and ``Connection`` fitted to the client's HTTP version."""
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    length = False
+    upgrade_value = b""
+    connection: list[bytes] = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            if lower == b"connection":
+                connection.append(value)
+            elif lower == b"upgrade":
+                upgrade_value = value
+            continue
+        if drop and lower in drop:
+            continue
+        if lower == b"content-length":
+            length = True
+        out += (name, b": ", value, b"\r\n")
+    if connection and not drop:
+        tokens = _connection_tokens(connection)
+        if tokens:
+            return response_head(status, reason, headers, version, keep_alive, no_body, upgraded, agent_id,
+                                 set_cookie, tokens)
+    if agent_id:
+        out += (b"x-sidecar-agent: ", agent_id.encode(), b"\r\n")
+    if set_cookie:
+        out += (b"set-cookie: ", set_cookie.encode("latin-1"), b"\r\n")
+    frame_chunked = False
+    keep = keep_alive
+    if upgraded:
+        out += (b"connection: upgrade\r\nupgrade: ", upgrade_value, b"\r\n")
+    elif not no_body and status != 204 and status != 304 and not length:
+        # Upstream chunked or close-delimited: the relay frames the body for the client.
+        if version == "1.1":
+            frame_chunked = True
+            out.append(b"transfer-encoding: chunked\r\n")
+        else:
+            keep = False
+    if not upgraded:
+        if not keep:
+            out.append(b"connection: close\r\n")
+        elif version == "1.0":
+            out.append(b"connection: keep-alive\r\n")
+    out.append(b"\r\n")
+    return b"".join(out), frame_chunked, keep
+
+
 class _ClientGone(Exception):
     """The client hung up while its request was being served."""
 
@@ -125,16 +275,6 @@ class _AttemptFailed(Exception):
         self.kind = kind
         self.sent = sent
         self.error = error
-
-
-@dataclass(slots=True)
-class _Scan:
-    """What the relay needs from the request headers besides forwarding them."""
-
-    host: bytes = b""
-    chunked: bool = False
-    content_length: int = -1
-    keys: Keys | None = None
 
 
 class Flight:
@@ -855,6 +995,7 @@ class Relay:
         self._tally: dict[tuple[str, str], int] = {}
         self._attempt_tally: dict[OutcomeKind, int] = {}
         self._routes: dict[str, routing.Route] = {}
+        self._key_names: KeyNames | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep()
 
@@ -958,132 +1099,22 @@ class Relay:
         authority = authority.rpartition(b"@")[2]
         return authority.decode("latin-1"), slash + path if slash else b"/" + path
 
-    def _request_head(self, request: Request, path: bytes, host: str, scan: _Scan) -> bytes:
-        """The upstream request head: hop-by-hop gone, X-Forwarded-*, traceparent, one Host."""
+    def _request_head(self, request: Request, path: bytes, host: str) -> tuple[bytes, Keys]:
+        """The upstream request head and the request's stickiness/hash keys."""
         sticky = self.policy.affinity.settings
         balancing = self.policy.balancing
-        session_name = sticky.header.lower().encode()
-        cookie_name = sticky.cookie
-        hash_header = balancing.hash_header.lower().encode()
-        hash_cookie = balancing.hash_cookie
-        connection_tokens: set[bytes] = set()
-        for name, value in request.headers:
-            if name.lower() == b"connection":
-                connection_tokens.update(t.strip().lower() for t in value.split(b","))
-        forwarded_for: list[bytes] = []
-        proto = forwarded_host = traceparent = b""
-        keys = Keys()
-        cookies: list[bytes] = []
-        out = [request.method, b" ", path, b" HTTP/1.1\r\n"]
-        append = out.append
-        for name, value in request.headers:
-            lower = name.lower()
-            if lower in HOP_BY_HOP or lower in connection_tokens:
-                if lower == b"transfer-encoding":
-                    scan.chunked = b"chunked" in value.lower()
-                continue
-            if lower == b"host":
-                continue
-            if lower == b"x-forwarded-for":
-                forwarded_for.append(value.strip())
-                continue
-            if lower == b"content-length":
-                scan.content_length = int(value)
-            elif lower == b"x-forwarded-proto":
-                proto = value
-            elif lower == b"x-forwarded-host":
-                forwarded_host = value
-            elif lower == b"traceparent":
-                if _TRACEPARENT.match(value) and value[3:35] != _INVALID_TRACE[0] and value[36:52] != \
-                        _INVALID_TRACE[1] and value[:2] != b"ff":
-                    traceparent = value
-                continue
-            elif lower == b"cookie":
-                cookies.append(value)
-            if lower == session_name:
-                keys.session = value.decode("latin-1")
-            if lower == hash_header:
-                keys.hash_key = value.decode("latin-1")
-            append(name)
-            append(b": ")
-            append(value)
-            append(b"\r\n")
-        if cookies:
-            text = "; ".join(c.decode("latin-1") for c in cookies)
-            keys.affinity_cookie = cookie_value(text, cookie_name)
-            if hash_cookie and keys.hash_key is None:
-                keys.hash_key = cookie_value(text, hash_cookie)
-        host_bytes = host.encode("latin-1")
-        forwarded_for.append(self._peer_of(request))
-        if not traceparent:
-            traceparent = b"00-%032x-%016x-01" % (random.getrandbits(128) or 1, random.getrandbits(64) or 1)
-        out.extend((b"host: ", host_bytes,
-                    b"\r\nx-forwarded-for: ", b", ".join(f for f in forwarded_for if f),
-                    b"\r\nx-forwarded-proto: ", proto or b"http",
-                    b"\r\nx-forwarded-host: ", forwarded_host or host_bytes,
-                    b"\r\ntraceparent: ", traceparent, b"\r\n"))
-        if scan.chunked:
-            out.append(b"transfer-encoding: chunked\r\n")
-        if request.upgrade:
-            for name, value in request.headers:
-                if name.lower() == b"upgrade":
-                    out.extend((b"connection: upgrade\r\nupgrade: ", value, b"\r\n"))
-                    break
-        out.append(b"\r\n")
-        scan.keys = keys
-        request.chunked = scan.chunked
-        return b"".join(out)
-
-    @staticmethod
-    def _peer_of(request: Request) -> bytes:
-        return request.client.peer
+        names = self._key_names
+        if names is None or names.sticky is not sticky or names.balancing is not balancing:
+            names = self._key_names = KeyNames(sticky, balancing)
+        head, keys, request.chunked = request_head(request.method, path, request.headers, host.encode("latin-1"),
+                                                   request.client.peer, request.upgrade, names)
+        return head, keys
 
     def _response_head(self, request: Request, exchange: Exchange, agent_id: str, set_cookie: str | None,
                        client_keep_alive: bool) -> tuple[bytes, bool, bool]:
         """(head for the client, re-chunk the body?, keep the client connection?)."""
-        connection_tokens: set[bytes] = set()
-        for name, value in exchange.headers:
-            if name.lower() == b"connection":
-                connection_tokens.update(t.strip().lower() for t in value.split(b","))
-        upgraded = exchange.upgraded is not None
-        out = [b"HTTP/1.1 %d %s\r\n" % (exchange.status, exchange.reason)]
-        append = out.append
-        length = False
-        upgrade_value = b""
-        for name, value in exchange.headers:
-            lower = name.lower()
-            if lower in HOP_BY_HOP or lower in connection_tokens:
-                if lower == b"upgrade":
-                    upgrade_value = value
-                continue
-            if lower == b"content-length":
-                length = True
-            append(name)
-            append(b": ")
-            append(value)
-            append(b"\r\n")
-        if agent_id:
-            append(b"x-sidecar-agent: " + agent_id.encode() + b"\r\n")
-        if set_cookie:
-            append(b"set-cookie: " + set_cookie.encode("latin-1") + b"\r\n")
-        frame_chunked = False
-        keep = client_keep_alive
-        if upgraded:
-            append(b"connection: upgrade\r\nupgrade: " + upgrade_value + b"\r\n")
-        elif not exchange.no_body and exchange.status not in (204, 304) and not length:
-            # Upstream chunked or close-delimited: the relay frames the body for the client.
-            if request.version == "1.1":
-                frame_chunked = True
-                append(b"transfer-encoding: chunked\r\n")
-            else:
-                keep = False
-        if not upgraded:
-            if not keep:
-                append(b"connection: close\r\n")
-            elif request.version == "1.0":
-                append(b"connection: keep-alive\r\n")
-        append(b"\r\n")
-        return b"".join(out), frame_chunked, keep
+        return response_head(exchange.status, exchange.reason, exchange.headers, request.version, client_keep_alive,
+                             exchange.no_body, exchange.upgraded is not None, agent_id, set_cookie)
 
     async def _attempt(self, client: ClientConnection, request: Request, head: bytes, address: str,
                        port: int) -> Exchange:
@@ -1141,10 +1172,8 @@ class Relay:
 
     def _flight(self, client: ClientConnection, request: Request, route: routing.Route, path: bytes) -> Flight:
         started = self.loop.time()
-        scan = _Scan()
-        head = self._request_head(request, path, route.host if route.port == 80 else f"{route.host}:{route.port}",
-                                  scan)
-        return Flight(self, client, request, route, head, scan.keys or Keys(), started)
+        head, keys = self._request_head(request, path, route.authority)
+        return Flight(self, client, request, route, head, keys, started)
 
     async def _forward(self, client: ClientConnection, request: Request, route: routing.Route, path: bytes) -> bool:
         flight = self._flight(client, request, route, path)
@@ -1434,9 +1463,7 @@ class Relay:
     async def _passthrough(self, client: ClientConnection, request: Request, route: routing.Route,
                            path: bytes) -> bool:
         started = self.loop.time()
-        scan = _Scan()
-        head = self._request_head(request, path, route.host if route.port == 80 else f"{route.host}:{route.port}",
-                                  scan)
+        head, _ = self._request_head(request, path, route.authority)
         try:
             exchange = await self._attempt(client, request, head, route.host, route.port)
         except _AttemptFailed as failed:

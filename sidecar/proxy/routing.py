@@ -6,7 +6,7 @@ In-zone forms: ``<cap>.<zone>``, ``<tag>.<cap>.<zone>``, ``<name>.service.<zone>
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ..catalog import Snapshot
@@ -27,17 +27,21 @@ class Route:
     tag: str = ""
     name: str = ""
     agent_id: str = ""
+    # Derived once: routes are cached per Host and read on every request.
+    key: str = field(init=False, compare=False, repr=False)  # per-target state (balancer, limits, sessions)
+    authority: str = field(init=False, compare=False, repr=False)  # host[:port] as the agent's Host header
 
-    @property
-    def key(self) -> str:
-        """A stable key for per-target state (balancer, limits, sessions)."""
+    def __post_init__(self) -> None:
         if self.kind == "capability":
-            return f"{self.tag}.{self.capability}" if self.tag else self.capability
-        if self.kind == "name":
-            return f"{self.name}.service"
-        if self.kind == "id":
-            return f"{self.agent_id}.id"
-        return f"{self.host}:{self.port}"
+            key = f"{self.tag}.{self.capability}" if self.tag else self.capability
+        elif self.kind == "name":
+            key = f"{self.name}.service"
+        elif self.kind == "id":
+            key = f"{self.agent_id}.id"
+        else:
+            key = f"{self.host}:{self.port}"
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "authority", self.host if self.port == 80 else f"{self.host}:{self.port}")
 
     def agents(self, snapshot: Snapshot) -> tuple[Agent, ...]:
         """Every agent of this target in ``snapshot``, healthy or not (empty for external)."""

@@ -56,13 +56,18 @@ class _ClockStorage(pybreaker.CircuitMemoryStorage):
 
 
 class _Listener(pybreaker.CircuitBreakerListener):
-    def __init__(self, agent_id: str, notify: StateListener) -> None:
+    def __init__(self, agent_id: str, tripped: set[str], notify: StateListener | None) -> None:
         self.agent_id = agent_id
+        self.tripped = tripped
         self.notify = notify
 
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: object, new_state: object) -> None:
         name = getattr(new_state, "name", "")
-        if name in _STATES:
+        if name == pybreaker.STATE_CLOSED:
+            self.tripped.discard(self.agent_id)
+        elif name in _STATES:
+            self.tripped.add(self.agent_id)
+        if name in _STATES and self.notify is not None:
             self.notify(self.agent_id, _STATES[name])
 
 
@@ -93,6 +98,8 @@ class Breakers:
         self._clock = clock
         self._listener = listener
         self._breakers: dict[str, _Breaker] = {}
+        # Agents whose breaker is not closed (kept by the state listener): the rest need no pybreaker call.
+        self._tripped: set[str] = set()
 
     def update(self, settings: CircuitBreakerSettings) -> None:
         """Apply new settings to every breaker (state and counts are kept)."""
@@ -106,7 +113,7 @@ class Breakers:
         breaker = self._breakers.get(agent_id)
         if breaker is None:
             storage = _ClockStorage(self._clock)
-            listeners = [_Listener(agent_id, self._listener)] if self._listener else []
+            listeners = [_Listener(agent_id, self._tripped, self._listener)]
             cb = pybreaker.CircuitBreaker(
                 fail_max=self.settings.failure_threshold, reset_timeout=self.settings.timeout,
                 success_threshold=self.settings.half_open_requests, state_storage=storage,
@@ -125,7 +132,7 @@ class Breakers:
 
     def available(self, agent_id: str) -> bool:
         """Whether ``admit`` would let an attempt through now (no side effects)."""
-        if not self.settings.enabled:
+        if not self.settings.enabled or agent_id not in self._tripped:
             return True
         breaker = self._breakers.get(agent_id)
         if breaker is None:
@@ -142,7 +149,7 @@ class Breakers:
 
         An open breaker whose timeout has passed turns half-open here.
         """
-        if not self.settings.enabled:
+        if not self.settings.enabled or agent_id not in self._tripped:
             return Ticket(agent_id, trial=False)
         breaker = self._get(agent_id)
         cb = breaker.cb
@@ -200,3 +207,4 @@ class Breakers:
         keep = set(agent_ids)
         for agent_id in [a for a in self._breakers if a not in keep]:
             del self._breakers[agent_id]
+            self._tripped.discard(agent_id)

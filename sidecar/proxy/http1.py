@@ -13,9 +13,11 @@ is asked of ``Policy``; every typed error becomes a response in
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import json
 import logging
+import math
 import random
 import re
 import typing
@@ -45,6 +47,9 @@ from .affinity import cookie_value
 from .load import Outcome, OutcomeKind
 from .policy import Choice, Keys, Policy
 from .retries import safe_to_retry
+
+if typing.TYPE_CHECKING:
+    from prometheus_client import Histogram
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +266,53 @@ def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
             out.append(b"connection: keep-alive\r\n")
     out.append(b"\r\n")
     return b"".join(out), frame_chunked, keep
+
+
+class Durations:
+    """Observations for a Prometheus histogram, counted into its buckets here and added on ``flush``.
+
+    ``Histogram.observe`` takes a lock and walks the buckets on every request; this is a
+    bisect and two additions. Without the histogram internals it relies on (``_upper_bounds``,
+    ``_buckets``, ``_sum`` of prometheus_client) it keeps the values and observes them on flush.
+    """
+
+    __slots__ = ("bounds", "counts", "histogram", "total", "values")
+
+    def __init__(self, histogram: Histogram) -> None:
+        self.histogram = histogram
+        bounds = getattr(histogram, "_upper_bounds", None)
+        buckets = getattr(histogram, "_buckets", None)
+        usable = (isinstance(bounds, list) and isinstance(buckets, list) and len(bounds) == len(buckets)
+                  and bounds and bounds[-1] == math.inf and hasattr(histogram, "_sum"))
+        self.bounds: list[float] | None = list(bounds) if usable else None  # type: ignore[arg-type]
+        self.counts = [0] * len(self.bounds or ())
+        self.total = 0.0
+        self.values: list[float] = []
+
+    def observe(self, seconds: float) -> None:
+        """Count one observation (not visible in Prometheus until ``flush``)."""
+        if self.bounds is None:
+            self.values.append(seconds)
+            return
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+
+    def flush(self) -> None:
+        """Add everything observed since the last flush to the histogram."""
+        histogram = self.histogram
+        if self.bounds is None:
+            values, self.values = self.values, []
+            for value in values:
+                histogram.observe(value)
+            return
+        if not self.total and not any(self.counts):
+            return
+        counts, self.counts = self.counts, [0] * len(self.counts)
+        total, self.total = self.total, 0.0
+        for bucket, count in zip(histogram._buckets, counts, strict=True):  # type: ignore[attr-defined]
+            if count:
+                bucket.inc(count)
+        histogram._sum.inc(total)  # type: ignore[attr-defined]
 
 
 class _ClientGone(Exception):
@@ -994,6 +1046,7 @@ class Relay:
         self.exchanges: set[Exchange] = set()
         self._tally: dict[tuple[str, str], int] = {}
         self._attempt_tally: dict[OutcomeKind, int] = {}
+        self.durations = Durations(metrics.request_seconds)
         self._routes: dict[str, routing.Route] = {}
         self._key_names: KeyNames | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -1044,6 +1097,7 @@ class Relay:
         tally, self._tally = self._tally, {}
         for (kind, outcome), count in tally.items():
             metrics.requests.labels(kind, outcome).inc(count)
+        self.durations.flush()
         attempts, self._attempt_tally = self._attempt_tally, {}
         for outcome_kind, count in attempts.items():
             metrics.attempts.labels(outcome_kind.value).inc(count)
@@ -1334,7 +1388,7 @@ class Relay:
             return
         head, frame_chunked, flight.keep = self._response_head(request, exchange, choice.agent.id,
                                                                choice.set_cookie, request.keep_alive)
-        self.metrics.request_seconds.observe(self.loop.time() - flight.started)
+        self.durations.observe(self.loop.time() - flight.started)
         self._count(flight.route.kind, "ok")
         exchange.commit(head, frame_chunked)
         if exchange.failure is not None:
@@ -1412,7 +1466,7 @@ class Relay:
         head, frame_chunked, keep = self._response_head(request, exchange, agent_id, set_cookie,
                                                         request.keep_alive)
         exchange.commit(head, frame_chunked)
-        self.metrics.request_seconds.observe(self.loop.time() - started)
+        self.durations.observe(self.loop.time() - started)
         self._count(kind, "ok")
         conn = exchange.conn
         if exchange.upgraded is not None:

@@ -79,6 +79,10 @@ class LoadTable:
             load = self._loads[agent_id] = AgentLoad()
         return load
 
+    def peek(self, agent_id: str) -> AgentLoad | None:
+        """The load record of ``agent_id`` if it has one (read only: do not change it)."""
+        return self._loads.get(agent_id)
+
     def in_flight(self, agent_id: str) -> int:
         """Requests this sidecar has open to ``agent_id``."""
         load = self._loads.get(agent_id)

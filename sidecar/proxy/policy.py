@@ -58,6 +58,7 @@ class Policy:
         self.limits = Limits(proxy, clock)
         self.budget = RetryBudget(balancing.retries, clock)
         self._balancers: dict[str, balancers.Balancer] = {}
+        self._ctx = balancers.PickContext(self.rng, 0.0, self.loads)
         # Set by the composition root: health_check.panic, and passive health's filter (outlier ejections).
         self.panic = False
         self.admitted: Callable[[Agent], bool] | None = None
@@ -100,16 +101,26 @@ class Policy:
         loads, breakers, limits = self.loads, self.breakers, self.limits
         usable: list[Agent] = []
         healthy = circuit_open = busy = 0
+        available = breakers.available
+        peek = loads.peek
+        idle_has_room = limits.agent_has_room(0)
         for agent in servable(agents, self.panic, self.admitted):
-            if agent.id in exclude:
+            agent_id = agent.id
+            if exclude and agent_id in exclude:
                 continue
             healthy += 1
-            if not breakers.available(agent.id):
+            if not available(agent_id):
                 circuit_open += 1
-            elif loads.backed_off(agent.id, now) or not limits.agent_has_room(loads.in_flight(agent.id)):
-                busy += 1
+                continue
+            load = peek(agent_id)
+            if load is None or (load.in_flight == 0 and load.backoff_until <= now):
+                room = idle_has_room
             else:
+                room = load.backoff_until <= now and limits.agent_has_room(load.in_flight)
+            if room:
                 usable.append(agent)
+            else:
+                busy += 1
         while usable:
             agent, set_cookie = self._pick(route, usable, keys, now)
             ticket = breakers.admit(agent.id)
@@ -130,13 +141,16 @@ class Policy:
 
     def _pick(self, route: Route, usable: list[Agent], keys: Keys, now: float) -> tuple[Agent, str | None]:
         affinity = self.affinity
-        sticky = affinity.enabled
+        sticky = affinity.settings.enabled
         if sticky and (keys.session or keys.affinity_cookie):
             closed = [a for a in usable if self.breakers.state(a.id) == "closed"]
             pinned = affinity.find(route.key, keys.session, keys.affinity_cookie, closed)
             if pinned is not None:
                 return pinned, affinity.set_cookie(keys.session, keys.affinity_cookie, pinned)
-        ctx = balancers.PickContext(self.rng, now, self.loads, keys.hash_key)
+        ctx = self._ctx  # one context, refilled per pick: balancers keep nothing of it
+        ctx.rng = self.rng
+        ctx.now = now
+        ctx.key = keys.hash_key
         agent = self._balancer(route).pick(usable, ctx)
         if not sticky:
             return agent, None

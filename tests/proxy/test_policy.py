@@ -258,3 +258,27 @@ def test_per_capability_algorithm_and_live_update() -> None:
     assert p.algorithm(route("search.agents.local", "agents.local")) == "weighted_random"
     p.update(LoadBalancerSettings(algorithm="least_conn"))
     assert p.algorithm(CHAT) == "least_conn"
+
+
+def test_breaker_shortcut_for_closed_agents_agrees_with_pybreaker() -> None:
+    """``available``/``admit`` skip pybreaker for agents not in ``_tripped``: through a random walk of
+    failures, successes, trials, releases and time, ``_tripped`` is exactly the non-closed breakers."""
+    rng = random.Random(7)
+    clock = Clock()
+    b = breakers(clock, threshold=2, timeout=5.0, trials=2)
+    for _ in range(3000):
+        agent_id = f"a{rng.randrange(3)}"
+        ticket = b.admit(agent_id)
+        if ticket is not None:
+            if rng.random() < 0.2:
+                b.release(ticket)
+            else:
+                b.record(ticket, failed=rng.random() < 0.4)
+        clock.advance(rng.choice((0.0, 0.5, 3.0)))
+        for each in ("a0", "a1", "a2"):
+            state = b.state(each)
+            assert (each in b._tripped) == (state != "closed")
+            if state == "closed":
+                assert b.available(each)
+        if rng.random() < 0.01:
+            b.retain(["a0", "a1"])

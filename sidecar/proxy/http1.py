@@ -131,8 +131,14 @@ class KeyNames:
         self.hash_cookie = balancing.hash_cookie
 
 
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"upgrade"))
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+
 def _connection_tokens(values: list[bytes]) -> frozenset[bytes]:
     """Header names listed in ``Connection`` headers beyond the standard hop-by-hop ones."""
+    if len(values) == 1 and values[0].lower() in _PLAIN_CONNECTION:
+        return _NO_TOKENS
     return frozenset(t.strip().lower() for v in values for t in v.split(b",")) - HOP_BY_HOP
 
 

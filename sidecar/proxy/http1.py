@@ -733,7 +733,8 @@ class Upstream(asyncio.Protocol):
 
     # writing and lifecycle
     def write_raw(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
+        # A transport the agent is closing gets nothing: connection_lost follows and fails the attempt.
+        if not self.closed and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
             if self.exchange is not None:
                 self.exchange.last = self.exchange.loop.time()
@@ -843,7 +844,10 @@ class Exchange:
         self.landing = False
         flight = self.flight
         if flight is not None:
-            flight.relay._landed(flight, self)
+            try:
+                flight.relay._landed(flight, self)
+            except Exception:
+                flight.relay._broken(flight, self)
 
     def _head_failed(self, error: ProxyError) -> None:
         if self.headed:
@@ -961,7 +965,10 @@ class Exchange:
         flight = self.flight
         if flight is not None:
             self.flight = None  # report the end once
-            flight.relay._arrived(flight, self)
+            try:
+                flight.relay._arrived(flight, self)
+            except Exception:
+                flight.relay._broken(flight, self)
         elif self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
@@ -1399,6 +1406,16 @@ class Relay:
         exchange.commit(head, frame_chunked)
         if exchange.failure is not None:
             exchange._wake()
+
+    def _broken(self, flight: Flight, exchange: Exchange) -> None:
+        """Fast path: a bug, not a peer's doing; log it and cut both connections, as the task would."""
+        log.exception("proxy request from %s failed", flight.client.peer.decode())
+        exchange.flight = None
+        exchange.stop_timer()
+        exchange.conn.exchange = None
+        exchange.conn.close()
+        flight.client.abort()
+        self._release(flight)
 
     def _arrived(self, flight: Flight, exchange: Exchange) -> None:
         """Fast path: the response ended (complete, or cut short); pool or close both sides."""

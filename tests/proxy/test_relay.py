@@ -390,3 +390,88 @@ async def test_settings_swap_live(harness: Harness) -> None:
     proxy.update(settings)
     assert (await harness.get(f"127.0.0.1:{harness.backends[0].port}"))[0] == 403
 
+
+
+# -- the fast path: requests served from the socket callbacks when a pooled connection is at hand
+
+
+def count_fast_starts(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Record what every ``Relay.begin`` returned (True: served from the callbacks, at least to start)."""
+    from sidecar.proxy.http1 import Relay
+
+    results: list[bool] = []
+    begin = Relay.begin
+
+    def spy(self: Relay, client: Any, request: Any) -> bool:
+        results.append(begin(self, client, request))
+        return results[-1]
+
+    monkeypatch.setattr(Relay, "begin", spy)
+    return results
+
+
+async def test_fast_path_retries_a_failure_status_elsewhere(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad, good, _ = harness.backends
+    harness.register(bad.agent(), good.agent())
+    proxy = await harness.start(load_balancer={"algorithm": "round_robin", "retries": {"attempts": 2}})
+    for _ in range(4):  # both agents get a pooled connection
+        assert (await harness.get("chat.agents.local"))[0] == 200
+    fast = count_fast_starts(monkeypatch)
+    bad.status = 503
+    for _ in range(4):
+        status, headers, body = await harness.get("chat.agents.local")
+        assert (status, headers["x-sidecar-agent"], body["agent"]) == (200, "agent-1", "agent-1")
+    assert fast == [True] * 4
+    assert bad.hits == 2 + 2  # round robin sent every other request to agent-0 first
+    assert proxy.metrics.retries._value.get() == 2
+
+
+async def test_fast_path_follows_a_new_snapshot(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    await harness.start(load_balancer={"algorithm": "round_robin"})
+    seen = {(await harness.get("chat.agents.local"))[2]["agent"] for _ in range(6)}
+    assert seen == {"agent-0", "agent-1", "agent-2"}
+    fast = count_fast_starts(monkeypatch)
+    harness.register(harness.backends[2].agent())  # the route stays cached; its agents come from the snapshot
+    assert {(await harness.get("chat.agents.local"))[2]["agent"] for _ in range(4)} == {"agent-2"}
+    assert fast == [True] * 4
+    harness.register()
+    status, headers, body = await harness.get("chat.agents.local")
+    assert (status, body["code"], headers.get("x-sidecar-agent")) == (404, "unknown_target", None)
+
+
+async def test_pipelined_requests_are_answered_in_order(harness: Harness) -> None:
+    harness.register(harness.backends[0].agent())
+    await harness.start()
+    assert (await harness.get("chat.agents.local"))[0] == 200  # pooled connection for the fast path
+    assert harness.proxy is not None and harness.proxy.address is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", harness.proxy.address[1])
+    writer.write(b"".join(b"GET /%d HTTP/1.1\r\nHost: chat.agents.local\r\n\r\n" % i for i in range(3)))
+    paths = []
+    for _ in range(3):
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        paths.append(json.loads(await reader.readexactly(length))["path"])
+    writer.close()
+    assert paths == ["/0", "/1", "/2"]
+
+
+async def test_client_gone_mid_request_gives_everything_back(harness: Harness) -> None:
+    slow = harness.backends[0]
+    harness.register(slow.agent())
+    proxy = await harness.start(proxy={"max_concurrency": 1})
+    assert (await harness.get("chat.agents.local"))[0] == 200
+    assert proxy.address is not None
+    _, writer = await asyncio.open_connection("127.0.0.1", proxy.address[1])
+    writer.write(b"GET /hang HTTP/1.1\r\nHost: chat.agents.local\r\n\r\n")
+    await asyncio.wait_for(slow.entered.wait(), WAIT)
+    assert proxy.policy.limits.active("chat") == 1
+    writer.close()
+    for _ in range(200):
+        if proxy.policy.limits.active("chat") == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert proxy.policy.limits.active("chat") == 0
+    assert proxy.policy.loads.in_flight("agent-0") == 0
+    slow.release.set()
+    assert (await harness.get("chat.agents.local"))[0] == 200  # the concurrency slot is free again

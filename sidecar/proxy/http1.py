@@ -1058,7 +1058,7 @@ class Relay:
         self.connections: set[ClientConnection] = set()
         self.exchanges: set[Exchange] = set()
         self._tally: dict[tuple[str, str], int] = {}
-        self._attempt_tally: dict[OutcomeKind, int] = {}
+        self._attempt_tally: dict[str, int] = {}  # by OutcomeKind value (an Enum's __hash__ is Python code)
         self.durations = Durations(metrics.request_seconds)
         self._routes: dict[str, routing.Route] = {}
         self._key_names: KeyNames | None = None
@@ -1102,7 +1102,8 @@ class Relay:
         self._tally[key] = self._tally.get(key, 0) + 1
 
     def _count_attempt(self, kind: OutcomeKind) -> None:
-        self._attempt_tally[kind] = self._attempt_tally.get(kind, 0) + 1
+        outcome = kind._value_
+        self._attempt_tally[outcome] = self._attempt_tally.get(outcome, 0) + 1
 
     def flush_metrics(self) -> None:
         """Add the tallied per-request counts to the Prometheus collectors."""
@@ -1112,8 +1113,8 @@ class Relay:
             metrics.requests.labels(kind, outcome).inc(count)
         self.durations.flush()
         attempts, self._attempt_tally = self._attempt_tally, {}
-        for outcome_kind, count in attempts.items():
-            metrics.attempts.labels(outcome_kind.value).inc(count)
+        for outcome, count in attempts.items():
+            metrics.attempts.labels(outcome).inc(count)
         if self.pool.reuses:
             metrics.pool_reuses.inc(self.pool.reuses)
             self.pool.reuses = 0

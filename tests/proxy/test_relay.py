@@ -424,6 +424,12 @@ async def test_fast_path_retries_a_failure_status_elsewhere(harness: Harness, mo
     assert fast == [True] * 4
     assert bad.hits == 2 + 2  # round robin sent every other request to agent-0 first
     assert proxy.metrics.retries._value.get() == 2
+    proxy.flush_metrics()
+    attempts = proxy.metrics.attempts
+    assert attempts.labels("failure_status")._value.get() == 2
+    assert attempts.labels("success")._value.get() == 4 + 4
+    assert proxy.metrics.requests.labels("capability", "ok")._value.get() == 4 + 4
+    assert proxy.metrics.request_seconds._sum.get() > 0
 
 
 async def test_fast_path_follows_a_new_snapshot(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -501,13 +501,13 @@ class ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks
 
-    def on_message_begin(self) -> None:
-        self.current = Request(self)
-        self.header_bytes = 0
-
+    # No on_message_begin: one callback less per request; the first piece of a URL begins a request.
     def on_url(self, url: bytes) -> None:
-        assert self.current is not None
-        self.current.url += url
+        request = self.current
+        if request is None:
+            request = self.current = Request(self)
+            self.header_bytes = 0
+        request.url += url
         self.header_bytes += len(url)
         if self.header_bytes > self.relay.settings.max_header_bytes:
             raise HeadersTooLarge("", "request line too long")

@@ -59,6 +59,8 @@ class Policy:
         self.budget = RetryBudget(balancing.retries, clock)
         self._balancers: dict[str, balancers.Balancer] = {}
         self._ctx = balancers.PickContext(self.rng, 0.0, self.loads)
+        # route key -> (snapshot, its agents of the route): selections are redone only for a new snapshot.
+        self._selections: dict[str, tuple[Snapshot, tuple[Agent, ...]]] = {}
         # Set by the composition root: health_check.panic, and passive health's filter (outlier ejections).
         self.panic = False
         self.admitted: Callable[[Agent], bool] | None = None
@@ -94,7 +96,7 @@ class Policy:
         healthy one already tried), CircuitOpen (every remaining one has its breaker
         open) or Overloaded (every remaining one is at its limit or asked us to back off).
         """
-        agents = route.agents(snapshot)
+        agents = self.agents(route, snapshot)
         if not agents:
             raise UnknownTarget(route.host, f"no agent is registered for {route.host}")
         now = self.clock()
@@ -137,7 +139,18 @@ class Policy:
     def has_another(self, route: Route, snapshot: Snapshot, tried: Collection[str]) -> bool:
         """Whether an agent not in ``tried`` could take a retry now (servable, breaker allows it)."""
         return any(a.id not in tried and self.breakers.available(a.id)
-                   for a in servable(route.agents(snapshot), self.panic, self.admitted))
+                   for a in servable(self.agents(route, snapshot), self.panic, self.admitted))
+
+    def agents(self, route: Route, snapshot: Snapshot) -> tuple[Agent, ...]:
+        """``route.agents(snapshot)``, remembered per route until the snapshot changes."""
+        cached = self._selections.get(route.key)
+        if cached is not None and cached[0] is snapshot:
+            return cached[1]
+        agents = route.agents(snapshot)
+        if len(self._selections) >= 4096:
+            self._selections.clear()
+        self._selections[route.key] = (snapshot, agents)
+        return agents
 
     def _pick(self, route: Route, usable: list[Agent], keys: Keys, now: float) -> tuple[Agent, str | None]:
         affinity = self.affinity

@@ -282,3 +282,17 @@ def test_breaker_shortcut_for_closed_agents_agrees_with_pybreaker() -> None:
                 assert b.available(each)
         if rng.random() < 0.01:
             b.retain(["a0", "a1"])
+
+
+def test_selection_cache_follows_the_snapshot() -> None:
+    """A route's agents are remembered per snapshot: a new snapshot (add, delete, health) is seen at once."""
+    p = policy(Clock(), algorithm="round_robin")
+    catalog = catalog_of(agent("a"), agent("b"))
+    first = catalog.snapshot
+    assert {p.choose(CHAT, first, Keys()).agent.id for _ in range(4)} == {"a", "b"}
+    assert p.agents(CHAT, first) is p.agents(CHAT, first)
+    catalog.apply([Upsert("/services/chatbot/c", agent("c"), 2), Delete("/services/chatbot/a", 3)])
+    assert {p.choose(CHAT, catalog.snapshot, Keys()).agent.id for _ in range(4)} == {"b", "c"}
+    catalog.apply([Upsert("/services/chatbot/b", agent("b", status="unhealthy"), 4)])
+    assert {p.choose(CHAT, catalog.snapshot, Keys()).agent.id for _ in range(4)} == {"c"}
+    assert {a.id for a in p.agents(CHAT, first)} == {"a", "b"}  # an old snapshot still means itself

@@ -78,6 +78,11 @@ def sidecar(etcd: EmbeddedEtcd, agent: Agent, agent_id: str, log: str) -> subpro
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
+def tail(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return handle.read()[-4000:]
+
+
 async def answered(port: int) -> bool:
     try:
         reply = await dns.asyncquery.udp(dns.message.make_query(NAME, "A"), "127.0.0.1", port=port, timeout=1)
@@ -113,9 +118,8 @@ async def detection_trials(etcd: EmbeddedEtcd, agent: Agent, trials: int, work: 
                 try:
                     await until(lambda: answered(port))
                 except RuntimeError:
-                    with open(log, encoding="utf-8", errors="replace") as handle:
-                        print(f"trial {trial + 1}: not registered; exit code {child.poll()}; its log:\n"
-                              + handle.read()[-4000:], flush=True)
+                    print(f"trial {trial + 1}: not registered; exit code {child.poll()}; its log:\n{tail(log)}",
+                          flush=True)
                     raise
                 await asyncio.sleep(random.uniform(0.0, 2.0))
                 agent.status = 500

@@ -2,7 +2,10 @@
 in front of the same 3 nginx backends, and directly against one backend, in alternating
 rounds. Also sidecar variants: sticky (X-Session-Id) and p2c_ewma vs round robin.
 
-    python bench/proxy/run.py [--rounds 3] [--duration 5] [--connections 50]
+    python bench/proxy/run.py [--rounds 3] [--duration 5] [--connections 50] [--baseline DIR]
+
+--baseline DIR adds "sidecar round_robin @ baseline": the serve.py of another checkout (e.g.
+``git worktree add /tmp/before <commit>``), measured in the same alternating rounds.
 
 Every listener is on 127.0.0.1; every process this starts is stopped by its PID.
 """
@@ -105,6 +108,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--baseline", type=Path, help="another checkout whose round_robin sidecar runs alongside")
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "haproxy"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -173,9 +177,13 @@ backend agents
                     ("sidecar round_robin + sticky (X-Session-Id)", ["--algorithm", "round_robin", "--sticky"],
                      ("X-Session-Id: bench",)),
                     ("sidecar p2c_ewma", ["--algorithm", "p2c_ewma"], ())]
-        for name, extra, headers in variants:
+        runs = [(name, extra, headers, ROOT) for name, extra, headers in variants]
+        if args.baseline is not None:
+            runs.append(("sidecar round_robin @ baseline", ["--algorithm", "round_robin"], (), args.baseline.resolve()))
+        for name, extra, headers, root in runs:
             port = free_port()
-            proc = start([sys.executable, str(HERE / "serve.py"), "--port", str(port), *agents, *extra], env=env)
+            proc = start([sys.executable, str(root / "bench" / "proxy" / "serve.py"), "--port", str(port), *agents,
+                          *extra], env=dict(env, PYTHONPATH=str(root)))
             targets.append(Target(name, port, headers=headers, pid=proc.pid, rss=True))
         for target in targets:
             try:

@@ -1,0 +1,108 @@
+"""The proxy's own Python cost per request, without sockets: the real Relay, ClientConnection and
+Upstream protocols fed a request and a response through fake transports, on the fast path
+(pooled upstream connections). Much steadier than wrk on a shared machine; the kernel's share
+(four syscalls and the wake-ups they cause) is not in this number.
+
+    python bench/proxy/inproc.py [--algorithm round_robin] [--sticky] [--requests 100000] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+
+from sidecar.catalog import Catalog, Reset
+from sidecar.config import Settings, build
+from sidecar.metrics import Metrics
+from sidecar.model import Agent
+from sidecar.proxy.http1 import Relay, Upstream
+from sidecar.proxy.server import ProxyServer
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: chat.agents.local\r\n\r\n"
+# What the benchmark's nginx backends answer.
+RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 28 Nov 2026 08:29:46 GMT\r\n"
+            b"Content-Type: text/plain\r\nContent-Length: 13\r\nConnection: keep-alive\r\n\r\nhello from 0\n")
+
+
+class Transport:
+    """Counts writes; everything else is a no-op."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+
+    def writelines(self, data: object) -> None:
+        self.writes += 1
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 40000)
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+async def main(args: argparse.Namespace) -> None:
+    agents = {f"/services/bench/a{i}": Agent(id=f"a{i}", name="bench", address="127.0.0.1", port=18000 + i,
+                                            capabilities=("chat",)) for i in range(3)}
+    catalog = Catalog()
+    catalog.apply([Reset(1, agents)])
+    settings = build(Settings, {"load_balancer": {"algorithm": args.algorithm}, "sticky": {"enabled": args.sticky}})
+    proxy = ProxyServer(settings, catalog, Metrics().proxy)
+    relay = Relay(settings.proxy, settings.dns.domain, catalog, proxy.policy, proxy.metrics)
+    for agent in agents.values():
+        conn = Upstream(relay, (agent.address, agent.port))
+        conn.connection_made(Transport())  # type: ignore[arg-type]
+        relay.pool.release(conn)
+    client = relay.protocol()
+    transport = Transport()
+    client.connection_made(transport)  # type: ignore[arg-type]
+    request = REQUEST if not args.sticky else REQUEST[:-2] + b"X-Session-Id: bench\r\n\r\n"
+
+    def one() -> None:
+        client.data_received(request)
+        upstream = client.upstream
+        assert upstream is not None, "not on the fast path"
+        upstream.data_received(RESPONSE)
+
+    for _ in range(2000):
+        one()
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(args.requests):
+            one()
+        best = min(best, (time.perf_counter() - started) / args.requests)
+    assert transport.writes >= 2000 + 5 * args.requests
+    print(f"{args.algorithm}{' + sticky' if args.sticky else ''}: {best * 1e6:.1f} us of Python per request "
+          f"(best of 5 x {args.requests})")
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.runcall(lambda: [one() for _ in range(args.requests)])
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    relay.close()
+    client.connection_lost(None)
+    if client.task is not None:
+        await asyncio.sleep(0)  # let the connection's task see the close and end
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--algorithm", default="round_robin")
+    parser.add_argument("--sticky", action="store_true")
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--profile", action="store_true")
+    asyncio.run(main(parser.parse_args()))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from .admin import AdminApi
@@ -105,16 +106,16 @@ class Server:
         self._listening = True
 
     async def stop(self) -> None:
+        """Stop everything in reverse order; each step is bounded, so SIGTERM always ends the process."""
         self._listening = False
+        # Room for the local agent's drain plus a revoke on a slow etcd.
+        bound = self.settings.health_check.drain_period + 2 * self.settings.etcd.request_timeout + 5
         for component in reversed(self._started):
-            try:
-                await component.stop()
-            except Exception:
-                log.exception("stopping %r failed", component)
+            await _bounded(component.stop(), f"stopping {type(component).__name__}", bound)
         self._started.clear()
-        await self.leases.close()
-        await self.sync.stop()
-        await self.etcd.close()
+        await _bounded(self.leases.close(), "revoking leases", bound)
+        await _bounded(self.sync.stop(), "stopping the etcd watch", bound)
+        await _bounded(self.etcd.close(), "closing the etcd client", bound)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start, serve until ``stop`` is set, then shut down gracefully."""
@@ -123,3 +124,12 @@ class Server:
             await stop.wait()
         finally:
             await self.stop()
+
+
+async def _bounded(step: Awaitable[None], what: str, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(step, timeout)
+    except TimeoutError:
+        log.error("%s took longer than %gs; going on without it", what, timeout)
+    except Exception:
+        log.exception("%s failed", what)

@@ -11,7 +11,7 @@ import pytest
 from sidecar.server import Server
 
 from .etcd_process import EtcdProcess
-from .registry.test_etcd_registry import eventually
+from .waiting import eventually
 
 pytestmark = [pytest.mark.etcd, pytest.mark.asyncio]
 
@@ -30,7 +30,7 @@ async def test_health_ready_and_metrics(make_server) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.get(base(server) + "/healthz") as response:
             assert response.status == 200
-        await eventually(lambda: server.readiness()["ready"])
+        await eventually(lambda: server.readiness()["ready"] and server.sync.connected)
         async with http.get(base(server) + "/readyz") as response:
             body = await response.json()
             assert response.status == 200 and body["synced"] and body["etcd_connected"]

@@ -8,8 +8,8 @@ from aiohttp import web
 
 from sidecar.server import Server
 
-from .registry.test_etcd_registry import eventually
 from .test_admin import base
+from .waiting import eventually
 
 pytestmark = [pytest.mark.etcd, pytest.mark.asyncio]
 

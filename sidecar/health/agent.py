@@ -167,7 +167,9 @@ class LocalAgent:
                 else:
                     self.error = str(exc)
                     log.error("%s; registering the local agent from the flags", exc)
-        fields["id"] = fields["id"] or new_agent_id(fields["name"])
+        # A StatefulSet pod keeps its name across restarts: its new record then replaces the old
+        # one at once instead of standing beside it until the old lease expires.
+        fields["id"] = fields["id"] or self.environ.get("POD_NAME", "").strip() or new_agent_id(fields["name"])
         try:
             agent = parse_agent(fields, strict=True)
         except ValidationError as exc:

@@ -182,12 +182,14 @@ def request_head(method: bytes, path: bytes, headers: list[tuple[bytes, bytes]],
                         _INVALID_TRACE[1] and value[:2] != b"ff":
                     traceparent = value
                 continue
+            # A client's own X-Forwarded-Proto/-Host (it came through another proxy) is kept, once.
             if lower == b"x-forwarded-proto":
                 proto = value
-            elif lower == b"x-forwarded-host":
+                continue
+            if lower == b"x-forwarded-host":
                 forwarded_host = value
-            else:
-                cookies.append(value)
+                continue
+            cookies.append(value)
         if lower == session_name:
             keys.session = value.decode("latin-1")
         if lower == hash_header:

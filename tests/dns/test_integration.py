@@ -14,7 +14,7 @@ import pytest
 from sidecar.model import Agent
 from sidecar.server import Server
 
-from ..registry.test_etcd_registry import eventually
+from ..waiting import eventually
 from .conftest import FakeUpstream, make_agent
 
 pytestmark = [pytest.mark.etcd, pytest.mark.asyncio]

@@ -4,7 +4,6 @@ with an optional A2A card, and helpers to run ``sidecar run`` as a process.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -71,21 +70,6 @@ async def answers(server: Server, name: str) -> list[str]:
     query = dns.message.make_query(name, "A")
     response = await dns.asyncquery.udp(query, "127.0.0.1", port=server.dns.port, timeout=5)
     return sorted(rr.to_text() for rrset in response.answer for rr in rrset)
-
-
-async def wait_for(predicate: Any, timeout: float, what: str, step: float = 0.05) -> float:
-    """Await ``predicate()`` (sync or async) until true; returns the seconds it took. Fails after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return loop.time() - started
-        if loop.time() - started > timeout:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(step)
 
 
 class SidecarProcess:

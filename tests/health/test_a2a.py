@@ -17,7 +17,8 @@ from sidecar.health import a2a
 from sidecar.model import HEALTHY, parse_agent
 
 from ..etcd_process import EtcdProcess
-from .conftest import HttpAgent, answers, wait_for
+from ..waiting import eventually
+from .conftest import HttpAgent, answers
 
 V1 = {
     "name": "Travel Planner",
@@ -138,7 +139,7 @@ async def test_sidecar_reads_the_served_card(make_server: Callable[..., Any], ht
     await make_server(agent=_agent(http_agent.port, name="trip"), health_check=FAST)
     observer = await make_server()
     capability = card["skills"][0]["id"].replace("_", "-")
-    await wait_for(lambda: answers(observer, f"{capability}.agents.local"), 10, "the card's capability in DNS")
+    await eventually(lambda: answers(observer, f"{capability}.agents.local"), 10, "the card's capability in DNS")
     agent = observer.catalog.snapshot.select(agent_id="card-1")[0]
     assert agent.name == "trip" and agent.port == http_agent.port and agent.health.status == HEALTHY
     assert agent.metadata["a2a.name"] == card["name"] and agent.version == card["version"]
@@ -149,7 +150,7 @@ async def test_sidecar_reads_the_served_card(make_server: Callable[..., Any], ht
 async def test_no_card_registers_from_flags(make_server: Callable[..., Any], http_agent: HttpAgent) -> None:
     local = await make_server(agent=_agent(http_agent.port, name="plain"), health_check=FAST)
     observer = await make_server()
-    await wait_for(lambda: observer.catalog.snapshot.select(agent_id="card-1"), 10, "registration")
+    await eventually(lambda: observer.catalog.snapshot.select(agent_id="card-1"), 10, "registration")
     assert observer.catalog.snapshot.select(agent_id="card-1")[0].capabilities == ()
     assert "error" not in local.readiness()["local_agent"]
 
@@ -162,7 +163,7 @@ async def test_malformed_card_file_is_an_error_and_the_sidecar_keeps_running(
     path.write_text(json.dumps({"name": "x", "skills": []}))
     local = await make_server(agent=_agent(http_agent.port, card=str(path)), health_check=FAST)
     observer = await make_server()
-    await wait_for(lambda: "error" in local.readiness()["local_agent"] and local.readiness()["ready"], 10,
+    await eventually(lambda: "error" in local.readiness()["local_agent"] and local.readiness()["ready"], 10,
                    "the card error, the sidecar ready")
     detail = local.readiness()
     assert detail["ready"] and "neither supportedInterfaces" in detail["local_agent"]["error"]
@@ -170,7 +171,7 @@ async def test_malformed_card_file_is_an_error_and_the_sidecar_keeps_running(
     assert local.metrics.health.card_errors.labels("invalid")._value.get() >= 1
     # Fixed on disk: read on the next attempt, registered under the card's name.
     path.write_text(json.dumps(V03))
-    await wait_for(lambda: answers(observer, "forecast.agents.local"), 10, "registration from the fixed card")
+    await eventually(lambda: answers(observer, "forecast.agents.local"), 10, "registration from the fixed card")
     assert observer.catalog.snapshot.select(agent_id="card-1")[0].name == "weather"
     assert "error" not in local.readiness()["local_agent"]
 

@@ -18,7 +18,8 @@ from sidecar.model import HEALTHY, UNHEALTHY
 from sidecar.server import Server
 
 from ..etcd_process import EtcdProcess
-from .conftest import HttpAgent, SidecarProcess, answers, wait_for
+from ..waiting import eventually
+from .conftest import HttpAgent, SidecarProcess, answers
 from .test_checks import start_target
 
 pytestmark = [pytest.mark.etcd, pytest.mark.asyncio]
@@ -49,12 +50,12 @@ async def test_registers_after_first_pass_then_follows_failure_and_recovery(
     http_agent.status = 500
     local = await make_server(agent=agent_section(http_agent.port), health_check=checking())
     observer = await make_server()
-    await wait_for(lambda: http_agent.checks >= THRESHOLD + 1, 10 + SLACK, "the failing agent to be checked")
+    await eventually(lambda: http_agent.checks >= THRESHOLD + 1, 10 + SLACK, "the failing agent to be checked")
     assert status_in(observer, "echo-1") is None, "registered before its first passing check"
     assert local.readiness()["local_agent"] == {"registered": False, "status": UNHEALTHY}
 
     http_agent.status = 200
-    await wait_for(lambda: answers(observer, "echo.agents.local"), 2 * INTERVAL + SLACK, "registration")
+    await eventually(lambda: answers(observer, "echo.agents.local"), 2 * INTERVAL + SLACK, "registration")
     assert await answers(observer, "echo.agents.local") == ["127.0.0.1"]
     agent = observer.catalog.snapshot.select(agent_id="echo-1")[0]
     assert agent.health.type == "http" and agent.health.url == f"http://127.0.0.1:{http_agent.port}/health"
@@ -62,14 +63,14 @@ async def test_registers_after_first_pass_then_follows_failure_and_recovery(
 
     # Nothing changed: several checks, no write.
     revision, checks = observer.catalog.snapshot.revision, http_agent.checks
-    await wait_for(lambda: http_agent.checks >= checks + 4, 4 * INTERVAL + SLACK, "more checks")
+    await eventually(lambda: http_agent.checks >= checks + 4, 4 * INTERVAL + SLACK, "more checks")
     assert observer.catalog.snapshot.revision == revision
 
     http_agent.status = 500
-    await wait_for(lambda: _empty(observer), THRESHOLD * INTERVAL + 1 + SLACK, "the failing agent to leave DNS")
+    await eventually(lambda: _empty(observer), THRESHOLD * INTERVAL + 1 + SLACK, "the failing agent to leave DNS")
     assert status_in(observer, "echo-1") == UNHEALTHY
     http_agent.status = 200
-    await wait_for(lambda: answers(observer, "echo.agents.local"), 2 * INTERVAL + 1 + SLACK, "recovery")
+    await eventually(lambda: answers(observer, "echo.agents.local"), 2 * INTERVAL + 1 + SLACK, "recovery")
     assert status_in(observer, "echo-1") == HEALTHY
 
 
@@ -79,13 +80,13 @@ async def test_tcp_and_grpc_agents(make_server: Callable[..., Any], kind: str) -
     try:
         await make_server(agent=agent_section(live.port, health={"type": kind}), health_check=checking())
         observer = await make_server()
-        await wait_for(lambda: status_in(observer, "echo-1") == HEALTHY, 10 + SLACK, "registration")
+        await eventually(lambda: status_in(observer, "echo-1") == HEALTHY, 10 + SLACK, "registration")
         assert observer.catalog.snapshot.select(agent_id="echo-1")[0].health.type == kind
         await live.set_healthy(False)
-        await wait_for(lambda: status_in(observer, "echo-1") == UNHEALTHY, THRESHOLD * INTERVAL + 1 + SLACK,
+        await eventually(lambda: status_in(observer, "echo-1") == UNHEALTHY, THRESHOLD * INTERVAL + 1 + SLACK,
                        "the unhealthy status")
         await live.set_healthy(True)
-        await wait_for(lambda: status_in(observer, "echo-1") == HEALTHY, 2 * INTERVAL + 1 + SLACK, "recovery")
+        await eventually(lambda: status_in(observer, "echo-1") == HEALTHY, 2 * INTERVAL + 1 + SLACK, "recovery")
     finally:
         await live.check.close()
         await live.stop()
@@ -99,15 +100,15 @@ async def test_lost_lease_registers_again_with_current_health(
         make_server: Callable[..., Any], http_agent: HttpAgent, etcd: EtcdProcess) -> None:
     local = await make_server(agent=agent_section(http_agent.port, ttl="3s"), health_check=checking())
     observer = await make_server()
-    await wait_for(lambda: status_in(observer, "echo-1") == HEALTHY, 10 + SLACK, "registration")
+    await eventually(lambda: status_in(observer, "echo-1") == HEALTHY, 10 + SLACK, "registration")
     http_agent.status = 500
-    await wait_for(lambda: status_in(observer, "echo-1") == UNHEALTHY, THRESHOLD * INTERVAL + 1 + SLACK,
+    await eventually(lambda: status_in(observer, "echo-1") == UNHEALTHY, THRESHOLD * INTERVAL + 1 + SLACK,
                    "the unhealthy status")
     registration = local.local_agent.registration
     old_lease = registration.lease_id
     revision = observer.catalog.snapshot.revision
     etcd.ctl("lease", "revoke", f"{old_lease:x}")
-    await wait_for(lambda: registration.lease_id != old_lease and status_in(observer, "echo-1") is not None
+    await eventually(lambda: registration.lease_id != old_lease and status_in(observer, "echo-1") is not None
                    and observer.catalog.snapshot.revision > revision + 1, 3 + SLACK, "re-registration")
     assert status_in(observer, "echo-1") == UNHEALTHY, "re-registered with a stale status"
 
@@ -118,17 +119,17 @@ async def test_etcd_outage_longer_than_ttl_then_registered_again(
     await make_server(private_etcd.endpoint, agent=agent_section(http_agent.port, ttl=f"{ttl}s"),
                       health_check=checking())
     observer = await make_server(private_etcd.endpoint)
-    await wait_for(lambda: status_in(observer, "echo-1") == HEALTHY, 10 + SLACK, "registration")
+    await eventually(lambda: status_in(observer, "echo-1") == HEALTHY, 10 + SLACK, "registration")
     private_etcd.stop()
     await asyncio.sleep(ttl + 2)
     # The agent fails while etcd is away: the re-registration must carry that, not the old status.
     http_agent.status = 500
     await asyncio.sleep(THRESHOLD * INTERVAL + 1)
     private_etcd.start()
-    await wait_for(lambda: status_in(observer, "echo-1") == UNHEALTHY, 20 + SLACK,
+    await eventually(lambda: status_in(observer, "echo-1") == UNHEALTHY, 20 + SLACK,
                    "the agent registered again with its current status")
     http_agent.status = 200
-    await wait_for(lambda: status_in(observer, "echo-1") == HEALTHY, 2 * INTERVAL + 1 + SLACK, "recovery")
+    await eventually(lambda: status_in(observer, "echo-1") == HEALTHY, 2 * INTERVAL + 1 + SLACK, "recovery")
     assert "echo-1" in private_etcd.ctl("get", "--prefix", "--keys-only", "/")
 
 
@@ -149,7 +150,7 @@ def _run_args(etcd: EtcdProcess, prefix: str, config: str, port: int, agent_id: 
 
 async def registered(child: SidecarProcess, observer: Server, agent_id: str) -> None:
     try:
-        await wait_for(lambda: status_in(observer, agent_id) == HEALTHY, 20 + SLACK, "registration")
+        await eventually(lambda: status_in(observer, agent_id) == HEALTHY, 20 + SLACK, "registration")
     except AssertionError as exc:
         raise AssertionError(f"{exc}; exit code {child.returncode()}; log:\n{child.log()}") from None
 
@@ -163,7 +164,7 @@ async def test_sigkill_expires_within_ttl(make_server: Callable[..., Any], http_
     try:
         await registered(child, observer, "killed-1")
         child.signal(signal.SIGKILL)
-        await wait_for(lambda: status_in(observer, "killed-1") is None, ttl + 1 + SLACK, "the lease to expire")
+        await eventually(lambda: status_in(observer, "killed-1") is None, ttl + 1 + SLACK, "the lease to expire")
     finally:
         child.cleanup()
 
@@ -180,12 +181,20 @@ async def test_sigterm_drains_deregisters_and_exits_zero(make_server: Callable[.
         await registered(child, observer, "term-1")
         assert await answers(observer, "echo.agents.local") == ["127.0.0.1"]
         child.signal(signal.SIGTERM)
-        await wait_for(lambda: _empty(observer), 1 + SLACK, "the draining agent to leave DNS")
-        await wait_for(lambda: status_in(observer, "term-1") is None, 1.0 + 1 + SLACK, "the lease revoke")
-        await wait_for(lambda: child.returncode() is not None, 10 + SLACK, "the sidecar to exit")
+        await eventually(lambda: _empty(observer), 1 + SLACK, "the draining agent to leave DNS")
+        await eventually(lambda: status_in(observer, "term-1") is None, 1.0 + 1 + SLACK, "the lease revoke")
+        await eventually(lambda: child.returncode() is not None, 10 + SLACK, "the sidecar to exit")
         assert child.returncode() == 0, child.log()
         # Published unhealthy (draining) before it was deleted.
         assert seen[-2:] == [UNHEALTHY, None], seen
         assert "draining" in child.log() and "deregistered" in child.log()
     finally:
         child.cleanup()
+
+
+async def test_pod_name_is_the_default_id(make_server: Callable[..., Any], http_agent: HttpAgent,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POD_NAME", "echo-7")
+    await make_server(agent=agent_section(http_agent.port, agent_id=""), health_check=checking())
+    observer = await make_server()
+    await eventually(lambda: status_in(observer, "echo-7") == HEALTHY, 10 + SLACK, "registration under POD_NAME")

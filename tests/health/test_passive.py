@@ -14,7 +14,8 @@ from sidecar.model import parse_agent
 from sidecar.server import Server
 
 from ..etcd_process import free_port
-from .conftest import HttpAgent, answers, wait_for
+from ..waiting import eventually
+from .conftest import HttpAgent, answers
 
 pytestmark = [pytest.mark.etcd, pytest.mark.asyncio]
 
@@ -40,14 +41,14 @@ async def test_panic_serves_unhealthy_agents_rather_than_none(make_server: Calla
     panicky = await make_server(health_check={"panic": True})
     await put(strict, "sick-1", http_agent.port, "unhealthy")
     for server in (strict, panicky):
-        await wait_for(lambda s=server: s.catalog.snapshot.select(agent_id="sick-1"), 10, "sync")
+        await eventually(lambda s=server: s.catalog.snapshot.select(agent_id="sick-1"), 10, "sync")
     assert await answers(strict, "echo.agents.local") == []
     assert await answers(panicky, "echo.agents.local") == ["127.0.0.1"]
     assert await get(strict, "echo.agents.local") == (503, "no_healthy_agent")
     assert await get(panicky, "echo.agents.local") == (200, "sick-1")
     # One healthy agent is enough: panic then changes nothing.
     await put(strict, "well-1", http_agent.port)
-    await wait_for(lambda: len(panicky.catalog.snapshot.agents) == 2, 10, "sync")
+    await eventually(lambda: len(panicky.catalog.snapshot.agents) == 2, 10, "sync")
     assert {(await get(panicky, "echo.agents.local"))[1] for _ in range(6)} == {"well-1"}
 
 
@@ -58,7 +59,7 @@ async def test_proxy_outcomes_eject_a_dead_agent(make_server: Callable[..., Any]
         sticky={"enabled": False})
     await put(server, "live-1", http_agent.port)
     await put(server, "dead-1", free_port())  # nothing listens there: connect errors
-    await wait_for(lambda: len(server.catalog.snapshot.agents) == 2, 10, "sync")
+    await eventually(lambda: len(server.catalog.snapshot.agents) == 2, 10, "sync")
     for _ in range(8):
         status, _agent = await get(server, "echo.agents.local")
         assert status == 200  # the retry goes to the live agent
@@ -72,7 +73,7 @@ async def test_proxy_outcomes_eject_a_dead_agent(make_server: Callable[..., Any]
     assert server.metrics.proxy.retries._value.get() == before, "an ejected agent got traffic"
     # Its own sidecar publishing a recovery ends the ejection.
     await put(server, "dead-1", 1, "unhealthy")
-    await wait_for(lambda: server.catalog.snapshot.select(agent_id="dead-1")[0].health.status == "unhealthy", 10,
+    await eventually(lambda: server.catalog.snapshot.select(agent_id="dead-1")[0].health.status == "unhealthy", 10,
                    "sync")
     await put(server, "dead-1", 1, "healthy")
-    await wait_for(lambda: not server.outliers.ejected("dead-1"), 10, "the recovery to end the ejection")
+    await eventually(lambda: not server.outliers.ejected("dead-1"), 10, "the recovery to end the ejection")

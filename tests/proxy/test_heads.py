@@ -47,8 +47,6 @@ REQUESTS = [
                   (b'Accept', b'*/*')],
                  b'chat.agents.local', False,
                  (b'POST / HTTP/1.1\r\n'
-                  b'X-Forwarded-Proto: https\r\n'
-                  b'X-Forwarded-Host: front.example\r\n'
                   b'Cookie: a=1; sidecar_affinity=agent-2\r\n'
                   b'Cookie: h=k\r\n'
                   b'X-Session-Id: s1\r\n'

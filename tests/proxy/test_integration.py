@@ -12,7 +12,7 @@ import pytest_asyncio
 from sidecar.model import Agent
 from sidecar.server import Server
 
-from ..registry.test_etcd_registry import eventually
+from ..waiting import eventually
 from .test_relay import Backend
 
 pytestmark = [pytest.mark.etcd, pytest.mark.asyncio]

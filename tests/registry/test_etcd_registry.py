@@ -18,6 +18,7 @@ from sidecar.registry.sync import CatalogSync
 
 from ..etcd_process import EtcdProcess
 from ..test_model import GO_JSON
+from ..waiting import eventually
 
 pytestmark = [pytest.mark.etcd, pytest.mark.asyncio]
 
@@ -25,16 +26,6 @@ pytestmark = [pytest.mark.etcd, pytest.mark.asyncio]
 def agent(agent_id: str = "a1", caps: tuple[str, ...] = ("chat",), ttl: str = "3s", **extra: object):
     return parse_agent({"id": agent_id, "name": "svc", "address": "127.0.0.1", "port": 8080,
                         "capabilities": list(caps), "ttl": ttl, **extra})
-
-
-async def eventually(predicate, timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll until ``predicate()`` holds; the bound is generous, never a timing assertion."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 class Sidecar:

@@ -106,7 +106,8 @@ class CircuitOpen(ProxyError):
 class Overloaded(ProxyError):
     """A concurrency limit or the rate limit refused the request."""
 
-    def __init__(self, target: str = "", detail: str = "", retry_after: float = 0.0, rate_limited: bool = False) -> None:
+    def __init__(self, target: str = "", detail: str = "", retry_after: float = 0.0,
+                 rate_limited: bool = False) -> None:
         super().__init__(target, detail)
         self.retry_after = retry_after
         self.rate_limited = rate_limited

@@ -280,6 +280,16 @@ async def _agents(args: argparse.Namespace) -> int:
     return 0
 
 
+# How an expected failure is told (one line on stderr, no traceback) and the exit status.
+_FAILURES: tuple[tuple[type[BaseException], str, int], ...] = (
+    (ConfigError, "invalid configuration: ", 2),
+    (ValidationError, "invalid agent: ", 2),
+    (RegistryUnavailable, "etcd unavailable: ", 1),
+    (SidecarError, "", 1),
+    (OSError, "", 1),
+)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     environ = dict(os.environ)
@@ -301,21 +311,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = asyncio.run(_agents(args))
         else:  # pragma: no cover - argparse rejects unknown commands
             code = 2
-    except ConfigError as exc:
-        print(f"sidecar: invalid configuration: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except ValidationError as exc:
-        print(f"sidecar: invalid agent: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except RegistryUnavailable as exc:
-        print(f"sidecar: etcd unavailable: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except OSError as exc:
-        print(f"sidecar: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except SidecarError as exc:
-        print(f"sidecar: {exc}", file=sys.stderr)
-        sys.exit(1)
+    except (SidecarError, OSError) as exc:
+        for kind, what, status in _FAILURES:
+            if isinstance(exc, kind):
+                print(f"sidecar: {what}{exc}", file=sys.stderr)
+                sys.exit(status)
+        raise
     except KeyboardInterrupt:
         code = 130
     with contextlib.suppress(Exception):

@@ -98,7 +98,7 @@ class LocalAgent:
         self._explicit = tuple(k for k, v in (("name", s.name), ("version", s.version), ("port", s.port),
                                               ("protocol", s.protocol != "http"), ("capabilities", s.capabilities))
                                if v)
-        self._tasks.append(asyncio.get_running_loop().create_task(self._lifecycle(), name="local-agent"))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._supervise(), name="local-agent"))
 
     async def stop(self) -> None:
         """Drain: publish unhealthy, wait ``drain_period`` so peers move away, revoke the lease."""
@@ -129,6 +129,27 @@ class LocalAgent:
         if self._check is not None:
             await self._check.close()
             self._check = None
+
+    async def _supervise(self) -> None:
+        """Run the lifecycle; an unexpected failure is logged and the lifecycle starts over."""
+        while True:
+            try:
+                await self._lifecycle()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.error = f"local agent lifecycle failed: {type(exc).__name__}: {exc}"
+                log.exception("local agent lifecycle failed; starting it over")
+            for task in self._tasks[1:]:
+                task.cancel()
+            del self._tasks[1:]
+            self.checker = None
+            self._passed.clear()
+            if self._check is not None:
+                await self._check.close()
+                self._check = None
+            await asyncio.sleep(self.checking.interval)
 
     async def _lifecycle(self) -> None:
         s = self.settings

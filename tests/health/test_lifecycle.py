@@ -198,3 +198,25 @@ async def test_pod_name_is_the_default_id(make_server: Callable[..., Any], http_
     await make_server(agent=agent_section(http_agent.port, agent_id=""), health_check=checking())
     observer = await make_server()
     await eventually(lambda: status_in(observer, "echo-7") == HEALTHY, 10 + SLACK, "registration under POD_NAME")
+
+
+async def test_an_unexpected_failure_restarts_the_lifecycle(make_server: Callable[..., Any], http_agent: HttpAgent,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from sidecar.errors import CardError
+    from sidecar.health import agent as local_agent
+
+    calls = []
+
+    async def flaky_discovery(port: int, timeout: float, host: str = "127.0.0.1") -> Any:
+        calls.append(port)
+        if len(calls) == 1:
+            raise RuntimeError("a bug that escaped")
+        raise CardError(f"http://127.0.0.1:{port}", "not found (HTTP 404)", kind="missing")
+
+    monkeypatch.setattr(local_agent.a2a, "discover_card", flaky_discovery)
+    section = agent_section(http_agent.port)
+    del section["capabilities"]  # no capabilities: the card is looked for after the first pass
+    await make_server(agent=section, health_check=checking())
+    observer = await make_server()
+    await eventually(lambda: status_in(observer, "echo-1") == HEALTHY, 10 + SLACK, "registration after the restart")
+    assert len(calls) == 2

@@ -119,9 +119,12 @@ def demo_app(agent: DemoAgent) -> web.Application:
     async def stream(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for n in range(5):
-            await response.write(f"data: {json.dumps({'agent': agent.id, 'token': n})}\n\n".encode())
-            await asyncio.sleep(0.2)
+        try:
+            for n in range(5):
+                await response.write(f"data: {json.dumps({'agent': agent.id, 'token': n})}\n\n".encode())
+                await asyncio.sleep(0.2)
+        except ConnectionResetError:
+            pass  # the client went away mid-stream: nothing to report
         return response
 
     app = web.Application()

@@ -78,6 +78,8 @@ class DnsMetrics:
         self.cache_hits = 0
         self.cache_misses = 0
         self.cache_invalidations = 0
+        self.forward_cache_hits = 0  # forwarded questions answered from the forward cache
+        self.forward_cache_misses = 0  # forwarded questions the forward cache did not have
         self.truncated = 0
         self.tcp_connections = 0
         self._latency_counts = [0] * (len(self.LATENCY_BUCKETS) + 1)
@@ -131,6 +133,10 @@ class DnsMetrics:
                                 value=self.cache_misses),
             CounterMetricFamily("sidecar_dns_cache_invalidations", "Wire caches dropped for a new snapshot.",
                                 value=self.cache_invalidations),
+            CounterMetricFamily("sidecar_dns_forward_cache_hits", "Forwarded questions answered from the cache.",
+                                value=self.forward_cache_hits),
+            CounterMetricFamily("sidecar_dns_forward_cache_misses", "Forwarded questions sent upstream (cache on).",
+                                value=self.forward_cache_misses),
             CounterMetricFamily("sidecar_dns_truncated", "Replies sent with TC set.", value=self.truncated),
             tcp,
             HistogramMetricFamily(

@@ -13,6 +13,10 @@ A snapshot change drops the whole cache (every negative answer carries the
 SOA serial, which is the revision), and entries are built again on demand.
 Replies that would not fit the client's UDP size are made by the slow path:
 first without the additional section, then with TC set and no records.
+
+Upstream responses to forwarded questions are kept in a ``ForwardCache``
+(when one is given) under the same key plus the query's RD and CD bits; both
+paths serve them with the query's ID and the question in its case.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dnslib import CLASS, EDNS0, OPCODE, QTYPE, RCODE, RR, DNSHeader, DNSLabel, 
 
 from ..catalog import Snapshot
 from ..metrics import DnsMetrics
+from .forward_cache import ForwardCache
 from .resolver import Answer, Zone, in_zone, resolve
 
 UDP_PLAIN_LIMIT = 512
@@ -38,6 +43,8 @@ CACHE_ENTRIES = 100_000
 _OPT = QTYPE.OPT
 _NO_EDNS, _EDNS, _EDNS_DO = 0, 1, 2
 _EDNS_MARK = (b"\x00", b"\x01", b"\x02")
+# Indexed by RD | CD << 1 of the query: the last byte of a forwarded question's cache key.
+_FLAGS_MARK = (b"\x00", b"\x01", b"\x02", b"\x03")
 # QDCOUNT=1, ANCOUNT=0, NSCOUNT=0 and the high byte of ARCOUNT, as a plain query has them.
 _PLAIN_COUNTS = b"\x00\x01\x00\x00\x00\x00\x00"
 _ZONE_CLASSES = (CLASS.IN, 255)  # IN and ANY
@@ -96,7 +103,8 @@ class Answers:
     """Replies for raw query messages: bytes to send, a Forward to do, or None to drop."""
 
     def __init__(self, zone: Zone, snapshot: Snapshot, metrics: DnsMetrics, *, forwarding: bool = True,
-                 max_udp_payload: int = 4096, cache_entries: int = CACHE_ENTRIES) -> None:
+                 max_udp_payload: int = 4096, cache_entries: int = CACHE_ENTRIES,
+                 forward_cache: ForwardCache | None = None) -> None:
         self.zone = zone
         self.forwarding = forwarding
         self.max_udp_payload = max_udp_payload
@@ -105,6 +113,7 @@ class Answers:
         self._queries = metrics.queries
         self._cache: dict[bytes, _Entry] = {}
         self._cache_entries = cache_entries
+        self._forward_cache = forward_cache
 
     @property
     def snapshot(self) -> Snapshot:
@@ -154,9 +163,12 @@ class Answers:
             return None
         if end - 12 > MAX_NAME:
             return None
-        entry = self._cache.get(data[12:end].lower() + data[end:question_end] + _EDNS_MARK[edns])
+        key = data[12:end].lower() + data[end:question_end] + _EDNS_MARK[edns]
+        entry = self._cache.get(key)
         if entry is None:
-            return None
+            if self._forward_cache is None:
+                return None
+            return self._cached_forward(data, key + _FLAGS_MARK[(data[2] & 1) | (data[3] >> 3 & 2)], end, limit, tcp)
         # The ID's low byte picks one of the weighted orders: per query, and the same for the same message.
         variant = entry.variants[data[1] & entry.mask]
         if variant is None or (variant.size > limit and not tcp):
@@ -165,6 +177,16 @@ class Answers:
         self._metrics.cache_hits += 1
         return b"".join((data[:2], variant.flags[(data[2] & 1) | (data[3] >> 3 & 2)], variant.counts,
                          data[12:end], variant.tail))
+
+    def _cached_forward(self, data: bytes, key: bytes, end: int, limit: int, tcp: bool) -> bytes | None:
+        assert self._forward_cache is not None
+        response = self._forward_cache.get(key)
+        if response is None or (len(response) > limit and not tcp):
+            return None
+        self._queries[_stat(int.from_bytes(data[end:end + 2]), response[3] & 0x0F)] += 1
+        self._metrics.forward_cache_hits += 1
+        # The key holds the query's RD and CD, so the cached flags are already this query's.
+        return b"".join((data[:2], response[2:12], data[12:end], response[end:]))
 
     # The slow path --------------------------------------------------------------------------------
 
@@ -208,6 +230,12 @@ class Answers:
         if not in_zone(self.zone, key_labels):
             if not self.forwarding:
                 return self._reply_to(question, RCODE.REFUSED, "refused")
+            if self._forward_cache is not None:
+                cached = self._forward_cache.get(_forward_key(question))
+                if cached is not None:
+                    self._metrics.forward_cache_hits += 1
+                    return self._relay(question, _restore_case(cached, question))
+                self._metrics.forward_cache_misses += 1
             return Forward(data, question)
         if question.qclass not in _ZONE_CLASSES or question.qtype in _ZONE_TRANSFERS:
             return self._reply_to(question, RCODE.REFUSED, "refused")
@@ -216,8 +244,7 @@ class Answers:
     def reply(self, question: Question) -> bytes:
         """The in-zone reply to ``question``, from the cache when it has it (filling it otherwise)."""
         key_labels = question.key_labels
-        wire = _wire_name(key_labels)
-        key = wire + struct.pack("!HH", question.qtype, question.qclass) + _EDNS_MARK[question.edns]
+        key = _key(question)
         entry = self._cache.get(key)
         # The same choice of order as the fast path makes: the ID's low byte.
         index = question.id[1] & (VARIANTS - 1)
@@ -234,7 +261,8 @@ class Answers:
             if answer is None:
                 answer = self._resolve(key_labels, question.qtype, index)
             full = self._pack(key_labels, question, answer, with_additional=True)
-            variant = entry.variants[index] = _Variant(full, len(wire))
+            # The key is the wire name, then qtype, qclass and the EDNS mark (5 bytes).
+            variant = entry.variants[index] = _Variant(full, len(key) - 5)
         self._queries[entry.stat] += 1
         self._metrics.cache_misses += 1
         if variant.size <= question.limit:
@@ -275,11 +303,17 @@ class Answers:
     def forwarded(self, forward: Forward, response: bytes | None) -> bytes:
         """The client's reply to a forwarded question: the upstream's response, or SERVFAIL when there is none.
 
-        A response bigger than the client can take over UDP becomes a TC reply.
+        A response bigger than the client can take over UDP becomes a TC reply. Responses that may be
+        cached are kept for the next identical question.
         """
         question = forward.question
         if response is None:
             return self._reply_to(question, RCODE.SERVFAIL, "servfail")
+        if self._forward_cache is not None:
+            self._forward_cache.put(_forward_key(question), response)
+        return self._relay(question, response)
+
+    def _relay(self, question: Question, response: bytes) -> bytes:
         if len(response) <= question.limit:
             self._queries[_stat(question.qtype, response[3] & 0x0F)] += 1
             return question.id + response[2:]
@@ -337,6 +371,16 @@ def _stat(qtype: int, rcode: int) -> tuple[str, str]:
 
 def _valid_name(labels: Sequence[bytes]) -> bool:
     return all(0 < len(part) <= 63 for part in labels) and sum(len(part) + 1 for part in labels) + 1 <= MAX_NAME
+
+
+def _key(question: Question) -> bytes:
+    """The cache key the fast path computes from the bytes: lower-cased name, qtype, qclass, EDNS mark."""
+    return (_wire_name(question.key_labels) + struct.pack("!HH", question.qtype, question.qclass)
+            + _EDNS_MARK[question.edns])
+
+
+def _forward_key(question: Question) -> bytes:
+    return _key(question) + _FLAGS_MARK[question.rd | question.cd << 1]
 
 
 def _wire_name(labels: Sequence[bytes]) -> bytes:

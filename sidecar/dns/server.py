@@ -14,6 +14,7 @@ from ..config import DnsSettings
 from ..metrics import DnsMetrics
 from .answers import Answers
 from .forward import Forwarder, parse_hostport, resolv_conf_upstreams
+from .forward_cache import ForwardCache
 from .resolver import IPAddress, Zone
 from .transport import Handler, TcpConnection, UdpServer
 
@@ -64,8 +65,11 @@ class DnsServer:
         self.zone = Zone(domain=settings.domain, ttl=settings.ttl, negative_ttl=settings.negative_ttl,
                          local_zone=local_zone, proxy_address=proxy_address, ns_address=_ip_or_none(self.host),
                          panic=panic)
+        forward_cache = None
+        if self.upstreams and settings.cache_size:
+            forward_cache = ForwardCache(settings.cache_size, settings.cache_max_ttl)
         self.answers = Answers(self.zone, catalog.snapshot, metrics, forwarding=bool(self.upstreams),
-                               max_udp_payload=min(settings.max_udp_payload, 4096))
+                               max_udp_payload=min(settings.max_udp_payload, 4096), forward_cache=forward_cache)
         forwarder = Forwarder(self.upstreams, settings.upstream_timeout, metrics) if self.upstreams else None
         self.handler = Handler(self.answers, forwarder, metrics)
         self._udp: asyncio.DatagramTransport | None = None

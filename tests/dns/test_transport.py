@@ -157,13 +157,32 @@ async def test_forwarding_and_refusal(make_dns: MakeDns) -> None:
         forwarding = await make_dns(upstreams=(fake.address,))
         response = await udp(forwarding, "example.org")
         assert addresses(response) == ["192.0.2.1"] and response.flags & dns.flags.RA
-        assert addresses(await tcp(forwarding, "example.org")) == ["192.0.2.1"]
+        assert addresses(await tcp(forwarding, "example.net")) == ["192.0.2.1"]  # not the cached name
         # In-zone names never go upstream, even unknown ones.
         before = fake.udp_queries
         assert (await udp(forwarding, "unknown.agents.local")).rcode() == dns.rcode.NXDOMAIN
         assert fake.udp_queries == before
         refusing = await make_dns()
         assert (await udp(refusing, "example.org")).rcode() == dns.rcode.REFUSED
+    finally:
+        await fake.stop()
+
+
+async def test_a_second_identical_question_is_answered_from_the_cache(make_dns: MakeDns) -> None:
+    fake = await FakeUpstream("answer").start()
+    try:
+        server = await make_dns(upstreams=(fake.address,))
+        first = await udp(server, "example.org")
+        second = await udp(server, "ExAmple.ORG")
+        assert fake.udp_queries == 1
+        assert addresses(second) == addresses(first) == ["192.0.2.1"]
+        assert second.question[0].name.to_text() == "ExAmple.ORG."
+        assert addresses(await tcp(server, "example.org")) == ["192.0.2.1"] and fake.tcp_queries == 0
+        assert (server.metrics.forward_cache_hits, server.metrics.forward_cache_misses) == (2, 1)
+        uncached = await make_dns(upstreams=(fake.address,), cache_size=0)
+        for _ in range(2):
+            assert addresses(await udp(uncached, "example.org")) == ["192.0.2.1"]
+        assert fake.udp_queries == 3
     finally:
         await fake.stop()
 

@@ -6,8 +6,10 @@ Both servers serve 100 capabilities x 3 agents (dnsmasq through a generated
 --addn-hosts file and --srv-host lines); the query file asks A and SRV of every
 capability. Per round and server: one full-load run (``-v``, per-query
 latencies) and one at ``-Q 2000``. Then the forwarded-query rate: the sidecar
-forwarding names outside its zone to the dnsmasq instance, against dnsmasq
-asked directly. Prints a Markdown table; everything talks to 127.0.0.1 only.
+forwarding names outside its zone to the dnsmasq instance, with its forward
+cache on and off, against dnsmasq asked directly. dnsmasq gives its answers a
+30 s TTL (``--local-ttl``; its default, 0, would forbid any cache to keep them).
+Prints a Markdown table; everything talks to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -62,13 +64,16 @@ def start_dnsmasq(port: int, hosts: Path, conf: Path) -> subprocess.Popen[bytes]
     command = ["/usr/sbin/dnsmasq", "--keep-in-foreground", f"--port={port}", "--listen-address=127.0.0.1",
                "--bind-interfaces", "--no-resolv", "--no-hosts", f"--addn-hosts={hosts}", f"--conf-file={conf}",
                "--pid-file=", "--user=root", "--local=/agents.local/", "--local=/bench.test/", "--cache-size=10000",
-               "--dns-forward-max=1000"]
+               "--dns-forward-max=1000", "--local-ttl=30"]
     print("$", " ".join(command), file=sys.stderr)
     return subprocess.Popen(command)
 
 
-def start_sidecar(port: int, loop: str, upstream: str = "none") -> subprocess.Popen[bytes]:
+def start_sidecar(port: int, loop: str, upstream: str = "none", cache_size: int | None = None,
+                  ) -> subprocess.Popen[bytes]:
     command = [sys.executable, str(HERE / "serve.py"), f"--port={port}", f"--upstream={upstream}"]
+    if cache_size is not None:
+        command.append(f"--cache-size={cache_size}")
     if loop == "asyncio":
         command.append("--loop=asyncio")
     print("$", " ".join(command), file=sys.stderr)
@@ -118,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dnsbench-"))
     hosts, conf, queries, forwarded = write_inputs(work)
-    dnsmasq_port, sidecar_port, forwarding_port = free_port(), free_port(), free_port()
+    dnsmasq_port, sidecar_port, forwarding_port, uncached_port = free_port(), free_port(), free_port(), free_port()
     processes = []
     try:
         dnsmasq = start_dnsmasq(dnsmasq_port, hosts, conf)
@@ -134,9 +139,13 @@ def main() -> None:
             for name in order:
                 rows.append((round_, name, "2000", dnsperf(targets[name], queries, args.seconds,
                                                            ["-v", "-Q", "2000"])))
-        processes.append(start_sidecar(forwarding_port, args.loop, upstream=f"127.0.0.1:{dnsmasq_port}"))
+        upstream = f"127.0.0.1:{dnsmasq_port}"
+        processes.append(start_sidecar(forwarding_port, args.loop, upstream=upstream))
+        processes.append(start_sidecar(uncached_port, args.loop, upstream=upstream, cache_size=0))
         forward_rows = []
-        for name, port in (("sidecar forwarding to dnsmasq", forwarding_port), ("dnsmasq direct", dnsmasq_port)):
+        for name, port in (("sidecar forwarding to dnsmasq, cache on", forwarding_port),
+                           ("sidecar forwarding to dnsmasq, cache off", uncached_port),
+                           ("dnsmasq direct", dnsmasq_port)):
             forward_rows.append((name, dnsperf(port, forwarded, args.seconds, [])))
     finally:
         for process in reversed(processes):

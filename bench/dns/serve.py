@@ -1,6 +1,6 @@
 """A standalone sidecar DNS server over a generated catalog (no etcd), for dnsperf.
 
-    python bench/dns/serve.py --caps 100 --per-cap 3 --port 0 --loop uvloop [--upstream 127.0.0.1:5300]
+    python bench/dns/serve.py --caps 100 --per-cap 3 --port 0 --loop uvloop [--upstream 127.0.0.1:5300] [--cache-size 0]
 
 Prints ``port <n>`` once listening; runs until SIGINT/SIGTERM.
 """
@@ -37,11 +37,12 @@ async def main() -> None:
     parser.add_argument("--per-cap", type=int, default=3)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--upstream", default="none")
+    parser.add_argument("--cache-size", type=int, default=DnsSettings.cache_size)
     args = parser.parse_args()
     catalog = Catalog()
     catalog.apply([Reset(1, bench_agents(args.caps, args.per_cap))])
-    server = DnsServer(DnsSettings(listen=f"127.0.0.1:{args.port}", upstreams=(args.upstream,)), catalog,
-                       Metrics().dns)
+    settings = DnsSettings(listen=f"127.0.0.1:{args.port}", upstreams=(args.upstream,), cache_size=args.cache_size)
+    server = DnsServer(settings, catalog, Metrics().dns)
     await server.start()
     print(f"port {server.port}", flush=True)
     stop = asyncio.Event()

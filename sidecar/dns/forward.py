@@ -1,16 +1,22 @@
 """Forwarding names outside the zone to upstream resolvers.
 
-Each attempt sends the client's message under a fresh random ID from a fresh
-UDP socket (a random source port), retries over TCP when the UDP response has
-TC set, and moves on to the next upstream on timeout, network error, a
-mismatched response, SERVFAIL or REFUSED. The upstream that answered last is
-tried first next time. ``forward`` returns None when every upstream failed.
+Each attempt sends the client's message under a random ID (unused on that
+socket) from one of ``POOL_SIZE`` UDP sockets per upstream, picked at random.
+Each socket has its own kernel-chosen source port and is retired (closed once
+its last reply is in) after ``SOCKET_USES`` queries or ``SOCKET_SECONDS``, so
+source ports keep changing; a reply is taken only when its ID, QR bit and
+question (case included) match a query waiting on that socket, from the
+connected upstream.
+A TC response is retried over TCP; the next upstream is tried on timeout,
+network error, SERVFAIL or REFUSED. The upstream that answered last is tried
+first next time. ``forward`` returns None when every upstream failed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 import time
 from collections.abc import Sequence
@@ -23,6 +29,10 @@ log = logging.getLogger(__name__)
 DNS_PORT = 53
 _SERVFAIL, _REFUSED = 2, 5
 _UNSPECIFIED = ("0.0.0.0", "::", "")
+# UDP sockets per upstream, and queries each sends before it is replaced by one on a new port.
+POOL_SIZE = 8
+SOCKET_USES = 256
+SOCKET_SECONDS = 30.0
 
 
 def parse_hostport(text: str, default_port: int = DNS_PORT) -> tuple[str, int]:
@@ -57,26 +67,55 @@ def resolv_conf_upstreams(listen: tuple[str, int], path: str = "/etc/resolv.conf
     return found
 
 
-class _UdpExchange(asyncio.DatagramProtocol):
-    """Waits for the one datagram that answers ``message`` (same ID and question); others are ignored."""
+class _UdpSocket(asyncio.DatagramProtocol):
+    """One UDP socket connected to one upstream, shared by queries with distinct IDs."""
 
-    def __init__(self, message: bytes, question_end: int) -> None:
-        self.message = message
-        self.question_end = question_end
-        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        # ID -> (the query as sent, where its question ends, who waits for the reply)
+        self.pending: dict[bytes, tuple[bytes, int, asyncio.Future[bytes]]] = {}
+        self.uses = 0
+        self.opened = time.monotonic()
+        # Done once opening is over: True when connected, False when opening failed.
+        self.ready: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    @property
+    def retired(self) -> bool:
+        """No new queries: opening failed, used up, closing or too old (one still opening is not)."""
+        if not self.ready.done():
+            return False
+        return (not self.ready.result() or self.transport is None or self.transport.is_closing()
+                or self.uses >= SOCKET_USES or time.monotonic() - self.opened > SOCKET_SECONDS)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.opened = time.monotonic()
 
     def datagram_received(self, data: bytes, addr: object) -> None:
-        if self.done.done() or not _answers(self.message, data, self.question_end):
+        waiting = self.pending.get(data[:2])
+        if waiting is None:
             return
-        self.done.set_result(data)
+        query, question_end, done = waiting
+        if not done.done() and _answers(query, data, question_end):
+            done.set_result(data)
 
     def error_received(self, exc: Exception) -> None:
-        if not self.done.done():
-            self.done.set_exception(exc)
+        # ICMP errors (port unreachable...) are per socket, and every query on it went to the same upstream.
+        self._fail(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.done.done():
-            self.done.set_exception(exc or ConnectionError("socket closed"))
+        self._fail(exc or ConnectionError("socket closed"))
+
+    def _fail(self, exc: BaseException) -> None:
+        for _, _, done in self.pending.values():
+            if not done.done():
+                done.set_exception(exc)
+
+    def release(self, qid: bytes) -> None:
+        """Forget the query ``qid``; a retired socket closes with its last query."""
+        del self.pending[qid]
+        if self.retired and not self.pending and self.transport is not None:
+            self.transport.close()
 
 
 class UpstreamError(Exception):
@@ -95,6 +134,16 @@ class Forwarder:
         self.timeout = timeout
         self._metrics = metrics
         self._first = 0
+        self._sockets: dict[tuple[str, int], list[_UdpSocket | None]] = {}
+        self._rng = random.SystemRandom()
+
+    def close(self) -> None:
+        """Close every UDP socket (queries waiting on them fail)."""
+        for pool in self._sockets.values():
+            for sock in pool:
+                if sock is not None and sock.transport is not None:
+                    sock.transport.close()
+        self._sockets = {}
 
     async def forward(self, message: bytes) -> bytes | None:
         """The upstream response to ``message`` with the client's ID, or None when all upstreams failed."""
@@ -118,12 +167,11 @@ class Forwarder:
         return None
 
     async def _exchange(self, upstream: tuple[str, int], message: bytes, question_end: int) -> bytes:
-        query = secrets.token_bytes(2) + message[2:]
         try:
             async with asyncio.timeout(self.timeout):
-                response = await self._udp(upstream, query, question_end)
+                response = await self._udp(upstream, message, question_end)
                 if response[2] & 0x02:
-                    response = await self._tcp(upstream, query, question_end)
+                    response = await self._tcp(upstream, secrets.token_bytes(2) + message[2:], question_end)
         except TimeoutError:
             raise UpstreamError("timeout") from None
         except (OSError, EOFError, asyncio.IncompleteReadError):
@@ -135,15 +183,43 @@ class Forwarder:
             raise UpstreamError("refused")
         return response
 
-    async def _udp(self, upstream: tuple[str, int], query: bytes, question_end: int) -> bytes:
-        loop = asyncio.get_running_loop()
-        transport, exchange = await loop.create_datagram_endpoint(
-            lambda: _UdpExchange(query, question_end), remote_addr=upstream)
+    async def _udp(self, upstream: tuple[str, int], message: bytes, question_end: int) -> bytes:
+        sock = await self._socket(upstream)
+        qid = secrets.token_bytes(2)
+        while qid in sock.pending:
+            qid = secrets.token_bytes(2)
+        query = qid + message[2:]
+        done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        sock.pending[qid] = (query, question_end, done)
+        sock.uses += 1
         try:
-            transport.sendto(query)
-            return await exchange.done
+            assert sock.transport is not None
+            sock.transport.sendto(query)
+            return await done
         finally:
-            transport.close()
+            sock.release(qid)
+
+    async def _socket(self, upstream: tuple[str, int]) -> _UdpSocket:
+        """A random socket of ``upstream``'s pool, opened (on a new port) when its slot is empty or retired."""
+        pool = self._sockets.setdefault(upstream, [None] * POOL_SIZE)
+        slot = self._rng.randrange(POOL_SIZE)
+        sock = pool[slot]
+        if sock is None or sock.retired:
+            if sock is not None and not sock.pending and sock.transport is not None:
+                sock.transport.close()  # retired by age while idle: no last reply will close it
+            opening = pool[slot] = _UdpSocket()
+            try:
+                await asyncio.get_running_loop().create_datagram_endpoint(lambda: opening, remote_addr=upstream)
+            finally:
+                if not opening.ready.done():
+                    opening.ready.set_result(opening.transport is not None)
+            return opening
+        if not sock.ready.done():
+            # Another query is opening this slot's socket; a cancelled waiter must not cancel that.
+            await asyncio.shield(sock.ready)
+        if not sock.ready.result():
+            raise ConnectionError(f"cannot open a UDP socket to {upstream}")
+        return sock
 
     async def _tcp(self, upstream: tuple[str, int], query: bytes, question_end: int) -> bytes:
         reader, writer = await asyncio.open_connection(*upstream)

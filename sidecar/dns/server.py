@@ -131,3 +131,5 @@ class DnsServer:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self.handler.forwarder is not None:
+            self.handler.forwarder.close()

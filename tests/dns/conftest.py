@@ -48,6 +48,7 @@ class FakeUpstream:
     def __init__(self, mode: str = "answer") -> None:
         self.mode = mode
         self.udp_queries = 0
+        self.udp_sources: set[Any] = set()  # (host, port) the UDP queries came from
         self.tcp_queries = 0
         self.port = 0
         self._udp: Any = None
@@ -86,6 +87,7 @@ class FakeUpstream:
 
             def datagram_received(self, data: bytes, addr: Any) -> None:
                 upstream.udp_queries += 1
+                upstream.udp_sources.add(addr)
                 if upstream.mode != "silent":
                     for packet in upstream.respond(data, False):
                         self.transport.sendto(packet, addr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest_asyncio
 from dnslib import DNSRecord
 
 from sidecar.config import DnsSettings
+from sidecar.dns import forward
 from sidecar.dns.forward import Forwarder, parse_hostport, resolv_conf_upstreams
 from sidecar.dns.server import upstreams_from
 from sidecar.metrics import DnsMetrics, Metrics
@@ -30,8 +32,15 @@ async def upstream() -> AsyncIterator[MakeUpstream]:
         return fake
 
     yield make
+    while _OPEN:
+        _OPEN.pop().close()
+    await asyncio.sleep(0)  # the sockets' connection_lost
     for fake in started:
         await fake.stop()
+
+
+# Forwarders made by the tests, closed by the ``upstream`` fixture (which every test using them has).
+_OPEN: list[Forwarder] = []
 
 
 def message(name: str = "example.com", qid: int = 0x4242) -> bytes:
@@ -43,7 +52,9 @@ def message(name: str = "example.com", qid: int = 0x4242) -> bytes:
 def forwarder(*fakes: FakeUpstream | tuple[str, int], timeout: float = 0.5) -> tuple[Forwarder, DnsMetrics]:
     metrics = Metrics().dns
     addresses = [f if isinstance(f, tuple) else ("127.0.0.1", f.port) for f in fakes]
-    return Forwarder(addresses, timeout, metrics), metrics
+    fwd = Forwarder(addresses, timeout, metrics)
+    _OPEN.append(fwd)
+    return fwd, metrics
 
 
 @pytest.mark.asyncio
@@ -107,6 +118,45 @@ async def test_spoofed_ids_are_ignored(upstream: MakeUpstream) -> None:
     fwd, _ = forwarder(fake)
     response = await fwd.forward(message(qid=9))
     assert response is not None and DNSRecord.parse(response).header.id == 9
+
+
+@pytest.mark.asyncio
+async def test_udp_sockets_are_shared_and_replies_matched_by_id_and_question(upstream: MakeUpstream) -> None:
+    fake = await upstream("answer")
+    fwd, _ = forwarder(fake)
+    names = [f"host{i}.Example.com" for i in range(40)]
+    responses = await asyncio.gather(*(fwd.forward(message(name, qid=i)) for i, name in enumerate(names)))
+    for i, (name, response) in enumerate(zip(names, responses, strict=True)):
+        assert response is not None
+        record = DNSRecord.parse(response)
+        assert (record.header.id, str(record.q.qname)) == (i, f"{name}.")
+    assert len(fake.udp_sources) <= forward.POOL_SIZE
+
+
+@pytest.mark.asyncio
+async def test_sockets_are_replaced_after_their_uses(upstream: MakeUpstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forward, "SOCKET_USES", 1)
+    fake = await upstream("answer")
+    fwd, _ = forwarder(fake)
+    for i in range(3 * forward.POOL_SIZE):
+        assert await fwd.forward(message(qid=i)) is not None
+    # One socket per query, each closed with its reply (ports may come back, so count loosely).
+    assert len(fake.udp_sources) > forward.POOL_SIZE
+    assert all(s is None or s.transport is None or s.transport.is_closing() for p in fwd._sockets.values() for s in p)
+
+
+@pytest.mark.asyncio
+async def test_idle_sockets_too_old_are_closed_when_replaced(upstream: MakeUpstream,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = await upstream("answer")
+    fwd, _ = forwarder(fake)
+    monkeypatch.setattr(forward, "POOL_SIZE", 1)
+    assert await fwd.forward(message()) is not None
+    (first,) = fwd._sockets[("127.0.0.1", fake.port)]
+    monkeypatch.setattr(forward, "SOCKET_SECONDS", -1.0)
+    assert await fwd.forward(message()) is not None
+    assert first is not None and first.transport is not None and first.transport.is_closing()
+    assert fwd._sockets[("127.0.0.1", fake.port)] != [first]
 
 
 def test_parse_hostport() -> None:

@@ -46,7 +46,9 @@ def run(balancer: Balancer, candidates: Sequence[Agent], picks: int, seed: int =
 def test_registry_names_match_files_and_classes() -> None:
     assert NAMES == ("round_robin", "weighted_random", "least_conn", "consistent_hash", "p2c_ewma")
     for name in NAMES:
-        module = type(balancers.make(name)).__module__
+        made = balancers.make(name)
+        assert isinstance(made, balancers.SkippingDrained)
+        module = type(made.inner).__module__
         assert module.endswith("." + name)
 
 
@@ -68,10 +70,10 @@ def test_weights_steer_the_share(name: str) -> None:
 
 
 def test_weight_zero_drains(name: str) -> None:
-    if name in ("p2c_ewma", "least_conn", "consistent_hash"):
-        pytest.skip("weight 0 is only a hard drain for round_robin and weighted_random")
     candidates = [agent("a"), agent("drained", weight=0)]
     assert set(run(balancers.make(name), candidates, 200)) == {"a"}
+    everyone_drained = [agent("x", weight=0), agent("y", weight=0)]
+    assert set(run(balancers.make(name), everyone_drained, 200)) <= {"x", "y"}
 
 
 def test_seeded_runs_are_identical(name: str) -> None:

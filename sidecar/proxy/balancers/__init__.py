@@ -45,6 +45,21 @@ class ZonePreferring:
         return self.inner.pick(local or candidates, ctx)
 
 
+class SkippingDrained:
+    """Weight 0 drains an agent under every algorithm: it is picked only when all candidates have weight 0."""
+
+    def __init__(self, inner: Balancer) -> None:
+        self.inner = inner
+
+    def pick(self, candidates: Sequence[Agent], ctx: PickContext) -> Agent:
+        """Delegate to the inner balancer without the weight-0 candidates, if any others remain."""
+        for agent in candidates:
+            if not agent.weight:
+                candidates = [a for a in candidates if a.weight] or candidates
+                break
+        return self.inner.pick(candidates, ctx)
+
+
 def _registry() -> dict[str, Callable[[], Balancer]]:
     from .consistent_hash import ConsistentHash
     from .least_conn import LeastConn
@@ -66,7 +81,7 @@ def make(name: str, zone: str = "") -> Balancer:
 
     Raises KeyError for an unknown name (settings validation rejects those first).
     """
-    balancer = _registry()[name]()
+    balancer: Balancer = SkippingDrained(_registry()[name]())
     return ZonePreferring(balancer, zone) if zone else balancer
 
 

@@ -145,8 +145,8 @@ class AdminApi:
         agents = snapshot.select(
             capability=label(query["capability"]) if query.get("capability") else None,
             tags=tags, name=label(query["name"]) if query.get("name") else None, healthy=healthy)
-        keys = {id(a): k for k, a in snapshot.agents.items()}
-        body = {"revision": snapshot.revision, "agents": [self._agent_json(keys[id(a)], a) for a in agents]}
+        prefix = self._leases.prefix
+        body = {"revision": snapshot.revision, "agents": [self._agent_json(a.key(prefix), a) for a in agents]}
         self._metrics.registry.discovery_seconds.observe(time.perf_counter() - started)
         return web.json_response(body)
 

@@ -195,10 +195,6 @@ class Settings:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-# Sections of the dynamic document (``{prefix}/config/sidecar``), hot-applied.
-DYNAMIC_SECTIONS = ("registry", "health_check", "load_balancer", "dns", "proxy", "sticky")
-
-
 def build(cls: type[Any], data: Mapping[str, Any] | None, path: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, validating every key and value."""
     if data is None:
@@ -227,19 +223,6 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
         else:
             out[key] = value
     return out
-
-
-def as_dict(settings: Any) -> dict[str, Any]:
-    """Settings back to plain data (durations as seconds), for show/history."""
-    return typing.cast(dict[str, Any], _plain(dataclasses.asdict(settings)))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _coerce(hint: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
@@ -351,22 +334,3 @@ def load_file_document(data: Any, source: str) -> dict[str, Any]:
     if not isinstance(sections, Mapping):
         raise ConfigError("service_discovery", sections, "must be a mapping")
     return merge(dict(sections), extra)
-
-
-def validate_dynamic(document: Any) -> dict[str, Any]:
-    """Check a dynamic document (sections at top level); returns it normalised."""
-    if not isinstance(document, Mapping):
-        raise ConfigError("<document>", document, "must be a mapping of sections")
-    for section in document:
-        if section not in DYNAMIC_SECTIONS:
-            raise ConfigError(section, document[section],
-                              "not a dynamic section (dynamic: " + ", ".join(DYNAMIC_SECTIONS) + ")")
-    built = build(Settings, document)
-    return {s: as_dict(getattr(built, s)) for s in document}
-
-
-def apply_dynamic(settings: Settings, document: Mapping[str, Any]) -> Settings:
-    """Settings with the dynamic document's sections laid over the static ones."""
-    validate_dynamic(document)
-    merged = merge(as_dict(settings), dict(document))
-    return typing.cast(Settings, build(Settings, merged))

@@ -74,7 +74,6 @@ class Server:
             self.components.append(self.local_agent)
         self._started: list[Component] = []
         self._listening = False
-        self.started_at = time.time()
 
     def readiness(self) -> dict[str, Any]:
         """Ready once the first snapshot has synced and every listener is up."""

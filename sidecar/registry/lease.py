@@ -13,7 +13,6 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
 from dataclasses import replace
 
 from ..errors import LeaseNotFound, RegistryUnavailable
@@ -35,10 +34,6 @@ class Registration:
         self.registered = True
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     async def update(self, agent: Agent) -> None:
         """Write a changed record (e.g. a health status) under the same lease.
@@ -83,12 +78,11 @@ class LeaseKeeper:
     """Owns the leases of the agents this process registered."""
 
     def __init__(self, etcd: EtcdClient, prefix: str, metrics: RegistryMetrics,
-                 *, refresh_interval: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 *, refresh_interval: float = 0.0) -> None:
         self.etcd = etcd
         self.prefix = prefix
         self._metrics = metrics
         self._refresh_interval = refresh_interval
-        self._clock = clock
         self._registrations: dict[str, Registration] = {}
 
     @property

@@ -10,13 +10,12 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
 
 from ..catalog import Catalog, Delete, Event, Reset, Upsert
 from ..errors import RegistryUnavailable, RevisionCompacted, ValidationError
 from ..metrics import RegistryMetrics
 from ..model import Agent, decode_agent
-from .etcd import EtcdClient, KeyValue, WatchEvent
+from .etcd import EtcdClient, WatchEvent
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +29,12 @@ class CatalogSync:
     """Keeps a Catalog in step with ``{prefix}/services/`` in etcd."""
 
     def __init__(self, etcd: EtcdClient, prefix: str, catalog: Catalog, metrics: RegistryMetrics,
-                 *, max_backoff: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 *, max_backoff: float = 2.0) -> None:
         self._etcd = etcd
         self._prefix = services_prefix(prefix)
         self._catalog = catalog
         self._metrics = metrics
         self._max_backoff = max_backoff
-        self._clock = clock
         self._revision = 0
         self._task: asyncio.Task[None] | None = None
         self.connected = False
@@ -156,5 +154,3 @@ class CatalogSync:
             self._metrics.invalid_values.inc()
             return None
 
-
-__all__ = ["CatalogSync", "KeyValue", "services_prefix"]

@@ -78,7 +78,8 @@ class CircuitBreakerSettings:
     failure_threshold: int = _opt(5, min=1)
     timeout: Duration = _opt(30.0, min=0.1)
     half_open_requests: int = _opt(1, min=1)
-    failure_statuses: tuple[int, ...] = (502, 503, 504)
+    # Any 5xx, as Envoy's outlier detection and Linkerd's failure accrual count.
+    failure_statuses: tuple[int, ...] = tuple(range(500, 600))
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,8 @@ class ProxySettings:
     max_concurrency_per_agent: int = _opt(1000, min=1)
     rate_limit: float = _opt(0.0, min=0.0)
     rate_burst: int = _opt(0, min=0)
+    # One JSON line per proxied request on the "sidecar.access" logger.
+    access_log: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,17 @@ class AdminSettings:
 @dataclass(frozen=True)
 class GrpcSettings:
     listen: Listen = "127.0.0.1:15010"
+
+
+@dataclass(frozen=True)
+class TracingSettings:
+    """OpenTelemetry spans over OTLP/HTTP; off while ``otlp_endpoint`` is empty."""
+
+    # e.g. http://127.0.0.1:4318/v1/traces
+    otlp_endpoint: str = ""
+    sample_ratio: float = _opt(0.01, min=0.0, max=1.0)
+    service_name: str = "sidecar"
+    export_timeout: Duration = _opt(5.0, min=0.1)
 
 
 @dataclass(frozen=True)
@@ -191,8 +205,11 @@ class Settings:
     admin: AdminSettings = _opt(AdminSettings())
     grpc: GrpcSettings = _opt(GrpcSettings())
     agent: AgentSettings = _opt(AgentSettings())
+    tracing: TracingSettings = _opt(TracingSettings())
     loop: Literal["uvloop", "asyncio"] = "uvloop"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # text: one human line per record; json: one JSON object per line (with trace_id when in a span).
+    log_format: Literal["text", "json"] = "text"
 
 
 def build(cls: type[Any], data: Mapping[str, Any] | None, path: str = "") -> Any:

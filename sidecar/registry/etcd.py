@@ -181,6 +181,46 @@ class EtcdClient:
             return None
         return KeyValue(key, result.value, result.mod_revision, result.lease)
 
+    async def get_at(self, key: str, revision: int = 0) -> KeyValue | None:
+        """``key`` as it was at ``revision`` (0: now); raises RevisionCompacted when that is gone."""
+        async def read() -> Any:
+            await self._client.connect()
+            request = aetcd.rpc.RangeRequest(key=key.encode(), revision=revision)
+            return await self._client.kvstub.Range(request, timeout=self.timeout, metadata=self._client.metadata)
+
+        response = await self._call(read)
+        if not response.kvs:
+            return None
+        kv = response.kvs[0]
+        return KeyValue(key, kv.value, kv.mod_revision, kv.lease)
+
+    async def history(self, key: str, limit: int = 50) -> list[KeyValue]:
+        """The stored versions of ``key``, newest first, back to its creation or etcd's compaction point."""
+        versions: list[KeyValue] = []
+        current = await self.get_at(key)
+        while current is not None and len(versions) < limit:
+            versions.append(current)
+            if current.mod_revision <= 1:
+                break
+            try:
+                current = await self.get_at(key, current.mod_revision - 1)
+            except RevisionCompacted:
+                break
+        return versions
+
+    async def put_if(self, key: str, value: bytes, mod_revision: int) -> int | None:
+        """Write ``key`` only if its mod revision is still ``mod_revision`` (0: the key must not exist).
+
+        Returns the new revision, or None when someone else wrote it first.
+        """
+        transactions = self._client.transactions
+        succeeded, responses = await self._call(self._client.transaction,
+                                                compare=[transactions.mod(key.encode()) == mod_revision],
+                                                success=[transactions.put(key.encode(), value)], failure=[])
+        if not succeeded:
+            return None
+        return int(responses[0].response_put.header.revision)
+
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
         """Write ``key``; with ``lease`` the key dies with the lease. Returns the revision."""
         result = await self._call(self._client.put, key.encode(), value, lease=lease or None)
@@ -272,6 +312,8 @@ def _translate(exc: BaseException) -> BaseException:
     if isinstance(exc, aetcd.exceptions.RevisionCompactedError):
         return RevisionCompacted(exc.compacted_revision)
     text = str(exc).lower()
+    if "required revision has been compacted" in text:
+        return RevisionCompacted(0)
     if "too many requests" in text:
         return RegistryBusy(f"etcd: {exc}")
     if "lease not found" in text or "requested lease not found" in text:

@@ -133,6 +133,16 @@ class Subscription:
             self._wake.clear()
             await self._wake.wait()
 
+    async def next_batch(self) -> list[Update]:
+        """The next update and every one already waiting behind it; empty once closed."""
+        try:
+            batch = [await self.__anext__()]
+        except StopAsyncIteration:
+            return []
+        while self._queue and not (self._snapshot_due or self._relist_due):
+            batch.append(self._queue.popleft())
+        return batch
+
     def close(self) -> None:
         """Stop receiving; a reader waiting in ``__anext__`` ends."""
         if not self.closed:

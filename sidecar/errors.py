@@ -17,6 +17,16 @@ class ConfigError(SidecarError):
         super().__init__(f"{key}: {reason} (got {value!r})")
 
 
+class ConfigConflict(SidecarError):
+    """A configuration write lost a compare-and-swap: someone else wrote a newer version first."""
+
+    def __init__(self, expected: int, current: int) -> None:
+        self.expected = expected
+        self.current = current
+        super().__init__(f"the configuration changed since version {expected} (now version {current}); "
+                         "read it again and retry")
+
+
 class FieldError(SidecarError):
     """One bad field of an agent record."""
 

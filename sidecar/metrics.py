@@ -218,6 +218,31 @@ class HealthMetrics:
             registry=registry)
 
 
+class ConfigMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.version = Gauge(
+            "sidecar_config_version", "Version (etcd revision) of the dynamic configuration in force; 0: none.",
+            registry=registry)
+        self.applies = Counter(
+            "sidecar_config_applies", "Dynamic configuration versions taken, by result (applied, rejected).",
+            ["result"], registry=registry)
+        self.needs_restart = Gauge(
+            "sidecar_config_needs_restart", "Settings changed by the document that only take effect at a restart.",
+            registry=registry)
+
+
+class DiscoveryMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.subscribers = Gauge(
+            "sidecar_watch_subscribers", "Open watch subscriptions (SSE and gRPC).", registry=registry)
+        self.lagged = Counter(
+            "sidecar_watch_lagged", "Times a subscriber fell behind and was sent a fresh snapshot.",
+            registry=registry)
+        self.grpc_requests = Counter(
+            "sidecar_grpc_requests", "gRPC calls by method and status code.", ["method", "code"],
+            registry=registry)
+
+
 class Metrics:
     """All metric groups of one server, on one CollectorRegistry."""
 
@@ -227,6 +252,8 @@ class Metrics:
         self.dns = DnsMetrics(self.collector_registry)
         self.proxy = ProxyMetrics(self.collector_registry)
         self.health = HealthMetrics(self.collector_registry)
+        self.config = ConfigMetrics(self.collector_registry)
+        self.discovery = DiscoveryMetrics(self.collector_registry)
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every collector."""

@@ -15,15 +15,19 @@ from typing import Any, Protocol
 
 from .admin import AdminApi
 from .catalog import Catalog
-from .config import Settings
+from .config import Settings, changes
+from .control import Control
+from .discovery import WatchHub
 from .dns import DnsServer
+from .dynamic import ConfigStore
+from .errors import RevisionCompacted
 from .health import agent as local_agent
 from .health.outliers import OutlierDetector
 from .metrics import Metrics
 from .proxy.server import ProxyServer
 from .registry.etcd import EtcdClient
 from .registry.lease import LeaseKeeper
-from .registry.sync import CatalogSync
+from .registry.sync import CatalogSync, services_prefix
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +53,11 @@ class Server:
         self.sync = CatalogSync(self.etcd, etcd_settings.prefix, self.catalog, self.metrics.registry)
         self.leases = LeaseKeeper(self.etcd, etcd_settings.prefix, self.metrics.registry,
                                   refresh_interval=settings.registry.refresh_interval)
-        self.admin = AdminApi(settings.admin, settings.registry, self.catalog, self.sync, self.leases, self.etcd,
-                              self.metrics, self.readiness)
+        discovery = self.metrics.discovery
+        self.hub = WatchHub(self.catalog, compacted=self._compacted, on_lag=discovery.lagged.inc)
+        discovery.subscribers.set_function(lambda: self.hub.subscribers)
+        self.control = Control(self.leases, self.etcd, self.catalog, settings.registry.default_ttl)
+        self.config = ConfigStore(self.etcd, settings, self.apply, self.metrics.config)
         # Listeners and workers, started in this order after the sync task.
         self.components: list[Component] = []
         self.dns = DnsServer(settings.dns, self.catalog, self.metrics.dns, local_zone=settings.agent.zone,
@@ -64,16 +71,49 @@ class Server:
         self.proxy.add_observer(lambda outcome: self.outliers.observe(outcome.agent_id, outcome.kind.value))
         self.proxy.policy.admitted = self.outliers.admitted
         self.proxy.policy.panic = settings.health_check.panic
-        self.admin.annotators.append(lambda agent: {"breaker": self.proxy.breaker_state(agent.id)})
-        self.admin.before_scrape.append(self.proxy.flush_metrics)
+        self.admin = AdminApi(settings.admin, self.catalog, self.hub, self.control, self.leases, self.config,
+                              self.metrics, self.readiness,
+                              annotators=[lambda agent: {"breaker": self.proxy.breaker_state(agent.id)}],
+                              before_scrape=[self.proxy.flush_metrics])
         # Last, so that it is stopped first: the agent drains while DNS and the proxy still serve.
         self.local_agent: local_agent.LocalAgent | None = None
-        if local_agent.enabled(settings.agent):
+        if settings.agent.enabled:
             self.local_agent = local_agent.LocalAgent(settings.agent, settings.health_check, self.leases,
                                                       self.metrics.health)
             self.components.append(self.local_agent)
         self._started: list[Component] = []
         self._listening = False
+
+    async def _compacted(self, revision: int) -> bool:
+        """Whether etcd no longer holds ``revision`` (a watch resumed from it would miss changes)."""
+        try:
+            await self.etcd.get_at(services_prefix(self.settings.etcd.prefix), revision)
+        except RevisionCompacted:
+            return True
+        except Exception:  # etcd unreachable: what the hub holds in memory is all there is
+            return False
+        return False
+
+    def apply(self, old: Settings, new: Settings) -> None:
+        """Hand each component the sections of ``new`` that differ from ``old`` (live keys only)."""
+        changed = {key.split(".", 1)[0] for key, restart in changes(old, new) if not restart}
+        self.settings = new
+        if changed & {"load_balancer", "sticky", "proxy", "health_check"}:
+            self.proxy.update(new)
+            self.proxy.policy.panic = new.health_check.panic
+        if changed & {"dns", "health_check"}:
+            self.dns.update(new.dns, panic=new.health_check.panic)
+        if "health_check" in changed:
+            self.outliers.update(new.health_check.outlier_detection)
+            if self.local_agent is not None:
+                self.local_agent.update(new.health_check)
+        if "registry" in changed:
+            self.control.default_ttl = new.registry.default_ttl
+            self.leases.update(new.registry.refresh_interval)
+        if "admin" in changed:
+            self.admin.update(new.admin)
+        if "log_level" in changed:
+            logging.getLogger().setLevel(new.log_level.upper())
 
     def readiness(self) -> dict[str, Any]:
         """Ready once the first snapshot has synced and every listener is up."""
@@ -95,6 +135,7 @@ class Server:
 
     async def start(self) -> None:
         await self.sync.start()
+        await self.config.start()
         try:
             for component in (*self.components, self.admin):
                 await component.start()
@@ -113,6 +154,8 @@ class Server:
             await _bounded(component.stop(), f"stopping {type(component).__name__}", bound)
         self._started.clear()
         await _bounded(self.leases.close(), "revoking leases", bound)
+        self.hub.close()
+        await _bounded(self.config.stop(), "stopping the configuration watch", bound)
         await _bounded(self.sync.stop(), "stopping the etcd watch", bound)
         await _bounded(self.etcd.close(), "closing the etcd client", bound)
 

@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..config import AgentSettings, HealthCheckSettings
-from ..errors import CardError, ConfigError, RegistryUnavailable, ValidationError
+from ..errors import CardError, RegistryUnavailable, ValidationError
 from ..metrics import HealthMetrics
 from ..model import HEALTHY, UNHEALTHY, Agent, new_agent_id, parse_agent
 from ..registry.lease import LeaseKeeper, Registration
@@ -41,11 +41,6 @@ def default_address(environ: Mapping[str, str]) -> str:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
         return "127.0.0.1"
-
-
-def enabled(settings: AgentSettings) -> bool:
-    """Whether ``sidecar run`` has a local agent to register."""
-    return bool(settings.name or settings.port or settings.card)
 
 
 class LocalAgent:
@@ -79,21 +74,21 @@ class LocalAgent:
             out["error"] = self.error
         return out
 
+    def update(self, checking: HealthCheckSettings) -> None:
+        """Hot-apply interval, timeout, thresholds and drain period; the current verdict is kept."""
+        self.checking = checking
+        if self.checker is not None:
+            self.checker.update(checking)
+
     async def start(self) -> None:
-        """Validate the flags (a bad value stops the sidecar at start) and begin the lifecycle in the background."""
+        """Begin the lifecycle in the background (the settings were validated in config.py)."""
         s = self.settings
-        if not s.name and not s.card and not s.port:
-            raise ConfigError("agent.name", s.name, "the local agent needs a name, a port or a card")
-        if not s.card and not s.port:
-            raise ConfigError("agent.port", s.port, "set the local agent's port (or --agent-card)")
         fields: dict[str, Any] = {
             "name": s.name or "agent", "id": s.id, "address": s.address or default_address(self.environ),
             "port": s.port, "version": s.version, "protocol": s.protocol, "capabilities": list(s.capabilities),
             "tags": list(s.tags), "metadata": dict(s.metadata), "weight": s.weight, "zone": s.zone,
             "ttl": f"{s.ttl}s",
         }
-        # A bad flag value is a ValidationError now, at start, not a log line later.
-        parse_agent({**fields, "id": s.id or "check", "port": s.port or 1}, strict=True)
         self._fields = fields
         self._explicit = tuple(k for k, v in (("name", s.name), ("version", s.version), ("port", s.port),
                                               ("protocol", s.protocol != "http"), ("capabilities", s.capabilities))

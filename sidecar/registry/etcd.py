@@ -17,14 +17,14 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc
 import grpc
 
-from ..errors import ConfigError, LeaseNotFound, RegistryBusy, RegistryUnavailable, RevisionCompacted
+from ..config import parse_endpoints
+from ..errors import LeaseNotFound, RegistryBusy, RegistryUnavailable, RevisionCompacted
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,30 +62,6 @@ class WatchEvent:
     key: str
     value: bytes
     revision: int
-
-
-def parse_endpoints(endpoints: Sequence[str]) -> list[tuple[str, int]]:
-    """(host, port) of each ``http://host:port`` (or bare ``host:port``) etcd endpoint."""
-    parsed = []
-    for endpoint in endpoints:
-        text = endpoint.strip()
-        if not text:
-            continue
-        url = urlsplit(text if "://" in text else f"http://{text}")
-        if url.scheme not in ("http", "https"):
-            raise ConfigError("etcd.endpoints", endpoint, "must be http://host:port")
-        if url.scheme == "https":
-            raise ConfigError("etcd.endpoints", endpoint, "TLS to etcd is not supported yet; use http://")
-        try:
-            port = url.port or 2379
-        except ValueError:
-            raise ConfigError("etcd.endpoints", endpoint, "bad port") from None
-        if not url.hostname:
-            raise ConfigError("etcd.endpoints", endpoint, "missing host")
-        parsed.append((url.hostname, port))
-    if not parsed:
-        raise ConfigError("etcd.endpoints", list(endpoints), "at least one endpoint is needed")
-    return parsed
 
 
 def grpc_target(endpoints: Sequence[tuple[str, int]]) -> str:

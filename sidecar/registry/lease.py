@@ -85,6 +85,10 @@ class LeaseKeeper:
         self._refresh_interval = refresh_interval
         self._registrations: dict[str, Registration] = {}
 
+    def update(self, refresh_interval: float) -> None:
+        """A new keepalive interval (0: a third of each TTL), used from each lease's next refresh."""
+        self._refresh_interval = refresh_interval
+
     @property
     def registrations(self) -> dict[str, Registration]:
         """Owned registrations by etcd key."""

@@ -15,7 +15,7 @@ from aiohttp import web
 from .catalog import Catalog
 from .config import AdminSettings, HostPort
 from .control import Control
-from .discovery import Kind, Query, Subscription, Update, WatchHub
+from .discovery import Kind, Query, Subscription, Update, WatchHub, agent_document, agents_document
 from .dynamic import ConfigStore
 from .errors import ConfigConflict, ConfigError, RegistryUnavailable, ValidationError
 from .metrics import Metrics
@@ -127,13 +127,14 @@ class AdminApi:
         body = self._metrics.exposition()
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
-    def _agent_json(self, key: str, agent: Agent) -> dict[str, Any]:
-        body = agent.to_json()
-        body["key"] = key
-        body["owned"] = key in self._leases.registrations
+    def _annotate(self, key: str, agent: Agent) -> dict[str, Any]:
+        extra: dict[str, Any] = {"owned": key in self._leases.registrations}
         for annotate in self._annotators:
-            body.update(annotate(agent))
-        return body
+            extra.update(annotate(agent))
+        return extra
+
+    def _agent_json(self, key: str, agent: Agent) -> dict[str, Any]:
+        return agent_document(key, agent, self._annotate)
 
     def _query(self, request: web.Request) -> Query:
         query = request.query
@@ -146,10 +147,7 @@ class AdminApi:
             query = self._query(request)
         except ConfigError as exc:
             return _error(400, "bad_query", str(exc), value=exc.value)
-        snapshot = self._catalog.snapshot
-        prefix = self._leases.prefix
-        body = {"revision": snapshot.revision,
-                "agents": [self._agent_json(a.key(prefix), a) for a in query.select(snapshot)]}
+        body = agents_document(self._catalog.snapshot, query, self._leases.prefix, self._annotate)
         self._metrics.registry.discovery_seconds.observe(time.perf_counter() - started)
         return web.json_response(body)
 

@@ -15,8 +15,9 @@ import asyncio
 import enum
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .catalog import Catalog, Delete, Event, Reset, Snapshot, Upsert
 from .model import Agent, label
@@ -54,6 +55,24 @@ class Query:
                 and (self.id is None or agent.id_label == self.id)
                 and (not self.tags or frozenset(self.tags) <= agent.tag_labels)
                 and (self.healthy is None or agent.healthy == self.healthy))
+
+
+Annotate = Callable[[str, Agent], Mapping[str, Any]]
+
+
+def agent_document(key: str, agent: Agent, annotate: Annotate | None = None) -> dict[str, Any]:
+    """One agent as the surfaces show it: its JSON, its etcd key, and any per-sidecar annotations."""
+    body = agent.to_json()
+    body["key"] = key
+    if annotate is not None:
+        body.update(annotate(key, agent))
+    return body
+
+
+def agents_document(snapshot: Snapshot, query: Query, prefix: str, annotate: Annotate | None = None) -> dict[str, Any]:
+    """The ``GET /v1/agents`` document (also ``sidecar agents --json``): revision and matching agents."""
+    return {"revision": snapshot.revision,
+            "agents": [agent_document(a.key(prefix), a, annotate) for a in query.select(snapshot)]}
 
 
 class Kind(enum.StrEnum):

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .metrics_doc import documented, series
+from .metrics_doc import HISTOGRAM_SERIES, documented, series
 
 GRAFANA = Path(__file__).resolve().parents[1] / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "sidecar.json"
@@ -33,6 +33,10 @@ _VARIABLE = re.compile(r"\$\{?\w+\}?")
 _MATCHERS = re.compile(r"\{[^{}]*\}")
 _RANGE = re.compile(r"\[[^\]]*\]")
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_GROUPING_LABELS = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+_MATCHER_LABEL = re.compile(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)")
+# Labels every scraped series has (target labels) or that PromQL adds.
+TARGET_LABELS = {"instance", "job", "le", "__name__"}
 _IDENTIFIER = re.compile(r"(?<![\w:.])([A-Za-z_:][\w:]*)(\s*\()?")
 _KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
              "offset", "inf", "nan"}
@@ -51,6 +55,15 @@ def metric_names(expr: str) -> set[str]:
     for name, call in _IDENTIFIER.findall(text):
         if not call and name.lower() not in _KEYWORDS:
             names.add(name)
+    return names
+
+
+def label_names(expr: str) -> set[str]:
+    """The label names an expression matches on or groups by."""
+    text = _STRING.sub('""', expr)
+    names = {n.strip() for group in _GROUPING_LABELS.findall(text) for n in group.split(",") if n.strip()}
+    for matchers in re.findall(r"\{([^{}]*)\}", text):
+        names |= set(_MATCHER_LABEL.findall(matchers))
     return names
 
 
@@ -100,6 +113,11 @@ def test_metric_names_of_an_expression(expr: str, names: set[str]) -> None:
     assert metric_names(expr) == names
 
 
+def test_label_names_of_an_expression() -> None:
+    assert label_names('sum by (kind, outcome) (rate(x{instance=~"$instance",outcome!="ok"}[5m])) '
+                       '/ ignoring(kind) y{a="{b=c}"}') == {"kind", "outcome", "instance", "a"}
+
+
 def test_template_queries() -> None:
     assert template_expr("label_values(sidecar_registry_etcd_up, instance)") == "sidecar_registry_etcd_up"
     assert template_expr('query_result(topk(5, sum by (kind) (x{a="b"})))') == 'topk(5, sum by (kind) (x{a="b"}))'
@@ -115,6 +133,19 @@ def test_every_expression_names_a_documented_metric(dashboard: dict[str, Any]) -
         if not names:
             problems.append(f"{where}: names no metric: {expr}")
         problems += [f"{where}: {name} is not in docs/metrics.md" for name in sorted(names - known)]
+    assert not problems, "\n".join(problems)
+
+
+def test_every_label_is_one_its_metrics_have(dashboard: dict[str, Any]) -> None:
+    """A ``by (capability)`` on a metric without that label draws one empty line; this catches it."""
+    doc = documented()
+    labels_of = {name: family.labels or frozenset() for name, family in doc.items()}
+    labels_of |= {name + suffix: labels for name, labels in list(labels_of.items()) for suffix in HISTOGRAM_SERIES}
+    problems = []
+    for where, expr in expressions(dashboard):
+        allowed = TARGET_LABELS.union(*(labels_of.get(name, frozenset()) for name in metric_names(expr)))
+        problems += [f"{where}: no metric of {expr} has the label {label}"
+                     for label in sorted(label_names(expr) - allowed)]
     assert not problems, "\n".join(problems)
 
 

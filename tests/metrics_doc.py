@@ -6,12 +6,25 @@ a histogram or gauge by its base name.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterable
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
+import dns.asyncquery
+import dns.message
+import dns.rcode
+from aiohttp import web
 from prometheus_client import Metric
+
+from sidecar.server import Server
+
+from .etcd_process import free_port
+from .waiting import eventually
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 
@@ -89,3 +102,49 @@ def series(families: dict[str, Family]) -> set[str]:
     for name, family in families.items():
         names |= {name + suffix for suffix in HISTOGRAM_SERIES} if family.type == "histogram" else {name}
     return names
+
+
+@contextlib.asynccontextmanager
+async def busy_sidecar(make_server: Callable[..., object]) -> AsyncIterator[Server]:
+    """A running sidecar that has served DNS (in-zone, forwarded to a dead upstream, malformed, a stray response),
+    a proxied request to its healthy local agent, and active health checks: most families have samples."""
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", ok)
+    backend = web.AppRunner(app, access_log=None)
+    await backend.setup()
+    port = free_port()
+    await web.TCPSite(backend, "127.0.0.1", port).start()
+    try:
+        server = await make_server(  # type: ignore[operator]
+            dns={"listen": "127.0.0.1:0", "upstreams": [f"127.0.0.1:{free_port()}"], "upstream_timeout": 0.2},
+            agent={"name": "echo", "address": "127.0.0.1", "port": port, "capabilities": ["echo"],
+                   "health": {"type": "http", "url": f"http://127.0.0.1:{port}/health"}},
+            health_check={"interval": 0.1, "success_threshold": 1})
+        assert isinstance(server, Server)
+        await eventually(lambda: server.readiness()["ready"], what="sidecar ready")
+        await eventually(lambda: any(a.health.status == "healthy" for a in server.catalog.snapshot.agents.values()),
+                         what="local agent healthy in the snapshot")
+        assert server.dns.address is not None and server.proxy.address is not None
+        dns_host, dns_port = server.dns.address[:2]
+        for _ in range(2 * 64):  # the DNS latency histogram times one query in 64
+            answer = await dns.asyncquery.udp(dns.message.make_query("echo.agents.local", "A"), dns_host,
+                                              port=dns_port, timeout=5)
+            assert answer.rcode() == dns.rcode.NOERROR and answer.answer
+        forwarded = await dns.asyncquery.udp(dns.message.make_query("example.com", "A"), dns_host, port=dns_port,
+                                             timeout=10)
+        assert forwarded.rcode() == dns.rcode.SERVFAIL
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+            raw.sendto(struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 0), (dns_host, dns_port))  # a question missing
+            raw.sendto(struct.pack("!HHHHHH", 2, 0x8000, 0, 0, 0, 0), (dns_host, dns_port))  # a response
+        proxy_host, proxy_port = server.proxy.address
+        async with aiohttp.ClientSession() as http:
+            for _ in range(3):
+                async with http.get(f"http://{proxy_host}:{proxy_port}/hello",
+                                    headers={"Host": "echo.agents.local"}) as response:
+                    assert response.status == 200, await response.text()
+        yield server
+    finally:
+        await backend.cleanup()

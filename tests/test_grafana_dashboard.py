@@ -6,6 +6,7 @@ dashboard to docs/metrics.md. With promtool installed the expressions are also p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -14,10 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
-from .metrics_doc import HISTOGRAM_SERIES, documented, series
+from .etcd_process import free_port
+from .metrics_doc import HISTOGRAM_SERIES, busy_sidecar, documented, series
+from .waiting import eventually
 
 GRAFANA = Path(__file__).resolve().parents[1] / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "sidecar.json"
@@ -183,19 +187,80 @@ def test_panels_are_well_formed(dashboard: dict[str, Any]) -> None:
     assert providers and all(p["type"] == "file" and p["options"]["path"] for p in providers)
 
 
+def filled(expr: str, interval: str = "5m") -> str:
+    """An expression with Grafana's variables replaced: intervals by ``interval``, the rest by ``.*``."""
+    expr = re.sub(r"\$__(?:rate_interval|interval|range)\b", interval, expr)
+    return re.sub(r"\$\{?\w+\}?", ".*", expr)
+
+
 promtool = shutil.which("promtool")
+prometheus = shutil.which("prometheus")
 
 
 @pytest.mark.skipif(promtool is None, reason="promtool not installed (Debian package prometheus)")
 def test_promtool_parses_every_expression(dashboard: dict[str, Any], tmp_path: Path) -> None:
     """Each expression, with Grafana's variables filled in, as a recording rule that promtool checks."""
-    def filled(expr: str) -> str:
-        expr = re.sub(r"\$__(?:rate_interval|interval|range)\b", "5m", expr)
-        return re.sub(r"\$\{?\w+\}?", ".*", expr)
-
     rules = [{"record": f"dashboard:expr{i}", "expr": filled(expr)}
              for i, (_, expr) in enumerate(expressions(dashboard))]
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = subprocess.run([str(promtool), "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@contextlib.contextmanager
+def running_prometheus(tmp_path: Path, target: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A Prometheus scraping ``target`` every second; (its process, its web port). Stopped on exit."""
+    assert prometheus is not None
+    port = free_port()
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "sidecar", "static_configs": [{"targets": [target]}]}]}))
+    with (tmp_path / "prometheus.log").open("w") as log, subprocess.Popen(
+            [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT) as process:
+        try:
+            yield process, port
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+@pytest.mark.etcd
+@pytest.mark.asyncio
+@pytest.mark.skipif(prometheus is None, reason="prometheus not installed (Debian package prometheus)")
+async def test_prometheus_answers_every_panel_of_a_real_sidecar(make_server, dashboard: dict[str, Any],
+                                                                tmp_path: Path) -> None:
+    """A real Prometheus scrapes a sidecar that served traffic; every expression evaluates without error,
+    and the panels the issue asks for (DNS, proxy, snapshot age, etcd) return series."""
+    async with busy_sidecar(make_server) as server:
+        assert server.admin.address is not None
+        with running_prometheus(tmp_path, "{}:{}".format(*server.admin.address[:2])) as (process, web_port):
+            async with aiohttp.ClientSession() as http:
+                async def query(expr: str) -> dict[str, Any]:
+                    async with http.get(f"http://127.0.0.1:{web_port}/api/v1/query",
+                                        params={"query": expr}) as response:
+                        return dict(await response.json())
+
+                async def scraped() -> bool:
+                    if process.poll() is not None:
+                        raise AssertionError("prometheus exited:\n" + (tmp_path / "prometheus.log").read_text())
+                    try:
+                        answer = await query("count_over_time(sidecar_registry_etcd_up[1m]) >= 2")
+                    except aiohttp.ClientError:
+                        return False
+                    return bool(answer.get("data", {}).get("result"))
+
+                await eventually(scraped, timeout=60, what="two scrapes of the sidecar", step=0.2)
+                answered, problems = set(), []
+                for where, expr in expressions(dashboard):
+                    answer = await query(filled(expr, "1m"))
+                    if answer["status"] != "success":
+                        problems.append(f"{where}: {answer.get('error')}: {expr}")
+                    elif answer["data"]["result"]:
+                        answered |= metric_names(expr)
+    assert not problems, "\n".join(problems)
+    asked = {"sidecar_dns_queries_total", "sidecar_dns_query_duration_seconds_bucket", "sidecar_proxy_requests_total",
+             "sidecar_proxy_request_duration_seconds_bucket", "sidecar_registry_snapshot_stale_seconds",
+             "sidecar_registry_etcd_up", "sidecar_registry_snapshot_agents"}
+    assert asked <= answered, f"no panel over {sorted(asked - answered)} returned a series"

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import socket
-import struct
-
 import aiohttp
-import dns.asyncquery
-import dns.message
-import dns.rcode
 import pytest
-from aiohttp import web
 from prometheus_client import Metric
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.metrics import Metrics
 
-from .etcd_process import free_port
-from .metrics_doc import Family, differences, documented, exported, promql_name
+from .metrics_doc import Family, busy_sidecar, differences, documented, exported, promql_name
 from .waiting import eventually
 
 
@@ -83,19 +75,6 @@ def test_created_series_are_folded_into_their_family() -> None:
     assert "sidecar_registry_relists_total" in parsed and not any(n.endswith("_created") for n in parsed)
 
 
-async def _backend() -> tuple[web.AppRunner, int]:
-    async def ok(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", ok)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, port
-
-
 def _parse(text: str) -> list[Metric]:
     return list(text_string_to_metric_families(text))
 
@@ -104,49 +83,22 @@ def _parse(text: str) -> list[Metric]:
 @pytest.mark.asyncio
 async def test_metrics_page_of_a_running_sidecar_matches_the_doc(make_server) -> None:
     """A real sidecar with a local agent, DNS and proxy traffic: /metrics and the doc agree, labels included."""
-    runner, port = await _backend()
-    dead_upstream = free_port()
-    try:
-        server = await make_server(
-            dns={"listen": "127.0.0.1:0", "upstreams": [f"127.0.0.1:{dead_upstream}"], "upstream_timeout": 0.2},
-            agent={"name": "echo", "address": "127.0.0.1", "port": port, "capabilities": ["echo"],
-                   "health": {"type": "http", "url": f"http://127.0.0.1:{port}/health"}},
-            health_check={"interval": 0.1, "success_threshold": 1})
-        await eventually(lambda: server.readiness()["ready"], what="sidecar ready")
-        await eventually(lambda: any(a.health.status == "healthy" for a in server.catalog.snapshot.agents.values()),
-                         what="local agent healthy in the snapshot")
-        assert server.dns.address is not None and server.proxy.address is not None and server.admin.address
-        dns_host, dns_port = server.dns.address[:2]
-        answer = await dns.asyncquery.udp(dns.message.make_query("echo.agents.local", "A"), dns_host, port=dns_port,
-                                          timeout=5)
-        assert answer.rcode() == dns.rcode.NOERROR and answer.answer
-        forwarded = await dns.asyncquery.udp(dns.message.make_query("example.com", "A"), dns_host, port=dns_port,
-                                             timeout=10)
-        assert forwarded.rcode() == dns.rcode.SERVFAIL
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
-            raw.sendto(struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 0), (dns_host, dns_port))  # a question missing
-            raw.sendto(struct.pack("!HHHHHH", 2, 0x8000, 0, 0, 0, 0), (dns_host, dns_port))  # a response
-        proxy_host, proxy_port = server.proxy.address
+    async with busy_sidecar(make_server) as server, aiohttp.ClientSession() as http:
+        assert server.admin.address is not None
         admin = f"http://{server.admin.address[0]}:{server.admin.address[1]}"
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://{proxy_host}:{proxy_port}/hello",
-                                headers={"Host": "echo.agents.local"}) as response:
-                assert response.status == 200, await response.text()
 
-            async def page() -> dict[str, Family]:
-                async with http.get(admin + "/metrics") as response:
-                    assert response.status == 200
-                    return exported(_parse(await response.text()))
+        async def page() -> dict[str, Family]:
+            async with http.get(admin + "/metrics") as response:
+                assert response.status == 200
+                return exported(_parse(await response.text()))
 
-            async def dns_counted() -> bool:
-                found = await page()
-                return all(found[f"sidecar_dns_{name}_total"].labels is not None
-                           for name in ("queries", "errors", "dropped", "forwarded", "upstream_errors"))
-
-            await eventually(dns_counted, what="every labelled DNS family to have a sample")
+        async def dns_counted() -> bool:
             found = await page()
-    finally:
-        await runner.cleanup()
+            return all(found[f"sidecar_dns_{name}_total"].labels is not None
+                       for name in ("queries", "errors", "dropped", "forwarded", "upstream_errors"))
+
+        await eventually(dns_counted, what="every labelled DNS family to have a sample")
+        found = await page()
     problems = differences(documented(), found)
     # Families still without samples must be prometheus_client metrics, whose labels the unit test probes.
     probed = wrappers(Metrics())

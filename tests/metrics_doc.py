@@ -18,12 +18,12 @@ import aiohttp
 import dns.asyncquery
 import dns.message
 import dns.rcode
-from aiohttp import web
 from prometheus_client import Metric
 
 from sidecar.server import Server
 
 from .etcd_process import free_port
+from .health.conftest import HttpAgent
 from .waiting import eventually
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
@@ -108,15 +108,8 @@ def series(families: dict[str, Family]) -> set[str]:
 async def busy_sidecar(make_server: Callable[..., object]) -> AsyncIterator[Server]:
     """A running sidecar that has served DNS (in-zone, forwarded to a dead upstream, malformed, a stray response),
     a proxied request to its healthy local agent, and active health checks: most families have samples."""
-    async def ok(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", ok)
-    backend = web.AppRunner(app, access_log=None)
-    await backend.setup()
-    port = free_port()
-    await web.TCPSite(backend, "127.0.0.1", port).start()
+    backend = await HttpAgent().start()
+    port = backend.port
     try:
         server = await make_server(  # type: ignore[operator]
             dns={"listen": "127.0.0.1:0", "upstreams": [f"127.0.0.1:{free_port()}"], "upstream_timeout": 0.2},
@@ -142,9 +135,9 @@ async def busy_sidecar(make_server: Callable[..., object]) -> AsyncIterator[Serv
         proxy_host, proxy_port = server.proxy.address
         async with aiohttp.ClientSession() as http:
             for _ in range(3):
-                async with http.get(f"http://{proxy_host}:{proxy_port}/hello",
+                async with http.get(f"http://{proxy_host}:{proxy_port}/health",
                                     headers={"Host": "echo.agents.local"}) as response:
                     assert response.status == 200, await response.text()
         yield server
     finally:
-        await backend.cleanup()
+        await backend.stop()

@@ -60,6 +60,7 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("--admin-token", "admin.token", "bearer token required by mutating admin calls"),
     Flag("--loop", "loop", "event loop: uvloop (default) or asyncio"),
     Flag("--log-level", "log_level", "debug, info, warning or error"),
+    Flag("--log-format", "log_format", "text (default) or json: one JSON object a line, with the trace id"),
     Flag("--agent-name", "agent.name", "local agent: service name"),
     Flag("--agent-id", "agent.id", "local agent: id (default generated)"),
     Flag("--agent-address", "agent.address", "local agent: address (default POD_IP, else this host's)"),
@@ -236,8 +237,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.command == "run":
             settings = settings_from(args, environ)
-            logging.basicConfig(level=settings.log_level.upper(),
-                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            from .logs import stderr_handler
+
+            logging.basicConfig(level=settings.log_level.upper(), handlers=[stderr_handler(settings.log_format)])
             code = _run_until_signal(settings.loop, lambda stop: commands.run(
                 settings, stop, lambda: settings_from(args, dict(os.environ))))
         elif args.command == "dev":

@@ -67,7 +67,8 @@ async def run(settings: Settings, stop: asyncio.Event, reread: Callable[[], Sett
 
 
 def _client(etcd: EtcdSettings) -> EtcdClient:
-    return EtcdClient(etcd.endpoints, timeout=etcd.request_timeout, username=etcd.username, password=etcd.password)
+    return EtcdClient(etcd.endpoints, timeout=etcd.request_timeout, username=etcd.username, password=etcd.password,
+                      dial_timeout=etcd.dial_timeout)
 
 
 def meta_pairs(values: Sequence[str], key: str) -> dict[str, str]:

@@ -48,7 +48,8 @@ class Server:
         self.metrics = metrics or Metrics()
         etcd_settings = settings.etcd
         self.etcd = EtcdClient(etcd_settings.endpoints, timeout=etcd_settings.request_timeout,
-                               username=etcd_settings.username, password=etcd_settings.password)
+                               username=etcd_settings.username, password=etcd_settings.password,
+                               dial_timeout=etcd_settings.dial_timeout)
         self.catalog = Catalog()
         self.sync = CatalogSync(self.etcd, etcd_settings.prefix, self.catalog, self.metrics.registry)
         self.leases = LeaseKeeper(self.etcd, etcd_settings.prefix, self.metrics.registry,

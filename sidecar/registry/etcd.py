@@ -98,7 +98,8 @@ class EtcdClient:
     """Async etcd v3 access with timeouts, typed errors and a shared keepalive stream."""
 
     def __init__(self, endpoints: Sequence[str], *, timeout: float = 5.0,
-                 username: str = "", password: str = "", max_inflight: int = 256) -> None:
+                 username: str = "", password: str = "", max_inflight: int = 256,
+                 dial_timeout: float | None = None) -> None:
         self.endpoints = list(endpoints)
         self.timeout = timeout
         target = grpc_target(parse_endpoints(endpoints))
@@ -106,7 +107,7 @@ class EtcdClient:
         host, _, port = target.rpartition(":")
         self._client = aetcd.Client(
             host=host, port=int(port), username=username or None, password=password or None,
-            timeout=timeout, options=dict(_CHANNEL_OPTIONS), connect_wait_timeout=int(max(timeout, 1)),
+            timeout=timeout, options=dict(_CHANNEL_OPTIONS), connect_wait_timeout=int(max(dial_timeout or timeout, 1)),
         )
         self._keepalive: _KeepAliveStream | None = None
         # Bounded in-flight unary calls: a burst of thousands of registrations is queued here

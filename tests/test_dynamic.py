@@ -258,3 +258,33 @@ def test_sighup_rereads_the_file(etcd: EtcdProcess, prefix: str, tmp_path) -> No
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+@pytest.mark.asyncio
+async def test_breaker_states_survive_a_change(make_server) -> None:
+    from .etcd_process import free_port
+
+    server = await make_server()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base(server) + "/v1/agents", json={**AGENT, "id": "dead-1", "capabilities": ["dead"],
+                                                                "port": free_port()}) as response:
+            assert response.status == 201
+        await eventually(lambda: "dead-1" in server.catalog.snapshot.by_id)
+
+        async def breaker() -> str:
+            async with http.get(base(server) + "/v1/agents/dead-1") as response:
+                return (await response.json())["breaker"]
+
+        proxy = "http://%s:%d" % server.proxy.address
+
+        async def failing() -> bool:
+            async with http.get(proxy + "/", headers={"Host": "dead.agents.local"}) as response:
+                assert response.status in (502, 503, 504)
+            return await breaker() == "open"
+
+        await eventually(failing, what="the breaker to open")
+        status, body = await put_config(http, server, {"load_balancer": {"algorithm": "round_robin",
+                                                                          "retries": {"attempts": 1}}})
+        assert status == 200
+        await eventually(lambda: server.config.version == body["version"])
+        assert await breaker() == "open", "a configuration change keeps breaker states"

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from sidecar.catalog import Catalog, Delete, Reset, Upsert
-from sidecar.discovery import Kind, Query, Update, WatchHub
+from sidecar.discovery import Query, Update, WatchHub
 from sidecar.model import parse_agent
 
 pytestmark = pytest.mark.asyncio

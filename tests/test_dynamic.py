@@ -27,7 +27,7 @@ AGENT = {"id": "chat-1", "name": "chat-agent", "address": "127.0.0.1", "port": 9
 
 def base(server: Server) -> str:
     assert server.admin.address is not None
-    return "http://%s:%d" % server.admin.address
+    return "http://{}:{}".format(*server.admin.address)
 
 
 async def put_config(http: aiohttp.ClientSession, server: Server, document: object, **headers: str) -> tuple[int, dict]:
@@ -186,7 +186,7 @@ async def test_a_change_keeps_streams_and_proxied_requests_going(make_server) ->
             async with http.get(base(server) + "/v1/watch") as stream:
                 kind, _, first = await next_event(stream)
                 assert kind == "snapshot" and len(first["agents"]) == 3
-                proxy = "http://%s:%d" % server.proxy.address
+                proxy = "http://{}:{}".format(*server.proxy.address)
 
                 async def load() -> list[int]:
                     statuses = []
@@ -275,7 +275,7 @@ async def test_breaker_states_survive_a_change(make_server) -> None:
             async with http.get(base(server) + "/v1/agents/dead-1") as response:
                 return (await response.json())["breaker"]
 
-        proxy = "http://%s:%d" % server.proxy.address
+        proxy = "http://{}:{}".format(*server.proxy.address)
 
         async def failing() -> bool:
             async with http.get(proxy + "/", headers={"Host": "dead.agents.local"}) as response:

@@ -11,9 +11,8 @@ import pytest
 import pytest_asyncio
 from dnslib import DNSRecord
 
-from sidecar.config import DnsSettings
+from sidecar.config import DnsSettings, HostPort
 from sidecar.dns import forward
-from sidecar.config import HostPort
 from sidecar.dns.forward import Forwarder, resolv_conf_upstreams
 from sidecar.dns.server import upstreams_from
 from sidecar.metrics import DnsMetrics, Metrics

@@ -109,6 +109,7 @@ class EtcdClient:
             host=host, port=int(port), username=username or None, password=password or None,
             timeout=timeout, options=dict(_CHANNEL_OPTIONS), connect_wait_timeout=int(max(dial_timeout or timeout, 1)),
         )
+        self._attempt_timeout = max(0.5, timeout / 3)
         self._keepalive: _KeepAliveStream | None = None
         # Bounded in-flight unary calls: a burst of thousands of registrations is queued here
         # instead of pushing etcd into "too many requests".
@@ -124,20 +125,29 @@ class EtcdClient:
             log.debug("etcd client close failed", exc_info=True)
 
     async def _call(self, method: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        """One unary call: bounded in flight, retried while etcd sheds load, errors typed."""
+        """One unary call, retried until it succeeds or ``timeout`` runs out; errors typed.
+
+        Each attempt gets a third of the deadline, so a member that died with the call
+        in flight (or a follower waiting out an election) costs one attempt, not the
+        whole deadline; the round-robin channel sends the next attempt to another member.
+        Every caller is safe to retry: reads, puts of a whole value and deletes are
+        idempotent; leases are granted under an id chosen here (a retry of a grant that
+        did land says "lease already exists"), and a compare-and-swap that landed is
+        recognised by its value (``put_if``).
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-        delay = 0.01
+        delay = 0.02
         while True:
+            attempt = max(0.05, min(deadline - loop.time(), self._attempt_timeout))
             async with self._inflight:
                 try:
-                    return await method(*args, **kwargs)
+                    return await asyncio.wait_for(method(*args, **kwargs), attempt)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     cause, error = exc, _translate(exc)
-            # "etcdserver: too many requests": apply has fallen behind commit; back off and retry.
-            if isinstance(error, RegistryBusy) and loop.time() + delay < deadline:
+            if _retryable(error) and loop.time() + delay < deadline:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 0.5)
                 continue
@@ -194,9 +204,13 @@ class EtcdClient:
         succeeded, responses = await self._call(self._client.transaction,
                                                 compare=[transactions.mod(key.encode()) == mod_revision],
                                                 success=[transactions.put(key.encode(), value)], failure=[])
-        if not succeeded:
-            return None
-        return int(responses[0].response_put.header.revision)
+        if succeeded:
+            return int(responses[0].response_put.header.revision)
+        # Lost the compare, or an earlier attempt of this very call landed: the value tells which.
+        current = await self.get_at(key)
+        if current is not None and current.value == value and current.mod_revision > mod_revision:
+            return current.mod_revision
+        return None
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
         """Write ``key``; with ``lease`` the key dies with the lease. Returns the revision."""
@@ -207,9 +221,21 @@ class EtcdClient:
         return await self._call(self._client.delete, key.encode()) is not None
 
     async def grant(self, ttl: int) -> int:
-        """A new lease of ``ttl`` seconds; returns its id."""
-        lease = await self._call(self._client.lease, ttl)
-        return int(lease.id)
+        """A new lease of ``ttl`` seconds; returns its id.
+
+        The id is chosen here, so that a retried grant whose first attempt landed
+        finds its own lease ("already exists") instead of leaving an orphan behind.
+        """
+        lease_id = random.getrandbits(62) + 1
+
+        async def grant_once() -> int:
+            try:
+                lease = await self._client.lease(ttl, lease_id)
+            except aetcd.exceptions.DuplicateLeaseError:
+                return lease_id
+            return int(lease.id)
+
+        return await self._call(grant_once)
 
     async def revoke(self, lease_id: int) -> None:
         """Revoke a lease (its keys are deleted); a lease already gone is not an error."""
@@ -283,6 +309,13 @@ class WatchStream:
             await asyncio.wait_for(self._watch.cancel(), 1.0)
         except BaseException:  # the stream may already be gone
             pass
+
+
+def _retryable(error: BaseException) -> bool:
+    if not isinstance(error, RegistryUnavailable):
+        return False
+    text = str(error).lower()
+    return not any(word in text for word in ("permission denied", "authentication failed", "user name is empty"))
 
 
 def _translate(exc: BaseException) -> BaseException:

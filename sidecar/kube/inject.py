@@ -305,7 +305,7 @@ def _container(meta: dict, annotations: Mapping[str, Any], containers: Sequence[
 def _agent_port(annotations: Mapping[str, Any], containers: Sequence[dict], name: str) -> int | None:
     """The local agent's port: the annotation (a number or a port name), else the port named ``agent``."""
     wanted = str(annotations.get(AGENT_PORT) or "")
-    ports: dict[str, int] = {str(p["name"]): p.get("containerPort") for c in containers for p in (c.get("ports") or [])
+    ports: dict[str, int] = {str(p["name"]): p["containerPort"] for c in containers for p in (c.get("ports") or [])
              if isinstance(p, dict) and p.get("name") and isinstance(p.get("containerPort"), int)}
     if wanted.isdigit() and 0 < int(wanted) < 65536:
         return int(wanted)
@@ -326,12 +326,14 @@ def _agent_name(meta: Mapping[str, Any]) -> str:
 
 
 def _proxy_env(container: dict, name: str) -> None:
+    """HTTP_PROXY at the sidecar and NO_PROXY for loopback, both spellings; a variable the user set wins, and
+    then so does its other spelling (a user ``HTTP_PROXY`` gets no ``http_proxy`` of ours beside it)."""
     env = _list(container, "env", name)
-    present = {e.get("name") for e in env if isinstance(e, dict)}
-    proxy = f"http://127.0.0.1:{PROXY_PORT}"
-    loopback = "localhost,127.0.0.1,::1"
-    wanted = [("HTTP_PROXY", proxy), ("http_proxy", proxy), ("NO_PROXY", loopback), ("no_proxy", loopback)]
-    added = [{"name": k, "value": v} for k, v in wanted if k not in present]
+    present = {str(e.get("name", "")).upper() for e in env if isinstance(e, dict)}
+    added = [{"name": spelling, "value": value}
+             for variable, value in (("HTTP_PROXY", f"http://127.0.0.1:{PROXY_PORT}"),
+                                     ("NO_PROXY", "localhost,127.0.0.1,::1"))
+             if variable not in present for spelling in (variable, variable.lower())]
     if added:
         container["env"] = [*env, *added]
 

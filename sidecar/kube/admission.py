@@ -44,8 +44,13 @@ def review(body: Any, options: InjectOptions) -> tuple[dict[str, Any], Outcome]:
     except InjectError as exc:
         response.update(allowed=False, status={"code": 400, "reason": "BadRequest",
                                                "message": f"sidecar injection: {exc}"})
-        return answer, Outcome("Pod", name, "skipped", str(exc))
+        return answer, Outcome("Pod", name or _pod_name(pod), "refused", str(exc))
     if outcome.action == "injected":
         patch = json.dumps(diff(pod, new), separators=(",", ":")).encode()
         response.update(patchType="JSONPatch", patch=base64.b64encode(patch).decode("ascii"))
     return answer, outcome
+
+
+def _pod_name(pod: Mapping[str, Any]) -> str:
+    meta = pod.get("metadata")
+    return str(meta.get("name") or meta.get("generateName") or "") if isinstance(meta, Mapping) else ""

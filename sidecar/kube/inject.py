@@ -60,7 +60,7 @@ TEMPLATE_PATHS: Mapping[str, tuple[str, ...]] = {
     "CronJob": ("spec", "jobTemplate", "spec", "template"),
 }
 
-Action = Literal["injected", "already", "skipped", "passed"]
+Action = Literal["injected", "already", "skipped", "passed", "refused"]
 
 
 class InjectError(SidecarError):
@@ -94,7 +94,7 @@ class InjectOptions:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one object: injected, already injected, skipped (with why) or passed through."""
+    """What happened to one object: injected, already injected, skipped or refused (with why), passed through."""
 
     kind: str
     name: str
@@ -103,7 +103,7 @@ class Outcome:
 
     def __str__(self) -> str:
         what = {"injected": "injected", "already": "already injected, unchanged",
-                "skipped": "skipped", "passed": "passed through"}[self.action]
+                "skipped": "skipped", "passed": "passed through", "refused": "refused"}[self.action]
         return f"{self.kind.lower() or 'document'}/{self.name or '<unnamed>'}: {what}" + \
             (f" ({self.reason})" if self.reason else "")
 

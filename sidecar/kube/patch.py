@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 
@@ -24,7 +25,7 @@ def diff(before: Any, after: Any) -> list[dict[str, Any]]:
 
 
 def _diff(before: Any, after: Any, path: list[str | int], ops: list[dict[str, Any]]) -> None:
-    if before == after and type(before) is type(after):
+    if _same(before, after):
         return
     if isinstance(before, dict) and isinstance(after, dict):
         for key in before:
@@ -38,7 +39,7 @@ def _diff(before: Any, after: Any, path: list[str | int], ops: list[dict[str, An
         return
     if isinstance(before, list) and isinstance(after, list) and len(after) >= len(before):
         extra = len(after) - len(before)
-        if extra and after[:len(before)] == before:
+        if extra and _same(after[:len(before)], before):
             ops.extend({"op": "add", "path": pointer(path) + "/-", "value": v} for v in after[len(before):])
             return
         # Otherwise the new items went in front (the sidecar container) and the old ones may have changed.
@@ -47,3 +48,8 @@ def _diff(before: Any, after: Any, path: list[str | int], ops: list[dict[str, An
             _diff(old, after[extra + i], [*path, extra + i], ops)
         return
     ops.append({"op": "replace", "path": pointer(path), "value": after})
+
+
+def _same(a: Any, b: Any) -> bool:
+    # Python's == has 1 == True == 1.0; JSON does not.
+    return a == b and json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)

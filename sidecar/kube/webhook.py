@@ -45,9 +45,9 @@ class Webhook:
         self._runner: web.AppRunner | None = None
         self._reloader: asyncio.Task[None] | None = None
 
-    def _load(self) -> tuple[float, float]:
+    def _load(self) -> tuple[int, int]:
         try:
-            stamp = (os.stat(self.cert_file).st_mtime, os.stat(self.key_file).st_mtime)
+            stamp = (os.stat(self.cert_file).st_mtime_ns, os.stat(self.key_file).st_mtime_ns)
             self.tls.load_cert_chain(self.cert_file, self.key_file)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError("--tls-cert/--tls-key", f"{self.cert_file}, {self.key_file}",
@@ -80,17 +80,24 @@ class Webhook:
             await self.stop()
         return 0
 
+    def reload_if_changed(self) -> bool:
+        """Load the certificate and key again if either file changed; True when it did."""
+        try:
+            stamp = (os.stat(self.cert_file).st_mtime_ns, os.stat(self.key_file).st_mtime_ns)
+            if stamp == self._loaded:
+                return False
+            self._loaded = self._load()
+        except (OSError, ConfigError) as exc:
+            # Mid-rotation the pair can disagree for a moment; the old one stays in use.
+            log.warning("keeping the current TLS certificate: %s", exc)
+            return False
+        log.info("reloaded the TLS certificate %s", self.cert_file)
+        return True
+
     async def _reload(self) -> None:
         while True:
             await asyncio.sleep(self.reload_interval)
-            try:
-                stamp = (os.stat(self.cert_file).st_mtime, os.stat(self.key_file).st_mtime)
-                if stamp != self._loaded:
-                    self._loaded = self._load()
-                    log.info("reloaded the TLS certificate %s", self.cert_file)
-            except (OSError, ConfigError) as exc:
-                # Mid-rotation the pair can disagree for a moment; the old one stays in use.
-                log.warning("keeping the current TLS certificate: %s", exc)
+            self.reload_if_changed()
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -22,6 +22,8 @@ from .inject import InjectOptions
 
 log = logging.getLogger("sidecar.webhook")
 MAX_BODY = 8 * 1024 * 1024
+# The path the MutatingWebhookConfiguration calls (deploy/kubernetes/webhook.yaml).
+MUTATE_PATH = "/mutate"
 
 
 class Webhook:
@@ -40,7 +42,7 @@ class Webhook:
         self.tls.minimum_version = ssl.TLSVersion.TLSv1_2
         self._loaded = self._load()
         self.app = web.Application(client_max_size=MAX_BODY)
-        self.app.add_routes([web.post("/mutate", self.mutate), web.get("/healthz", self.healthz),
+        self.app.add_routes([web.post(MUTATE_PATH, self.mutate), web.get("/healthz", self.healthz),
                              web.get("/readyz", self.healthz)])
         self._runner: web.AppRunner | None = None
         self._reloader: asyncio.Task[None] | None = None

@@ -129,8 +129,10 @@ def inject_pod(original: Mapping[str, Any], options: InjectOptions,
         return pod, Outcome("Pod", name, "skipped", "hostNetwork pod: its DNS and ports are the node's")
     init = _list(spec, "initContainers", name)
     containers = _list(spec, "containers", name)
-    if STATUS in annotations or any(c.get("name") == CONTAINER for c in (*init, *containers)):
+    if STATUS in annotations:
         return pod, Outcome("Pod", name, "already")
+    if any(c.get("name") == CONTAINER for c in (*init, *containers)):
+        return pod, Outcome("Pod", name, "already", f"it has a container named {CONTAINER!r}")
     if not containers:
         raise InjectError(f"{name}: spec.containers is empty")
     namespace = namespace or meta.get("namespace") or options.namespace
@@ -153,7 +155,11 @@ def inject_pod(original: Mapping[str, Any], options: InjectOptions,
                                      sort_keys=True)
     meta["annotations"] = annotations
     pod["metadata"] = meta
-    return pod, Outcome("Pod", name, "injected")
+    note = ""
+    if not options.native and spec.get("restartPolicy") in ("Never", "OnFailure"):
+        # An ordinary container never exits by itself, so such a pod (a Job's) would never complete.
+        note = f"warning: restartPolicy {spec['restartPolicy']} with --no-native: the sidecar keeps the pod running"
+    return pod, Outcome("Pod", name, "injected", note)
 
 
 def inject_object(obj: Any, options: InjectOptions) -> tuple[Any, list[Outcome]]:

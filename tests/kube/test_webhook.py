@@ -7,8 +7,10 @@ import base64
 import json
 import re
 import shutil
+import signal
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ from sidecar.kube.admission import BadReview, review
 from sidecar.kube.inject import TEMPLATE_PATHS, InjectOptions
 from sidecar.kube.webhook import Webhook
 
+from ..etcd_process import free_port
+from ..waiting import eventually
 from .golden import CASES, DATA, case_args, case_options, check_golden, run_inject
 
 OPTIONS = InjectOptions(upstream_dns=("10.96.0.10",))
@@ -189,3 +193,38 @@ async def test_a_rotated_certificate_is_served_without_a_restart(certs: tuple[Pa
         assert second != first and second == ssl.PEM_cert_to_DER_cert(new_cert.read_text())
     finally:
         await webhook.stop()
+
+
+@pytest.mark.asyncio
+async def test_sidecar_webhook_command_serves_until_sigterm(certs: tuple[Path, Path]) -> None:
+    cert, key = certs
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "webhook", "--listen", f"127.0.0.1:{port}", "--tls-cert", str(cert),
+        "--tls-key", str(key), "--upstream-dns", "10.96.0.10", stderr=asyncio.subprocess.PIPE)
+    trust = ssl.create_default_context(cafile=str(cert))
+    body = json.loads((DATA / "webhook-pod.request.json").read_text())
+    try:
+        async def answers() -> dict | None:
+            try:
+                async with aiohttp.ClientSession() as client, \
+                        client.post(f"https://127.0.0.1:{port}/mutate", json=body, ssl=trust) as response:
+                    return await response.json()
+            except aiohttp.ClientConnectionError:
+                return None
+
+        await eventually(answers, what="the webhook to listen")
+        assert await answers() == review(body, OPTIONS)[0]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, stderr.decode()
+    assert "pod/chat-7d9c4b9f6-: injected (dry run)" in stderr.decode()
+
+
+def test_a_missing_certificate_is_a_clear_error(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "sidecar", "webhook", "--tls-cert", str(tmp_path / "none.crt"),
+                           "--tls-key", str(tmp_path / "none.key"), "--upstream-dns", "10.96.0.10"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.startswith("sidecar: invalid configuration: --tls-cert/--tls-key: cannot load")

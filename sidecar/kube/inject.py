@@ -110,46 +110,47 @@ class Outcome:
 
 def inject_pod(original: Mapping[str, Any], options: InjectOptions,
                namespace: str | None = None) -> tuple[dict[str, Any], Outcome]:
-    """A copy of ``pod`` (``metadata`` + ``spec``, a Pod or a pod template) with the sidecar, and what was done.
+    """A copy of ``original`` (``metadata`` + ``spec``: a Pod or a pod template) with the sidecar, and what was done.
 
     Never changes its argument. ``namespace`` overrides the pod's own (the webhook knows it from the request).
+    Raises InjectError, saying what is wrong but not naming the pod (the caller knows which it is).
     """
     pod: dict[str, Any] = copy.deepcopy(dict(original))
     meta = pod.get("metadata") or {}
     spec = pod.get("spec")
     name = _name(meta)
     if not isinstance(spec, dict) or not isinstance(meta, dict):
-        raise InjectError(f"{name}: the pod template has no spec mapping")
+        raise InjectError("the pod has no spec mapping")
     annotations = meta.get("annotations") or {}
     if not isinstance(annotations, dict):
-        raise InjectError(f"{name}: metadata.annotations must be a mapping")
-    if str(annotations.get(INJECT, "")).lower() in ("disabled", "false", "no", "off"):
+        raise InjectError("metadata.annotations must be a mapping")
+    if _off(annotations.get(INJECT)):
         return pod, Outcome("Pod", name, "skipped", f"{INJECT}: {annotations[INJECT]}")
     if spec.get("hostNetwork"):
         return pod, Outcome("Pod", name, "skipped", "hostNetwork pod: its DNS and ports are the node's")
-    init = _list(spec, "initContainers", name)
-    containers = _list(spec, "containers", name)
+    init = _list(spec, "initContainers")
+    containers = _list(spec, "containers")
     if STATUS in annotations:
         return pod, Outcome("Pod", name, "already")
     if any(c.get("name") == CONTAINER for c in (*init, *containers)):
         return pod, Outcome("Pod", name, "already", f"it has a container named {CONTAINER!r}")
     if not containers:
-        raise InjectError(f"{name}: spec.containers is empty")
+        raise InjectError("spec.containers is empty")
     namespace = namespace or meta.get("namespace") or options.namespace
 
     upstreams = _dns(spec, namespace, options)
-    sidecar = _container(meta, annotations, containers, upstreams, options, name)
+    sidecar = _container(meta, annotations, containers, upstreams, options)
     if not options.native:
         spec["containers"] = [sidecar, *containers]
         annotations.setdefault(DEFAULT_CONTAINER, containers[0].get("name", ""))
     else:
         spec["initContainers"] = [sidecar, *init]
     if options.config_map:
-        volumes = _list(spec, "volumes", name)
+        volumes = _list(spec, "volumes")
         spec["volumes"] = [*volumes, {"name": "sidecar-config", "configMap": {"name": options.config_map}}]
-    if str(annotations.get(PROXY_ENV, "")).lower() not in ("disabled", "false", "no", "off"):
+    if not _off(annotations.get(PROXY_ENV)):
         for container in containers:
-            _proxy_env(container, name)
+            _proxy_env(container)
     _sysctl(spec)
     annotations[STATUS] = json.dumps({"version": __version__, "container": CONTAINER, "native": options.native},
                                      sort_keys=True)
@@ -188,8 +189,11 @@ def inject_object(obj: Any, options: InjectOptions) -> tuple[Any, list[Outcome]]
         template = template.get(key) if isinstance(template, dict) else None
     if not isinstance(template, dict):
         raise InjectError(f"{kind.lower()}/{name}: no pod template at .{'.'.join(path)}")
-    # A pod template has no namespace of its own: its pods get the workload's.
-    new_template, outcome = inject_pod(template, options, namespace=meta.get("namespace") if path else None)
+    try:
+        # A pod template has no namespace of its own: its pods get the workload's.
+        new_template, outcome = inject_pod(template, options, namespace=meta.get("namespace") if path else None)
+    except InjectError as exc:
+        raise InjectError(f"{kind.lower()}/{name}: {exc}") from None
     outcome = Outcome(kind, name, outcome.action, outcome.reason)
     if outcome.action != "injected":
         return obj, [outcome]
@@ -247,7 +251,7 @@ def _dns(spec: dict, namespace: str, options: InjectOptions) -> list[str]:
 
 
 def _container(meta: dict, annotations: Mapping[str, Any], containers: Sequence[dict], upstreams: Sequence[str],
-               options: InjectOptions, name: str) -> dict:
+               options: InjectOptions) -> dict:
     args = ["run"]
     if options.config_map:
         args += ["--config", f"{CONFIG_DIR}/sidecar.yaml"]
@@ -258,8 +262,8 @@ def _container(meta: dict, annotations: Mapping[str, Any], containers: Sequence[
     if upstreams:
         args += ["--upstream-dns", ",".join(upstreams)]
     else:
-        raise InjectError(f"{name}: no upstream DNS: pass --upstream-dns (the cluster DNS service IP)")
-    port = _agent_port(annotations, containers, name)
+        raise InjectError("no upstream DNS: pass --upstream-dns (the cluster DNS service IP)")
+    port = _agent_port(annotations, containers)
     if port:
         agent = annotations.get(ANNOTATION_PREFIX + "agent-name") or _agent_name(meta)
         args += ["--agent-name", str(agent), "--agent-id", "$(POD_NAME)", "--agent-port", str(port)]
@@ -308,7 +312,7 @@ def _container(meta: dict, annotations: Mapping[str, Any], containers: Sequence[
     return container
 
 
-def _agent_port(annotations: Mapping[str, Any], containers: Sequence[dict], name: str) -> int | None:
+def _agent_port(annotations: Mapping[str, Any], containers: Sequence[dict]) -> int | None:
     """The local agent's port: the annotation (a number or a port name), else the port named ``agent``."""
     wanted = str(annotations.get(AGENT_PORT) or "")
     ports: dict[str, int] = {str(p["name"]): p["containerPort"] for c in containers for p in (c.get("ports") or [])
@@ -317,7 +321,7 @@ def _agent_port(annotations: Mapping[str, Any], containers: Sequence[dict], name
         return int(wanted)
     if wanted:
         if wanted not in ports:
-            raise InjectError(f"{name}: {AGENT_PORT}: {wanted!r} is neither a port number nor a named container "
+            raise InjectError(f"{AGENT_PORT}: {wanted!r} is neither a port number nor a named container "
                               f"port (named: {', '.join(sorted(ports)) or 'none'})")
         return ports[wanted]
     return ports.get(AGENT_PORT_NAME)
@@ -331,10 +335,10 @@ def _agent_name(meta: Mapping[str, Any]) -> str:
     return str(meta.get("name") or str(meta.get("generateName") or "").rstrip("-") or "agent")
 
 
-def _proxy_env(container: dict, name: str) -> None:
+def _proxy_env(container: dict) -> None:
     """HTTP_PROXY at the sidecar and NO_PROXY for loopback, both spellings; a variable the user set wins, and
     then so does its other spelling (a user ``HTTP_PROXY`` gets no ``http_proxy`` of ours beside it)."""
-    env = _list(container, "env", name)
+    env = _list(container, "env")
     present = {str(e.get("name", "")).upper() for e in env if isinstance(e, dict)}
     added = [{"name": spelling, "value": value}
              for variable, value in (("HTTP_PROXY", f"http://127.0.0.1:{PROXY_PORT}"),
@@ -359,10 +363,14 @@ def _sysctl(spec: dict) -> None:
     spec["securityContext"] = context
 
 
-def _list(node: dict, key: str, name: str) -> list:
+def _off(value: Any) -> bool:
+    return str(value or "").lower() in ("disabled", "false", "no", "off")
+
+
+def _list(node: dict, key: str) -> list:
     value = node.get(key) or []
     if not isinstance(value, list):
-        raise InjectError(f"{name}: {key} must be a list (got {type(value).__name__})")
+        raise InjectError(f"{key} must be a list (got {type(value).__name__})")
     return value
 
 

@@ -75,11 +75,11 @@ def test_upstream_address(given: str, expected: str) -> None:
 @pytest.mark.parametrize(("document", "message"), [
     ({"kind": "Pod", "metadata": {"name": "p", "annotations": {"sidecar.agents.io/agent-port": "web"}},
       "spec": {"containers": [{"name": "a", "ports": [{"name": "http", "containerPort": 80}]}]}},
-     "p: sidecar.agents.io/agent-port: 'web' is neither a port number nor a named container port (named: http)"),
+     "pod/p: sidecar.agents.io/agent-port: 'web' is neither a port number nor a named container port (named: http)"),
     ({"kind": "Deployment", "metadata": {"name": "d"}, "spec": {}}, "deployment/d: no pod template at .spec.template"),
-    ({"kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": []}}, "p: spec.containers is empty"),
+    ({"kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": []}}, "pod/p: spec.containers is empty"),
     ({"kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": {"name": "a"}}},
-     "p: containers must be a list (got dict)"),
+     "pod/p: containers must be a list (got dict)"),
 ])
 def test_nonsense_objects_are_refused_by_name(document: dict, message: str) -> None:
     with pytest.raises(InjectError) as caught:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
 from collections.abc import Iterator
 from typing import IO
 
 from ..errors import ConfigError
-from .inject import InjectError, InjectOptions, default_etcd_endpoints, inject_yaml
+from .inject import InjectError, InjectOptions, default_etcd_endpoints, inject_yaml, upstream
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -22,8 +23,10 @@ def add_inject_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--etcd-endpoints", help="comma-separated etcd URLs for the sidecars "
                          "(default the three members of deploy/kubernetes/etcd.yaml)")
     command.add_argument("--domain", default=InjectOptions.domain, help="DNS zone the sidecars serve")
-    command.add_argument("--cluster-domain", default=InjectOptions.cluster_domain)
-    command.add_argument("--ndots", type=int, default=InjectOptions.ndots)
+    command.add_argument("--cluster-domain", default=InjectOptions.cluster_domain,
+                         help=f"the cluster's DNS domain, for the search path (default {InjectOptions.cluster_domain})")
+    command.add_argument("--ndots", type=int, default=InjectOptions.ndots,
+                         help=f"resolver ndots option unless the pod sets one (default {InjectOptions.ndots})")
     command.add_argument("--no-native", dest="native", action="store_false",
                          help="put the sidecar in containers, not as a native sidecar (clusters before 1.29)")
     command.add_argument("--config-map", default="", help="ConfigMap with sidecar.yaml, passed as --config")
@@ -36,6 +39,15 @@ def options_from(args: argparse.Namespace) -> InjectOptions:
     upstreams = tuple(u.strip() for u in args.upstream_dns.split(",") if u.strip())
     if not upstreams:
         raise ConfigError("--upstream-dns", args.upstream_dns, "must name the cluster DNS service IP")
+    for item in upstreams:
+        host, _, port = upstream(item).rpartition(":")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            raise ConfigError("--upstream-dns", item, "must be IP or IP:PORT (a pod's resolver takes addresses)") \
+                from None
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError("--upstream-dns", item, "the port must be 1 to 65535")
     if args.ndots < 1 or args.ndots > 15:
         raise ConfigError("--ndots", args.ndots, "must be 1 to 15")
     endpoints = (tuple(e.strip() for e in args.etcd_endpoints.split(",") if e.strip()) if args.etcd_endpoints

@@ -9,6 +9,9 @@ import sys
 import pytest
 import yaml
 
+from sidecar.cli import parser
+from sidecar.errors import ConfigError
+from sidecar.kube.command import options_from
 from sidecar.kube.inject import STATUS, InjectError, InjectOptions, inject_object, inject_pod, upstream
 
 from .golden import CASES, DATA, case_args, check_golden, run_inject
@@ -107,3 +110,15 @@ def test_stdin_and_a_directory(tmp_path) -> None:
     assert yaml.safe_load_all(out) and pod_out == (DATA / "pod.golden.yaml").read_text()
     kinds = [d["kind"] for d in yaml.safe_load_all(out)]
     assert kinds == ["Job", "Pod"]
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("kube-dns.kube-system", "--upstream-dns: must be IP or IP:PORT (a pod's resolver takes addresses) "
+                             "(got 'kube-dns.kube-system')"),
+    ("10.96.0.10:0", "--upstream-dns: the port must be 1 to 65535 (got '10.96.0.10:0')"),
+    (",", "--upstream-dns: must name the cluster DNS service IP (got ',')"),
+])
+def test_a_bad_upstream_dns_is_refused(value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        options_from(parser().parse_args(["inject", "--upstream-dns", value]))
+    assert str(caught.value) == message

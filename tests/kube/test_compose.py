@@ -86,6 +86,10 @@ def test_published_ports_are_the_listeners_and_unique(compose) -> None:
 def test_references_between_services_resolve(compose) -> None:
     services = compose["services"]
     for name, service in services.items():
+        if "build" in service:
+            build = service["build"]
+            assert (COMPOSE / build["context"] / build["dockerfile"]).resolve() == \
+                (COMPOSE.parents[1] / "Dockerfile").resolve(), name
         depends = service.get("depends_on", [])
         assert set(depends) <= set(services), name
         mode = service.get("network_mode", "")

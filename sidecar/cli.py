@@ -191,7 +191,19 @@ def parser() -> argparse.ArgumentParser:
     for action in (set_, rollback):
         action.add_argument("--expect-version", type=int,
                             help="write only if the stored version is still this one (default: the one just read)")
+    _kube_commands(commands)
     return top
+
+
+def _kube_commands(commands: Any) -> None:
+    from .kube.command import add_inject_options, add_webhook_options
+
+    inject = commands.add_parser("inject", help="add the sidecar to Kubernetes YAML (files, directories or -)")
+    inject.add_argument("paths", nargs="*", metavar="PATH", help="YAML file or directory; - or none: stdin")
+    inject.add_argument("--namespace", help="namespace for objects that name none (default: default)")
+    add_inject_options(inject)
+    webhook = commands.add_parser("webhook", help="the mutating admission webhook (TLS) doing the same injection")
+    add_webhook_options(webhook)
 
 
 def _etcd_options(command: argparse.ArgumentParser) -> None:
@@ -256,6 +268,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "config":
             logging.basicConfig(level="WARNING")
             code = asyncio.run(commands.config(args, etcd_settings_from(args, environ)))
+        elif args.command in ("inject", "webhook"):
+            from .kube import command as kube
+
+            if args.command == "inject":
+                code = kube.inject(args, sys.stdin, sys.stdout, sys.stderr)
+            else:
+                logging.basicConfig(level=args.log_level.upper(),
+                                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                code = _run_until_signal("asyncio", lambda stop: kube.webhook(args, stop))
         else:  # pragma: no cover - argparse rejects unknown commands
             code = 2
     except (SidecarError, OSError) as exc:

@@ -68,8 +68,14 @@ class InjectError(SidecarError):
 
 
 def default_etcd_endpoints(cluster_domain: str = "cluster.local") -> tuple[str, ...]:
-    """The three members of deploy/kubernetes/etcd.yaml, by their stable StatefulSet names."""
-    return tuple(f"http://etcd-{i}.etcd.sidecar-system.svc.{cluster_domain}:2379" for i in range(3))
+    """The headless service of deploy/kubernetes/etcd.yaml: one name whose A records are every member.
+
+    One name, not the members' names: the sidecar's gRPC channel resolves it itself, balances
+    over every address and resolves again when members come back with new pod IPs. In the pod
+    that resolution goes through the sidecar's own DNS (dnsPolicy None), which is up within a
+    second of start and forwards the name to the cluster DNS.
+    """
+    return (f"http://etcd.sidecar-system.svc.{cluster_domain}:2379",)
 
 
 @dataclass(frozen=True)

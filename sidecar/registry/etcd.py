@@ -41,6 +41,9 @@ _CHANNEL_OPTIONS = {
     # The sidecar's own etcd traffic never goes through an HTTP_PROXY from the environment.
     "grpc.enable_http_proxy": 0,
     "grpc.initial_reconnect_backoff_ms": 200,
+    # A DNS name (a Kubernetes headless service) is resolved again within a second of a failure,
+    # e.g. at pod start, before the pod's own DNS (this sidecar) answers.
+    "grpc.dns_min_time_between_resolutions_ms": 1000,
     "grpc.max_reconnect_backoff_ms": 2000,
     "grpc.max_receive_message_length": 64 * 1024 * 1024,
 }

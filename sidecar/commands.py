@@ -67,8 +67,7 @@ async def run(settings: Settings, stop: asyncio.Event, reread: Callable[[], Sett
 
 
 def _client(etcd: EtcdSettings) -> EtcdClient:
-    return EtcdClient(etcd.endpoints, timeout=etcd.request_timeout, username=etcd.username, password=etcd.password,
-                      dial_timeout=etcd.dial_timeout)
+    return EtcdClient.from_settings(etcd)
 
 
 def meta_pairs(values: Sequence[str], key: str) -> dict[str, str]:
@@ -98,7 +97,8 @@ async def register(args: argparse.Namespace, etcd: EtcdSettings, stop: asyncio.E
                     *(["version"] if args.agent_version else [])]
         data = a2a.merge_card(data, card, explicit)
     agent = parse_agent(data, strict=True)
-    async with Registry(etcd.endpoints, prefix=etcd.prefix, timeout=etcd.request_timeout) as registry:
+    async with Registry(etcd.endpoints, prefix=etcd.prefix, timeout=etcd.request_timeout,
+                        client=EtcdClient.from_settings(etcd)) as registry:
         registration = await registry.register(agent)
         print(f"registered {registration.key} (lease {registration.lease_id:x}, ttl {agent.ttl:g}s); "
               "Ctrl-C deregisters", flush=True)

@@ -83,10 +83,8 @@ def parse_endpoints(endpoints: typing.Sequence[str], key: str = "etcd.endpoints"
         if not text:
             continue
         url = urlsplit(text if "://" in text else f"http://{text}")
-        if url.scheme == "https":
-            raise ConfigError(key, endpoint, "TLS to etcd is not supported yet; use http://")
-        if url.scheme != "http":
-            raise ConfigError(key, endpoint, "must be http://host:port")
+        if url.scheme not in ("http", "https"):
+            raise ConfigError(key, endpoint, "must be http://host:port or https://host:port")
         try:
             port = url.port or 2379
         except ValueError:
@@ -126,6 +124,32 @@ class EtcdSettings:
     request_timeout: Duration = _opt(5.0, min=0.1, restart=True)
     username: str = _opt("", restart=True)
     password: str = _opt("", restart=True)
+    # TLS (https:// endpoints): the CA that signed etcd's certificate (empty: the system's roots),
+    # and a client certificate and key when etcd asks for one (--client-cert-auth).
+    ca_file: str = _opt("", restart=True)
+    cert_file: str = _opt("", restart=True)
+    key_file: str = _opt("", restart=True)
+
+    def __post_init__(self) -> None:
+        schemes = {urlsplit(e if "://" in e else f"http://{e}").scheme for e in self.endpoints}
+        if len(schemes) > 1:
+            raise ConfigError("etcd.endpoints", list(self.endpoints), "mixes http:// and https://")
+        tls = schemes == {"https"}
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, key)
+            if value and not tls:
+                raise ConfigError(f"etcd.{key}", value, "needs https:// endpoints")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("etcd.key_file" if self.cert_file else "etcd.cert_file", "",
+                              "a client certificate needs both cert_file and key_file")
+        if bool(self.username) != bool(self.password):
+            raise ConfigError("etcd.password" if self.username else "etcd.username", "",
+                              "etcd authentication needs both username and password")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the endpoints are https://."""
+        return any(e.startswith("https://") for e in self.endpoints)
 
 
 @dataclass(frozen=True)

@@ -47,9 +47,7 @@ class Server:
         self.settings = settings
         self.metrics = metrics or Metrics()
         etcd_settings = settings.etcd
-        self.etcd = EtcdClient(etcd_settings.endpoints, timeout=etcd_settings.request_timeout,
-                               username=etcd_settings.username, password=etcd_settings.password,
-                               dial_timeout=etcd_settings.dial_timeout)
+        self.etcd = EtcdClient.from_settings(etcd_settings)
         self.catalog = Catalog()
         self.sync = CatalogSync(self.etcd, etcd_settings.prefix, self.catalog, self.metrics.registry)
         self.leases = LeaseKeeper(self.etcd, etcd_settings.prefix, self.metrics.registry,

@@ -45,7 +45,7 @@ def test_precedence_flag_over_env_over_file(tmp_path) -> None:
     [
         (["--dns-listen", "nowhere"], "dns.listen: must be HOST:PORT"),
         (["--dns-a-mode", "sideways"], "dns.a_mode: must be one of direct, proxy"),
-        (["--etcd-endpoints", "ftp://x"], "etcd.endpoints: must be http://host:port"),
+        (["--etcd-endpoints", "ftp://x"], "etcd.endpoints: must be http://host:port or https://host:port"),
         (["--agent-port", "99999"], "agent.port: must be at most 65535"),
     ],
 )

@@ -13,7 +13,10 @@ from sidecar.errors import ConfigError
 # (document, the dotted key the error names, a piece of its reason)
 BAD = [
     ({"etcd": {"endpoints": ["ftp://x:1"]}}, "etcd.endpoints", "http://host:port"),
-    ({"etcd": {"endpoints": ["https://x:1"]}}, "etcd.endpoints", "TLS"),
+    ({"etcd": {"endpoints": ["https://x:1", "http://y:1"]}}, "etcd.endpoints", "mixes"),
+    ({"etcd": {"ca_file": "/ca.pem"}}, "etcd.ca_file", "https://"),
+    ({"etcd": {"endpoints": ["https://x:1"], "cert_file": "/c.pem"}}, "etcd.key_file", "both"),
+    ({"etcd": {"username": "root"}}, "etcd.password", "both"),
     ({"etcd": {"endpoints": ["http://x:port"]}}, "etcd.endpoints", "bad port"),
     ({"etcd": {"endpoints": ["http://x:2379/v3"]}}, "etcd.endpoints", "without a path"),
     ({"etcd": {"endpoints": []}}, "etcd.endpoints", "at least one"),

@@ -24,9 +24,10 @@ class Registry:
     """
 
     def __init__(self, endpoints: Sequence[str] = ("http://127.0.0.1:2379",), *, prefix: str = "",
-                 timeout: float = 5.0, metrics: Metrics | None = None) -> None:
+                 timeout: float = 5.0, metrics: Metrics | None = None, client: EtcdClient | None = None) -> None:
         self.metrics = metrics or Metrics()
-        self.etcd = EtcdClient(endpoints, timeout=timeout)
+        # ``client``: one built from full settings (auth, TLS); else plaintext to ``endpoints``.
+        self.etcd = client or EtcdClient(endpoints, timeout=timeout)
         self.catalog = Catalog()
         self.leases = LeaseKeeper(self.etcd, prefix, self.metrics.registry)
         self.sync = CatalogSync(self.etcd, prefix, self.catalog, self.metrics.registry)

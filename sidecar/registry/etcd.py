@@ -21,10 +21,12 @@ from typing import Any, TypeVar
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc
+import aetcd.watcher
 import grpc
+import grpc.aio
 
-from ..config import parse_endpoints
-from ..errors import LeaseNotFound, RegistryBusy, RegistryUnavailable, RevisionCompacted
+from ..config import EtcdSettings, parse_endpoints
+from ..errors import ConfigError, LeaseNotFound, RegistryBusy, RegistryUnavailable, RevisionCompacted
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -97,20 +99,88 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files for TLS to etcd: the CA (empty: the system's roots) and an optional client pair."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str) -> bytes | None:
+            if not path:
+                return None
+            try:
+                with open(path, "rb") as handle:
+                    return handle.read()
+            except OSError as exc:
+                raise ConfigError("etcd TLS file", path, f"cannot read: {exc.strerror}") from None
+
+        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
+
+
+class _Client(aetcd.Client):
+    """aetcd's client over a TLS channel when given credentials (aetcd itself only dials plaintext)."""
+
+    def __init__(self, *, credentials: grpc.ChannelCredentials | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._credentials is None or self._connected.is_set() or getattr(self, "_is_connecting", False):
+            await super().connect()
+            return
+        # The same steps as aetcd's connect, on a secure channel.
+        self._is_connecting = True
+        try:
+            self.channel = grpc.aio.secure_channel(f"{self._host}:{self._port}", self._credentials,
+                                                   options=list(self._options.items()))
+            if self._username is not None and self._password is not None:
+                self.auth_stub = aetcd.rpc.AuthStub(self.channel)
+                request = aetcd.rpc.AuthenticateRequest(name=self._username, password=self._password)
+                response = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+                self.metadata = (("token", response.token),)
+            self.kvstub = aetcd.rpc.KVStub(self.channel)
+            self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
+            self.leasestub = aetcd.rpc.LeaseStub(self.channel)
+            self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(aetcd.rpc.WatchStub(self.channel), timeout=self._timeout,
+                                                  metadata=self.metadata)
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
 class EtcdClient:
     """Async etcd v3 access with timeouts, typed errors and a shared keepalive stream."""
 
+    @classmethod
+    def from_settings(cls, settings: EtcdSettings) -> EtcdClient:
+        """A client for the ``etcd`` section of the settings (endpoints, timeouts, auth, TLS)."""
+        tls = TlsFiles(settings.ca_file, settings.cert_file, settings.key_file) if settings.tls else None
+        return cls(settings.endpoints, timeout=settings.request_timeout, username=settings.username,
+                   password=settings.password, dial_timeout=settings.dial_timeout, tls=tls)
+
     def __init__(self, endpoints: Sequence[str], *, timeout: float = 5.0,
                  username: str = "", password: str = "", max_inflight: int = 256,
-                 dial_timeout: float | None = None) -> None:
+                 dial_timeout: float | None = None, tls: TlsFiles | None = None) -> None:
         self.endpoints = list(endpoints)
         self.timeout = timeout
         target = grpc_target(parse_endpoints(endpoints))
         # aetcd builds its target as f"{host}:{port}"; split ours at the last colon.
         host, _, port = target.rpartition(":")
-        self._client = aetcd.Client(
+        options = dict(_CHANNEL_OPTIONS)
+        credentials = None
+        if tls is not None:
+            credentials = tls.credentials()
+            # Several endpoints become one target: the certificate must name the host we dialled.
+            first_host = parse_endpoints(endpoints)[0][0]
+            options["grpc.ssl_target_name_override"] = first_host
+        self._client = _Client(
             host=host, port=int(port), username=username or None, password=password or None,
-            timeout=timeout, options=dict(_CHANNEL_OPTIONS), connect_wait_timeout=int(max(dial_timeout or timeout, 1)),
+            timeout=timeout, options=options, connect_wait_timeout=int(max(dial_timeout or timeout, 1)),
+            credentials=credentials,
         )
         self._attempt_timeout = max(0.5, timeout / 3)
         self._keepalive: _KeepAliveStream | None = None
@@ -126,6 +196,15 @@ class EtcdClient:
             await self._client.close()
         except Exception:  # closing a broken channel must not mask the caller's error
             log.debug("etcd client close failed", exc_info=True)
+
+    async def _reconnect(self) -> None:
+        try:
+            await self._client.close()
+        except Exception:
+            log.debug("etcd client close before re-authentication failed", exc_info=True)
+        if self._keepalive is not None:
+            await self._keepalive.close()
+            self._keepalive = None
 
     async def _call(self, method: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """One unary call, retried until it succeeds or ``timeout`` runs out; errors typed.
@@ -150,6 +229,9 @@ class EtcdClient:
                     raise
                 except Exception as exc:
                     cause, error = exc, _translate(exc)
+            if "invalid auth token" in str(error).lower():
+                # etcd's simple tokens expire: authenticate again on a fresh channel.
+                await self._reconnect()
             if _retryable(error) and loop.time() + delay < deadline:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 0.5)

@@ -325,3 +325,47 @@ async def test_stop_ends_watch_streams_and_reports_not_serving(etcd: EtcdProcess
     finally:
         if server.grpc._server is not None:
             await server.stop()
+
+
+async def test_a_taken_port_fails_the_start(make_server) -> None:
+    first = await make_server()
+    with pytest.raises(OSError, match="gRPC API: cannot listen on"):
+        await make_server(grpc={"listen": target(first)})
+
+
+async def test_watch_and_sse_send_the_same_events(make_server, etcd: EtcdProcess, prefix: str, channel_to) -> None:
+    server = await make_server()
+    await synced(server)
+    key = f"{prefix}/services/chat-agent/chat-1"
+    names = {pb.WatchEvent.SNAPSHOT: "snapshot", pb.WatchEvent.UPSERT: "upsert", pb.WatchEvent.DELETE: "delete"}
+    grpc_stream = Stream(pb_grpc.DiscoveryStub(channel_to(server)), pb.WatchRequest(capability="chat"))
+    admin_host, admin_port = server.admin.address
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"http://{admin_host}:{admin_port}/v1/watch?capability=chat") as sse:
+
+        async def sse_event() -> tuple[str, int, list[str]]:
+            kind = data = ""
+            while True:
+                line = (await asyncio.wait_for(sse.content.readline(), _WAIT)).decode().rstrip("\n")
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    data = line[6:]
+                elif line == "" and kind:
+                    body = json.loads(data)
+                    if kind == "snapshot":
+                        ids = [a["id"] for a in body["agents"]]
+                    else:
+                        ids = [body["agent"]["id"] if kind == "upsert" else body["id"]]
+                    return kind, body["revision"], ids
+
+        async def grpc_event() -> tuple[str, int, list[str]]:
+            event = await grpc_stream.next()
+            return names[event.type], event.revision, [a.id for a in event.agents]
+
+        assert await sse_event() == await grpc_event()
+        for change in (lambda: put(etcd, key, agent("chat-1")), lambda: put(etcd, key, agent("chat-1", version="2")),
+                       lambda: delete(etcd, key)):
+            revision = change()
+            sent = await sse_event()
+            assert sent == await grpc_event() and sent[1] == revision

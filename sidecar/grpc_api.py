@@ -130,7 +130,8 @@ class GrpcApi(pb_grpc.DiscoveryServicer):
         self._server = server
         self.address = (host, bound)
         self._unsubscribe = self._catalog.subscribe(self._on_snapshot)
-        if self._catalog.synced:
+        if self._catalog.synced and not self._serving:
+            self._serving = True
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("gRPC API on %s", HostPort(host, bound))
 
@@ -153,12 +154,12 @@ class GrpcApi(pb_grpc.DiscoveryServicer):
     def _on_snapshot(self, snapshot: Snapshot, events: object) -> None:
         if self._serving or not self._catalog.synced:
             return
+        self._serving = True
         task = asyncio.get_running_loop().create_task(self._set_health(health_pb2.HealthCheckResponse.SERVING))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _set_health(self, status: int) -> None:
-        self._serving = status == health_pb2.HealthCheckResponse.SERVING
         for service in ("", SERVICE):
             await self._health.set(service, status)
 

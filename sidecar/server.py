@@ -21,6 +21,7 @@ from .discovery import WatchHub
 from .dns import DnsServer
 from .dynamic import ConfigStore
 from .errors import RevisionCompacted
+from .grpc_api import GrpcApi
 from .health import agent as local_agent
 from .health.outliers import OutlierDetector
 from .metrics import Metrics
@@ -74,6 +75,8 @@ class Server:
                               self.metrics, self.readiness,
                               annotators=[lambda agent: {"breaker": self.proxy.breaker_state(agent.id)}],
                               before_scrape=[self.proxy.flush_metrics])
+        self.grpc = GrpcApi(settings.grpc, settings.admin, self.catalog, self.hub, self.control, self.metrics)
+        self.components.append(self.grpc)
         # Last, so that it is stopped first: the agent drains while DNS and the proxy still serve.
         self.local_agent: local_agent.LocalAgent | None = None
         if settings.agent.enabled:
@@ -111,6 +114,7 @@ class Server:
             self.leases.update(new.registry.refresh_interval)
         if "admin" in changed:
             self.admin.update(new.admin)
+            self.grpc.update(new.admin)
         if "log_level" in changed:
             logging.getLogger().setLevel(new.log_level.upper())
 

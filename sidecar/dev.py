@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .config import Settings, build
+from .config import HostPort, Settings, build
 from .errors import SidecarError
 from .model import parse_agent
 from .server import Server
@@ -176,7 +176,7 @@ async def dev(stop: asyncio.Event, loop_name: str = "uvloop") -> int:
 
 
 def _banner(settings: Settings, etcd_endpoint: str) -> str:
-    dns_host, _, dns_port = settings.dns.listen.rpartition(":")
+    dns_host, dns_port = HostPort.parse(settings.dns.listen)
     proxy = settings.proxy.listen
     admin = settings.admin.listen
     agents = ", ".join(f"{d.id} ({'/'.join(d.capabilities)})" for d in DEMO_AGENTS)
@@ -187,6 +187,7 @@ sidecar dev is running (Ctrl-C stops everything and removes the temporary etcd).
   admin     http://{admin}
   proxy     http://{proxy}
   dns       {settings.dns.listen} (UDP and TCP)
+  grpc      {settings.grpc.listen} (sidecar.v1.Discovery, health, reflection)
   agents    {agents}
 
 Try:
@@ -198,5 +199,7 @@ Try:
   curl -s -x http://{proxy} http://summarize.agents.local/v1/run
   curl -sN -x http://{proxy} http://chat.agents.local/stream
   ETCD_ENDPOINTS={etcd_endpoint} sidecar agents
+  printf 'load_balancer: {{algorithm: round_robin}}\\n' | ETCD_ENDPOINTS={etcd_endpoint} sidecar config set -
+  curl -sN http://{admin}/v1/watch
   ETCD_ENDPOINTS={etcd_endpoint} sidecar register --name my-agent --address 127.0.0.1 --port 9000 --capability code
 """

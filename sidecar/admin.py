@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from .cards import CardIndex
 from .catalog import Catalog
 from .config import AdminSettings, HostPort
 from .control import Control
@@ -53,7 +54,8 @@ class AdminApi:
 
     def __init__(self, settings: AdminSettings, catalog: Catalog, hub: WatchHub, control: Control,
                  leases: LeaseKeeper, config: ConfigStore, metrics: Metrics, readiness: Readiness, *,
-                 annotators: Sequence[AgentAnnotator] = (), before_scrape: Sequence[Callable[[], None]] = ()) -> None:
+                 annotators: Sequence[AgentAnnotator] = (), before_scrape: Sequence[Callable[[], None]] = (),
+                 cards: CardIndex | None = None) -> None:
         self.settings = settings
         self._catalog = catalog
         self._hub = hub
@@ -62,6 +64,7 @@ class AdminApi:
         self._config = config
         self._metrics = metrics
         self._readiness = readiness
+        self._cards = cards or CardIndex()
         # Extra per-agent fields for /v1/agents (e.g. the proxy's breaker state).
         self._annotators = tuple(annotators)
         # Called before /metrics renders (components that count cheaply fold their counters in).
@@ -75,6 +78,7 @@ class AdminApi:
         self.app.router.add_get("/v1/agents/{id}", self.get_agent)
         self.app.router.add_delete("/v1/agents/{id}", self.delete_agent)
         self.app.router.add_get("/v1/watch", self.watch)
+        self.app.router.add_get("/v1/cards", self.list_cards)
         self.app.router.add_get("/v1/config", self.get_config)
         self.app.router.add_put("/v1/config", self.put_config)
         self.app.router.add_get("/v1/config/history", self.config_history)
@@ -233,6 +237,23 @@ class AdminApi:
             out.append(_sse(update.kind.value, update.revision if last_of_revision else None,
                             {"revision": update.revision, **data}))
         return b"".join(out)
+
+    async def list_cards(self, request: web.Request) -> web.Response:
+        """Every stored card of an agent in the snapshot, filtered by the agents' capability/tag and by skill."""
+        try:
+            query = self._query(request)
+        except ConfigError as exc:
+            return _error(400, "bad_query", str(exc), value=exc.value)
+        skill = label(request.query["skill"]) if request.query.get("skill") else None
+        cards = self._cards
+        listed = []
+        for agent in query.select(self._catalog.snapshot):
+            stored = cards.of(agent.name, agent.id)
+            if stored is None or (skill is not None and skill not in {label(s) for s in stored.card.skills}):
+                continue
+            listed.append({"id": agent.id, "name": agent.name, "key": stored.key, "health": agent.health.status,
+                           "revision": stored.revision, "card": json.loads(stored.card.raw)})
+        return web.json_response({"revision": cards.revision, "cards": listed})
 
     async def get_config(self, request: web.Request) -> web.Response:
         return web.json_response(self._config.status())

@@ -90,12 +90,13 @@ async def register(args: argparse.Namespace, etcd: EtcdSettings, stop: asyncio.E
         "protocol": args.protocol, "weight": args.weight, "zone": args.zone, "health": {"status": args.status},
     }
     if args.card:
+        from .cards import merge_card
         from .health import a2a
 
-        card = await a2a.load_card(args.card, 5.0)
+        card = await a2a.read_card(args.card, 5.0)
         explicit = ["name", "port", *(["capabilities"] if args.capability else []),
                     *(["version"] if args.agent_version else [])]
-        data = a2a.merge_card(data, card, explicit)
+        data = merge_card(data, card, explicit)
     agent = parse_agent(data, strict=True)
     async with Registry(etcd.endpoints, prefix=etcd.prefix, timeout=etcd.request_timeout,
                         client=EtcdClient.from_settings(etcd)) as registry:

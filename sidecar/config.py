@@ -259,6 +259,8 @@ class ProxySettings:
     connect_timeout: Duration = _opt(2.0, min=0.01)
     # Per phase (time to response head, then idle time between body bytes); no total timeout.
     read_timeout: Duration = _opt(60.0, min=0.01)
+    # A text/event-stream response or an upgraded connection that sends nothing for this long is ended.
+    stream_idle_timeout: Duration = _opt(300.0, min=0.1)
     idle_timeout: Duration = _opt(60.0, min=0.1)
     max_header_bytes: int = _opt(65536, min=1024)
     max_concurrency: int = _opt(10000, min=1)
@@ -267,6 +269,22 @@ class ProxySettings:
     rate_burst: int = _opt(0, min=0)
     # One JSON line per proxied request on the "sidecar.access" logger.
     access_log: bool = False
+
+
+@dataclass(frozen=True)
+class A2aSettings:
+    """A2A-aware routing: agent cards in the registry, task and context affinity in the proxy."""
+
+    # JSON-RPC bodies up to this size are read for task/context ids; larger ones pass untouched.
+    max_body: int = _opt(1 << 20, min=1024)
+    # Cards larger than this are refused (logged and counted); the agent stays registered.
+    max_card_bytes: int = _opt(64 << 10, min=1024, max=16 << 20)
+    # How often the local agent's card is read again (a conditional GET); at least the check interval.
+    card_refresh: Duration = _opt(30.0, min=1.0)
+    # Task -> agent and context -> agent entries: forgotten after this idle time, at most this many each.
+    ttl: Duration = _opt(3600.0, min=1.0)
+    max_tasks: int = _opt(100_000, min=16)
+    max_contexts: int = _opt(100_000, min=16)
 
 
 @dataclass(frozen=True)
@@ -367,6 +385,7 @@ class Settings:
     dns: DnsSettings = _opt(DnsSettings())
     proxy: ProxySettings = _opt(ProxySettings())
     sticky: StickySettings = _opt(StickySettings())
+    a2a: A2aSettings = _opt(A2aSettings())
     admin: AdminSettings = _opt(AdminSettings())
     grpc: GrpcSettings = _opt(GrpcSettings())
     agent: AgentSettings = _opt(AgentSettings(), restart=True)

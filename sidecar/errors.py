@@ -137,7 +137,8 @@ class CardError(SidecarError):
     def __init__(self, source: str, reason: str, *, kind: str = "invalid") -> None:
         self.source = source
         self.reason = reason
-        self.kind = kind  # "missing" (404, no file), "unreachable" (cannot fetch) or "invalid"
+        # "missing" (404, no file), "unreachable" (cannot fetch), "too_large" or "invalid"
+        self.kind = kind
         super().__init__(f"A2A agent card {source}: {reason}")
 
     @property

@@ -14,6 +14,7 @@ from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from .admin import AdminApi
+from .cards import CardIndex
 from .catalog import Catalog
 from .config import Settings, changes
 from .control import Control
@@ -26,6 +27,7 @@ from .health import agent as local_agent
 from .health.outliers import OutlierDetector
 from .metrics import Metrics
 from .proxy.server import ProxyServer
+from .registry.cards import CardSync
 from .registry.etcd import EtcdClient
 from .registry.lease import LeaseKeeper
 from .registry.sync import CatalogSync, services_prefix
@@ -57,6 +59,10 @@ class Server:
         self.hub = WatchHub(self.catalog, compacted=self._compacted, on_lag=discovery.lagged.inc)
         discovery.subscribers.set_function(lambda: self.hub.subscribers)
         self.control = Control(self.leases, self.etcd, self.catalog, settings.registry.default_ttl)
+        # Every agent's A2A card, watched like the agents themselves.
+        self.cards = CardIndex()
+        self.card_sync = CardSync(self.etcd, etcd_settings.prefix, self.cards, self.metrics.health,
+                                  settings.a2a.max_card_bytes)
         self.config = ConfigStore(self.etcd, settings, self.apply, self.metrics.config)
         # Listeners and workers, started in this order after the sync task.
         self.components: list[Component] = []
@@ -72,7 +78,7 @@ class Server:
         self.proxy.policy.admitted = self.outliers.admitted
         self.proxy.policy.panic = settings.health_check.panic
         self.admin = AdminApi(settings.admin, self.catalog, self.hub, self.control, self.leases, self.config,
-                              self.metrics, self.readiness,
+                              self.metrics, self.readiness, cards=self.cards,
                               annotators=[lambda agent: {"breaker": self.proxy.breaker_state(agent.id)}],
                               before_scrape=[self.proxy.flush_metrics])
         self.grpc = GrpcApi(settings.grpc, settings.admin, self.catalog, self.hub, self.control, self.metrics)
@@ -81,7 +87,7 @@ class Server:
         self.local_agent: local_agent.LocalAgent | None = None
         if settings.agent.enabled:
             self.local_agent = local_agent.LocalAgent(settings.agent, settings.health_check, self.leases,
-                                                      self.metrics.health)
+                                                      self.metrics.health, a2a_settings=settings.a2a)
             self.components.append(self.local_agent)
         self._started: list[Component] = []
         self._listening = False
@@ -115,6 +121,10 @@ class Server:
         if "admin" in changed:
             self.admin.update(new.admin)
             self.grpc.update(new.admin)
+        if "a2a" in changed:
+            self.card_sync.max_card_bytes = new.a2a.max_card_bytes
+            if self.local_agent is not None:
+                self.local_agent.a2a = new.a2a
         if "log_level" in changed:
             logging.getLogger().setLevel(new.log_level.upper())
 
@@ -139,6 +149,7 @@ class Server:
     async def start(self) -> None:
         await self.sync.start()
         await self.config.start()
+        await self.card_sync.start()
         try:
             for component in (*self.components, self.admin):
                 await component.start()
@@ -159,6 +170,7 @@ class Server:
         await _bounded(self.leases.close(), "revoking leases", bound)
         self.hub.close()
         await _bounded(self.config.stop(), "stopping the configuration watch", bound)
+        await _bounded(self.card_sync.stop(), "stopping the card watch", bound)
         await _bounded(self.sync.stop(), "stopping the etcd watch", bound)
         await _bounded(self.etcd.close(), "closing the etcd client", bound)
 

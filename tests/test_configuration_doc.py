@@ -12,7 +12,7 @@ from typing import Any
 from sidecar.config import Settings
 
 DOC = Path(__file__).parent.parent / "docs" / "configuration.md"
-ROW = re.compile(r"^\| `(?P<key>[a-z_.]+)` \| (?P<default>.*?) \| (?P<live>live|restart) \| .+ \|$")
+ROW = re.compile(r"^\| `(?P<key>[a-z0-9_.]+)` \| (?P<default>.*?) \| (?P<live>live|restart) \| .+ \|$")
 
 
 def schema(obj: Any = None, path: str = "", restart: bool = False) -> Iterator[tuple[str, str, str]]:

@@ -32,8 +32,23 @@ class Registration:
         self.key = key
         self.lease_id = lease_id
         self.registered = True
+        # Other keys that live and die with the agent (its A2A card), written under the same lease.
+        self.attachments: dict[str, bytes] = {}
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+
+    async def attach(self, key: str, value: bytes | None) -> None:
+        """Store ``key`` under this registration's lease (None removes it); rewritten after a lease loss."""
+        if value is None:
+            if self.attachments.pop(key, None) is not None:
+                await self._keeper.etcd.delete(key)
+            return
+        self.attachments[key] = value
+        try:
+            await self._keeper.etcd.put(key, value, self.lease_id)
+        except RegistryUnavailable:
+            self.registered = False
+            raise
 
     async def update(self, agent: Agent) -> None:
         """Write a changed record (e.g. a health status) under the same lease.
@@ -150,6 +165,10 @@ class LeaseKeeper:
             raise
         return lease_id
 
+    async def _write_attachments(self, registration: Registration) -> None:
+        for key, value in list(registration.attachments.items()):
+            await self.etcd.put(key, value, registration.lease_id)
+
     async def _revoke_quietly(self, lease_id: int) -> None:
         try:
             await self.etcd.revoke(lease_id)
@@ -169,6 +188,7 @@ class LeaseKeeper:
                 if not registration.registered:
                     # A write failed while etcd was down: write the current record again.
                     await self.etcd.put(registration.key, registration.agent.to_bytes(), registration.lease_id)
+                    await self._write_attachments(registration)
                     registration.registered = True
                 await asyncio.sleep(interval)
                 continue
@@ -184,6 +204,7 @@ class LeaseKeeper:
                 continue
             try:
                 registration.lease_id = await self._write(registration.agent, registration.key)
+                await self._write_attachments(registration)
                 registration.registered = True
                 self._metrics.reregistrations.inc()
                 log.info("registered %s again under lease %x", registration.key, registration.lease_id)

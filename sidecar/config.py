@@ -122,6 +122,8 @@ class EtcdSettings:
     prefix: str = _opt("", restart=True)
     dial_timeout: Duration = _opt(5.0, min=0.1, restart=True)
     request_timeout: Duration = _opt(5.0, min=0.1, restart=True)
+    # How often the member list is read to dial added members and drop removed ones (0: never).
+    auto_sync_interval: Duration = _opt(30.0, min=0.0, restart=True)
     username: str = _opt("", restart=True)
     password: str = _opt("", restart=True)
     # TLS (https:// endpoints): the CA that signed etcd's certificate (empty: the system's roots),

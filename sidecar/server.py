@@ -91,6 +91,7 @@ class Server:
             self.components.append(self.local_agent)
         self._started: list[Component] = []
         self._listening = False
+        self._member_sync: asyncio.Task[None] | None = None
 
     async def _compacted(self, revision: int) -> bool:
         """Whether etcd no longer holds ``revision`` (a watch resumed from it would miss changes)."""
@@ -150,6 +151,9 @@ class Server:
         await self.sync.start()
         await self.config.start()
         await self.card_sync.start()
+        if self.settings.etcd.auto_sync_interval:
+            self._member_sync = asyncio.get_running_loop().create_task(
+                self.etcd.run_member_sync(self.settings.etcd.auto_sync_interval), name="etcd-member-sync")
         try:
             for component in (*self.components, self.admin):
                 await component.start()
@@ -169,6 +173,8 @@ class Server:
         self._started.clear()
         await _bounded(self.leases.close(), "revoking leases", bound)
         self.hub.close()
+        if self._member_sync is not None:
+            self._member_sync.cancel()
         await _bounded(self.config.stop(), "stopping the configuration watch", bound)
         await _bounded(self.card_sync.stop(), "stopping the card watch", bound)
         await _bounded(self.sync.stop(), "stopping the etcd watch", bound)

@@ -167,28 +167,88 @@ class EtcdClient:
                  dial_timeout: float | None = None, tls: TlsFiles | None = None) -> None:
         self.endpoints = list(endpoints)
         self.timeout = timeout
-        target = grpc_target(parse_endpoints(endpoints))
-        # aetcd builds its target as f"{host}:{port}"; split ours at the last colon.
-        host, _, port = target.rpartition(":")
-        options = dict(_CHANNEL_OPTIONS)
-        credentials = None
-        if tls is not None:
-            credentials = tls.credentials()
-            # Several endpoints become one target: the certificate must name the host we dialled.
-            first_host = parse_endpoints(endpoints)[0][0]
-            options["grpc.ssl_target_name_override"] = first_host
-        self._client = _Client(
-            host=host, port=int(port), username=username or None, password=password or None,
-            timeout=timeout, options=options, connect_wait_timeout=int(max(dial_timeout or timeout, 1)),
-            credentials=credentials,
-        )
+        self._credentials = tls.credentials() if tls is not None else None
+        self._auth = (username or None, password or None)
+        self._connect_wait = int(max(dial_timeout or timeout, 1))
+        self._client = self._dial(grpc_target(parse_endpoints(endpoints)), parse_endpoints(endpoints)[0][0])
+        # One DNS name (a Kubernetes headless service) is followed by gRPC's resolver; a list is synced.
+        self._named = grpc_target(parse_endpoints(endpoints)).startswith("dns:")
+        self._retired: set[asyncio.Task[None]] = set()
         self._attempt_timeout = max(0.5, timeout / 3)
         self._keepalive: _KeepAliveStream | None = None
         # Bounded in-flight unary calls: a burst of thousands of registrations is queued here
         # instead of pushing etcd into "too many requests".
         self._inflight = asyncio.Semaphore(max_inflight)
 
+    def _dial(self, target: str, tls_name: str) -> _Client:
+        # aetcd builds its target as f"{host}:{port}"; split ours at the last colon.
+        host, _, port = target.rpartition(":")
+        options = dict(_CHANNEL_OPTIONS)
+        if self._credentials is not None:
+            # Several endpoints become one target: the certificates must be valid for this name.
+            options["grpc.ssl_target_name_override"] = tls_name
+        return _Client(host=host, port=int(port), username=self._auth[0], password=self._auth[1],
+                       timeout=self.timeout, options=options, connect_wait_timeout=self._connect_wait,
+                       credentials=self._credentials)
+
+    async def sync_members(self) -> bool:
+        """Dial the cluster's current members from now on (etcd clientv3's AutoSync); whether that changed.
+
+        Members added since start are learnt, removed ones dropped, so that a sidecar
+        outlives every member it was started with. Calls in flight on the old channel
+        finish (or are retried on the new one); watches and keepalives move over by
+        their own retry.
+        """
+        if self._named:
+            return False
+
+        async def member_list() -> Any:
+            await self._client.connect()
+            return await self._client.clusterstub.MemberList(aetcd.rpc.MemberListRequest(), timeout=self.timeout,
+                                                             metadata=self._client.metadata)
+
+        response = await self._call(member_list)
+        voters = [m for m in response.members if not m.isLearner]
+        if any(not m.clientURLs for m in voters):
+            return False  # a member still joining has not published its URLs: ask again next time
+        urls = sorted({url for m in voters for url in m.clientURLs})
+        if not urls or urls == sorted(self.endpoints):
+            return False
+        loop = asyncio.get_running_loop()
+        # Resolved off the event loop (a member may advertise a host name).
+        target = await loop.run_in_executor(None, grpc_target, parse_endpoints(urls))
+        old, self._client = self._client, self._dial(target, parse_endpoints(urls)[0][0])
+        log.info("etcd members now %s (were %s)", ", ".join(urls), ", ".join(self.endpoints))
+        self.endpoints = urls
+        if self._keepalive is not None:
+            keepalive, self._keepalive = self._keepalive, None
+            await keepalive.close()
+        # Let calls in flight on the old channel finish before closing it.
+        task = loop.create_task(self._close_later(old, self.timeout))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+        return True
+
+    @staticmethod
+    async def _close_later(client: _Client, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            await client.close()
+        except Exception:
+            log.debug("closing a retired etcd channel failed", exc_info=True)
+
+    async def run_member_sync(self, interval: float) -> None:
+        """``sync_members`` every ``interval`` seconds, forever (a failed sync is tried again next time)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sync_members()
+            except RegistryUnavailable as exc:
+                log.debug("etcd member sync failed: %s", exc)
+
     async def close(self) -> None:
+        for task in list(self._retired):
+            task.cancel()
         if self._keepalive is not None:
             await self._keepalive.close()
             self._keepalive = None
@@ -206,9 +266,10 @@ class EtcdClient:
             await self._keepalive.close()
             self._keepalive = None
 
-    async def _call(self, method: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+    async def _call(self, method: str | Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
         """One unary call, retried until it succeeds or ``timeout`` runs out; errors typed.
 
+        ``method`` is an aetcd client method name, or a function that uses ``self._client``.
         Each attempt gets a third of the deadline, so a member that died with the call
         in flight (or a follower waiting out an election) costs one attempt, not the
         whole deadline; the round-robin channel sends the next attempt to another member.
@@ -223,8 +284,10 @@ class EtcdClient:
         while True:
             attempt = max(0.05, min(deadline - loop.time(), self._attempt_timeout))
             async with self._inflight:
+                # A method name is looked up per attempt: the member sync may have replaced the client.
+                call = getattr(self._client, method) if isinstance(method, str) else method
                 try:
-                    return await asyncio.wait_for(method(*args, **kwargs), attempt)
+                    return await asyncio.wait_for(call(*args, **kwargs), attempt)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -242,13 +305,13 @@ class EtcdClient:
 
     async def get_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
         """Every key under ``prefix`` and the store revision they were read at."""
-        result = await self._call(self._client.get_prefix, prefix.encode())
+        result = await self._call("get_prefix", prefix.encode())
         return result.header.revision, [
             KeyValue(kv.key.decode(errors="replace"), kv.value, kv.mod_revision, kv.lease) for kv in result.kvs
         ]
 
     async def get(self, key: str) -> KeyValue | None:
-        result = await self._call(self._client.get, key.encode())
+        result = await self._call("get", key.encode())
         if result is None:
             return None
         return KeyValue(key, result.value, result.mod_revision, result.lease)
@@ -286,7 +349,7 @@ class EtcdClient:
         Returns the new revision, or None when someone else wrote it first.
         """
         transactions = self._client.transactions
-        succeeded, responses = await self._call(self._client.transaction,
+        succeeded, responses = await self._call("transaction",
                                                 compare=[transactions.mod(key.encode()) == mod_revision],
                                                 success=[transactions.put(key.encode(), value)], failure=[])
         if succeeded:
@@ -299,11 +362,11 @@ class EtcdClient:
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
         """Write ``key``; with ``lease`` the key dies with the lease. Returns the revision."""
-        result = await self._call(self._client.put, key.encode(), value, lease=lease or None)
+        result = await self._call("put", key.encode(), value, lease=lease or None)
         return int(result.header.revision)
 
     async def delete(self, key: str) -> bool:
-        return await self._call(self._client.delete, key.encode()) is not None
+        return await self._call("delete", key.encode()) is not None
 
     async def grant(self, ttl: int) -> int:
         """A new lease of ``ttl`` seconds; returns its id.
@@ -325,7 +388,7 @@ class EtcdClient:
     async def revoke(self, lease_id: int) -> None:
         """Revoke a lease (its keys are deleted); a lease already gone is not an error."""
         try:
-            await self._call(self._client.revoke_lease, lease_id)
+            await self._call("revoke_lease", lease_id)
         except LeaseNotFound:
             pass
 
@@ -341,7 +404,7 @@ class EtcdClient:
         Iterating it yields batches of changes; it raises RevisionCompacted when
         that revision is gone and RegistryUnavailable when the stream breaks.
         """
-        watch = await self._call(self._client.watch, prefix.encode(),
+        watch = await self._call("watch", prefix.encode(),
                                  range_end=aetcd.utils.prefix_range_end(prefix.encode()),
                                  start_revision=start_revision, progress_notify=True)
         return WatchStream(watch)

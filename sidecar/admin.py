@@ -18,7 +18,7 @@ from .config import AdminSettings, HostPort
 from .control import Control
 from .discovery import Kind, Query, Subscription, Update, WatchHub, agent_document, agents_document
 from .dynamic import ConfigStore
-from .errors import ConfigConflict, ConfigError, RegistryUnavailable, ValidationError
+from .errors import AgentExists, ConfigConflict, ConfigError, RegistryUnavailable, ValidationError
 from .metrics import Metrics
 from .model import Agent, label
 from .registry.lease import LeaseKeeper
@@ -172,6 +172,8 @@ class AdminApi:
         except ValidationError as exc:
             return _error(400, "invalid_agent", "the agent does not validate",
                           fields=[e.as_dict() for e in exc.errors])
+        except AgentExists as exc:
+            return _error(409, "agent_exists", str(exc), key=exc.key)
         except RegistryUnavailable as exc:
             return _error(503, "etcd_unavailable", str(exc))
         return web.json_response(self._agent_json(registration.key, registration.agent), status=201)

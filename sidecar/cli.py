@@ -21,7 +21,7 @@ import yaml
 from . import __version__, commands
 from .commands import meta_pairs
 from .config import EtcdSettings, Settings, build, load_file_document, merge
-from .errors import ConfigConflict, ConfigError, RegistryUnavailable, SidecarError, ValidationError
+from .errors import AgentExists, ConfigConflict, ConfigError, RegistryUnavailable, SidecarError, ValidationError
 
 log = logging.getLogger("sidecar")
 
@@ -236,6 +236,7 @@ def _run_until_signal(loop_name: str, main: Callable[[asyncio.Event], Coroutine[
 _FAILURES: tuple[tuple[type[BaseException], str, int], ...] = (
     (ConfigError, "invalid configuration: ", 2),
     (ConfigConflict, "conflict: ", 1),
+    (AgentExists, "", 1),
     (ValidationError, "invalid agent: ", 2),
     (RegistryUnavailable, "etcd unavailable: ", 1),
     (SidecarError, "", 1),

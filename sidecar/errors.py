@@ -64,6 +64,16 @@ class LeaseNotFound(RegistryError):
     """The lease is gone (expired or revoked); the keys attached to it are gone too."""
 
 
+class AgentExists(RegistryError):
+    """Another owner (another lease) holds this agent id; it is not taken over."""
+
+    def __init__(self, key: str, lease: int) -> None:
+        self.key = key
+        self.lease = lease
+        super().__init__(f"{key} is registered by another owner (lease {lease:x}); deregister it first or "
+                         "wait for its lease to expire")
+
+
 class RevisionCompacted(RegistryError):
     """A watch asked for a revision etcd has compacted away; relist."""
 

@@ -23,7 +23,7 @@ from .catalog import Catalog, Snapshot
 from .config import AdminSettings, GrpcSettings, HostPort
 from .control import Control
 from .discovery import Kind, Query, Subscription, Update, WatchHub
-from .errors import FieldError, RegistryUnavailable, ValidationError
+from .errors import AgentExists, FieldError, RegistryUnavailable, ValidationError
 from .grpc_gen import discovery_pb2 as pb
 from .grpc_gen import discovery_pb2_grpc as pb_grpc
 from .metrics import Metrics
@@ -175,6 +175,8 @@ class GrpcApi(pb_grpc.DiscoveryServicer):
             code, message = exc.code, exc.message
         except ValidationError as exc:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, f"the agent does not validate: {exc}"
+        except AgentExists as exc:
+            code, message = grpc.StatusCode.ALREADY_EXISTS, str(exc)
         except RegistryUnavailable as exc:
             code, message = grpc.StatusCode.UNAVAILABLE, f"etcd is unavailable: {exc}"
         except Exception:

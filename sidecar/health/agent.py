@@ -19,7 +19,7 @@ from typing import Any
 
 from ..cards import Card, card_key, merge_card
 from ..config import A2aSettings, AgentSettings, HealthCheckSettings
-from ..errors import CardError, RegistryUnavailable, ValidationError
+from ..errors import AgentExists, CardError, RegistryUnavailable, ValidationError
 from ..metrics import HealthMetrics
 from ..model import HEALTHY, UNHEALTHY, Agent, new_agent_id, parse_agent
 from ..registry.lease import LeaseKeeper, Registration
@@ -281,7 +281,8 @@ class LocalAgent:
                     log.info("registered the local agent %s (%s:%d, %s)", record.id, record.address, record.port,
                              record.health.status)
                     return
-                except RegistryUnavailable as exc:
+                except (RegistryUnavailable, AgentExists) as exc:
+                    # AgentExists: a crashed predecessor's record (same id) stands until its lease expires.
                     if not warned:
                         log.warning("cannot register the local agent yet: %s (retrying)", exc)
                         warned = True

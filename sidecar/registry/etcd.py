@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import random
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,7 +26,7 @@ import grpc
 import grpc.aio
 
 from ..config import EtcdSettings, parse_endpoints
-from ..errors import ConfigError, LeaseNotFound, RegistryBusy, RegistryUnavailable, RevisionCompacted
+from ..errors import AgentExists, ConfigError, LeaseNotFound, RegistryBusy, RegistryUnavailable, RevisionCompacted
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -359,6 +359,32 @@ class EtcdClient:
         if current is not None and current.value == value and current.mod_revision > mod_revision:
             return current.mod_revision
         return None
+
+    async def put_owned(self, key: str, value: bytes, lease: int, mine: Collection[int]) -> int:
+        """Write ``key`` under ``lease`` if it is absent or held by one of the leases in ``mine``.
+
+        Raises AgentExists when another owner's lease holds it (a compare-and-swap on
+        create, so one agent id cannot be taken over); returns the revision.
+        """
+        transactions = self._client.transactions
+        for _ in range(8):
+            created, responses = await self._call(
+                "transaction", compare=[transactions.create(key.encode()) == 0],
+                success=[transactions.put(key.encode(), value, lease=lease)], failure=[transactions.get(key.encode())])
+            if created:
+                return int(responses[0].response_put.header.revision)
+            found = responses[0]
+            if not found:
+                continue  # deleted in between: try creating again
+            existing = found[0][1]
+            if existing.lease != lease and existing.lease not in mine:
+                raise AgentExists(key, existing.lease)
+            replaced, responses = await self._call(
+                "transaction", compare=[transactions.mod(key.encode()) == existing.mod_revision],
+                success=[transactions.put(key.encode(), value, lease=lease)], failure=[])
+            if replaced:
+                return int(responses[0].response_put.header.revision)
+        raise RegistryUnavailable(f"etcd: {key} kept changing while it was being written")
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
         """Write ``key``; with ``lease`` the key dies with the lease. Returns the revision."""

@@ -15,7 +15,7 @@ import random
 import time
 from dataclasses import replace
 
-from ..errors import LeaseNotFound, RegistryUnavailable
+from ..errors import AgentExists, LeaseNotFound, RegistryUnavailable
 from ..metrics import RegistryMetrics
 from ..model import Agent, now_rfc3339
 from .etcd import EtcdClient
@@ -121,7 +121,7 @@ class LeaseKeeper:
         started = time.perf_counter()
         try:
             lease_id = await self._write(agent, key)
-        except RegistryUnavailable:
+        except (RegistryUnavailable, AgentExists):
             self._metrics.registrations.labels("error").inc()
             raise
         self._metrics.registration_seconds.observe(time.perf_counter() - started)
@@ -158,8 +158,10 @@ class LeaseKeeper:
 
     async def _write(self, agent: Agent, key: str) -> int:
         lease_id = await self.etcd.grant(max(2, math.ceil(agent.ttl)))
+        # Ours to replace: a record under a lease this keeper holds; anyone else's is refused.
+        mine = {r.lease_id for r in self._registrations.values()}
         try:
-            await self.etcd.put(key, agent.to_bytes(), lease_id)
+            await self.etcd.put_owned(key, agent.to_bytes(), lease_id, mine)
         except BaseException:
             await self._revoke_quietly(lease_id)
             raise
@@ -208,10 +210,11 @@ class LeaseKeeper:
                 registration.registered = True
                 self._metrics.reregistrations.inc()
                 log.info("registered %s again under lease %x", registration.key, registration.lease_id)
-            except (TimeoutError, RegistryUnavailable, LeaseNotFound) as exc:
+            except (TimeoutError, RegistryUnavailable, LeaseNotFound, AgentExists) as exc:
                 self._metrics.keepalive_failures.inc()
                 registration.registered = False
-                log.debug("re-registration of %s failed: %s", registration.key, exc)
+                log.log(logging.WARNING if isinstance(exc, AgentExists) else logging.DEBUG,
+                        "re-registration of %s failed: %s", registration.key, exc)
                 await asyncio.sleep(min(interval, 1.0) * random.uniform(0.5, 1.0))
                 continue
             await asyncio.sleep(interval)

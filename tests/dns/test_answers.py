@@ -236,6 +236,11 @@ def test_fast_path_is_byte_identical_to_the_slow_path(pair: tuple[bytes, bytes])
         assert DNSRecord.parse(slow).header.tc or len(slow) < len(cached.answer(warm, tcp=True))  # type: ignore
     else:
         assert fast == slow
+        # Asked again, with another ID high byte (the same weighted order): the exact-message cache.
+        again = bytes((asked[0] ^ 0xFF,)) + asked[1:]
+        assert cached.fast(asked) == slow
+        assert cached.fast(again) == again[:2] + slow[2:]
+        assert cached.fast(asked, tcp=True) == slow
 
 
 def check_reply(data: bytes, raw: bytes | Forward | None) -> None:

@@ -46,8 +46,9 @@ MAX_NAME = 255
 # Orders kept per name with several weighted records; queries take them in turn.
 VARIANTS = 16
 CACHE_ENTRIES = 100_000
-# Distinct UDP query messages kept by the exact cache (clients that randomise the case make many).
-EXACT_ENTRIES = 4096
+# Bytes of replies kept by the exact cache before it is emptied (clients that randomise the case
+# make a new message per query).
+EXACT_BYTES = 4 << 20
 
 _OPT = QTYPE.OPT
 _NO_EDNS, _EDNS, _EDNS_DO = 0, 1, 2
@@ -134,6 +135,7 @@ class Answers:
         self._cache: dict[bytes, _Entry] = {}
         self._cache_entries = cache_entries
         self._exact: dict[bytes, _Exact] = {}
+        self._exact_bytes = 0
         self._exact_hits = metrics.exact_hits
         self._forward_cache = forward_cache
 
@@ -145,7 +147,7 @@ class Answers:
         """Serve ``snapshot`` from now on; every cached reply is dropped."""
         self._snapshot = snapshot
         self._cache = {}
-        self._exact = {}
+        self._exact, self._exact_bytes = {}, 0
         self._metrics.cache_invalidations += 1
 
     # The fast path --------------------------------------------------------------------------------
@@ -213,12 +215,13 @@ class Answers:
         return reply
 
     def _keep_exact(self, data: bytes, entry: _Entry, reply: bytes) -> None:
+        if self._exact_bytes + len(reply) > EXACT_BYTES:
+            self._exact, self._exact_bytes = {}, 0
         exact = self._exact.get(data[2:])
         if exact is None:
-            if len(self._exact) >= EXACT_ENTRIES:
-                self._exact = {}
             exact = self._exact[data[2:]] = _Exact(entry.mask + 1, self._metrics.slot(entry.stat))
         exact.replies[data[1] & exact.mask] = reply[2:]
+        self._exact_bytes += len(reply)
 
     def _cached_forward(self, data: bytes, key: bytes, end: int, limit: int, tcp: bool) -> bytes | None:
         assert self._forward_cache is not None

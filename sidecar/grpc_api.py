@@ -19,6 +19,7 @@ from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .cards import CardIndex
 from .catalog import Catalog, Snapshot
 from .config import AdminSettings, GrpcSettings, HostPort
 from .control import Control
@@ -95,8 +96,9 @@ class GrpcApi(pb_grpc.DiscoveryServicer):
     """The gRPC query and control surface of one sidecar (``start``/``stop`` like every component)."""
 
     def __init__(self, settings: GrpcSettings, admin: AdminSettings, catalog: Catalog, hub: WatchHub,
-                 control: Control, metrics: Metrics) -> None:
+                 control: Control, metrics: Metrics, cards: CardIndex | None = None) -> None:
         self.settings = settings
+        self._cards = cards or CardIndex()
         self._token = admin.token
         self._catalog = catalog
         self._hub = hub
@@ -218,8 +220,14 @@ class GrpcApi(pb_grpc.DiscoveryServicer):
         query = Query.of(request.capability, request.tags, request.name, request.id,
                          True if request.healthy_only else None)
         snapshot = self._catalog.snapshot
-        response = pb.DiscoverResponse(revision=snapshot.revision,
-                                       agents=[agent_message(a) for a in query.select(snapshot)])
+        selected = query.select(snapshot)
+        response = pb.DiscoverResponse(revision=snapshot.revision, agents=[agent_message(a) for a in selected])
+        if request.include_cards:
+            for agent in selected:
+                stored = self._cards.of(agent.name, agent.id)
+                if stored is not None:
+                    response.cards.append(pb.AgentCard(agent_id=agent.id, name=agent.name, revision=stored.revision,
+                                                       card_json=stored.card.raw.decode(errors="replace")))
         self._discovery_seconds.observe(time.perf_counter() - started)
         return response
 

@@ -81,7 +81,8 @@ class Server:
                               self.metrics, self.readiness, cards=self.cards,
                               annotators=[lambda agent: {"breaker": self.proxy.breaker_state(agent.id)}],
                               before_scrape=[self.proxy.flush_metrics])
-        self.grpc = GrpcApi(settings.grpc, settings.admin, self.catalog, self.hub, self.control, self.metrics)
+        self.grpc = GrpcApi(settings.grpc, settings.admin, self.catalog, self.hub, self.control, self.metrics,
+                            cards=self.cards)
         self.components.append(self.grpc)
         # Last, so that it is stopped first: the agent drains while DNS and the proxy still serve.
         self.local_agent: local_agent.LocalAgent | None = None

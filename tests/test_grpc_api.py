@@ -369,3 +369,23 @@ async def test_watch_and_sse_send_the_same_events(make_server, etcd: EtcdProcess
             revision = change()
             sent = await sse_event()
             assert sent == await grpc_event() and sent[1] == revision
+
+
+async def test_discover_returns_cards_as_get_cards(make_server, etcd: EtcdProcess, prefix: str, channel_to) -> None:
+    server = await make_server()
+    card = {"name": "Planner", "url": "http://127.0.0.1:9/", "protocolVersion": "0.3.0",
+            "skills": [{"id": "plan", "name": "Plan", "description": "d", "tags": []}]}
+    put(etcd, f"{prefix}/services/other/plan-1", agent("plan-1", "other", capabilities=["plan"], tags=[]))
+    put(etcd, f"{prefix}/services/other/plan-2", agent("plan-2", "other", capabilities=["plan"], tags=[]))
+    last = put(etcd, f"{prefix}/cards/other/plan-1", card)
+    await eventually(lambda: server.cards.revision >= last and server.catalog.snapshot.revision >= last - 1)
+    stub = pb_grpc.DiscoveryStub(channel_to(server))
+    answer = await stub.Discover(pb.DiscoverRequest(capability="plan", include_cards=True))
+    assert [a.id for a in answer.agents] == ["plan-1", "plan-2"]
+    assert [(c.agent_id, c.name, json.loads(c.card_json)) for c in answer.cards] == [("plan-1", "other", card)]
+    assert answer.cards[0].revision == last
+    assert not (await stub.Discover(pb.DiscoverRequest(capability="plan"))).cards, "cards only when asked"
+    async with aiohttp.ClientSession() as http:
+        async with http.get("http://{}:{}/v1/cards?capability=plan".format(*server.admin.address)) as response:
+            rest = (await response.json())["cards"]
+    assert [(c["id"], c["card"]) for c in rest] == [(c.agent_id, json.loads(c.card_json)) for c in answer.cards]

@@ -61,26 +61,42 @@ class Health(_message.Message):
     def __init__(self, type: _Optional[str] = ..., url: _Optional[str] = ..., interval: _Optional[int] = ..., timeout: _Optional[int] = ..., status: _Optional[str] = ...) -> None: ...
 
 class DiscoverRequest(_message.Message):
-    __slots__ = ("capability", "tags", "name", "id", "healthy_only")
+    __slots__ = ("capability", "tags", "name", "id", "healthy_only", "include_cards")
     CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_ONLY_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_CARDS_FIELD_NUMBER: _ClassVar[int]
     capability: str
     tags: _containers.RepeatedScalarFieldContainer[str]
     name: str
     id: str
     healthy_only: bool
-    def __init__(self, capability: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., name: _Optional[str] = ..., id: _Optional[str] = ..., healthy_only: _Optional[bool] = ...) -> None: ...
+    include_cards: bool
+    def __init__(self, capability: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., name: _Optional[str] = ..., id: _Optional[str] = ..., healthy_only: _Optional[bool] = ..., include_cards: _Optional[bool] = ...) -> None: ...
 
 class DiscoverResponse(_message.Message):
-    __slots__ = ("revision", "agents")
+    __slots__ = ("revision", "agents", "cards")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
+    CARDS_FIELD_NUMBER: _ClassVar[int]
     revision: int
     agents: _containers.RepeatedCompositeFieldContainer[Agent]
-    def __init__(self, revision: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ...) -> None: ...
+    cards: _containers.RepeatedCompositeFieldContainer[AgentCard]
+    def __init__(self, revision: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ..., cards: _Optional[_Iterable[_Union[AgentCard, _Mapping]]] = ...) -> None: ...
+
+class AgentCard(_message.Message):
+    __slots__ = ("agent_id", "name", "revision", "card_json")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    CARD_JSON_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    name: str
+    revision: int
+    card_json: str
+    def __init__(self, agent_id: _Optional[str] = ..., name: _Optional[str] = ..., revision: _Optional[int] = ..., card_json: _Optional[str] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("capability", "tags", "name", "from_revision")

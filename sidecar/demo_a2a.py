@@ -186,7 +186,9 @@ class DemoA2AAgent:
             yield
             await handler.aclose()
 
+        # The SDK serves the card at the v1.0 path only; older clients ask for the v0.2/v0.3 one.
         app = Starlette(routes=[*create_agent_card_routes(self.card),
+                                *create_agent_card_routes(self.card, card_url="/.well-known/agent.json"),
                                 *create_jsonrpc_routes(handler, "/", enable_v0_3_compat=True)],
                         lifespan=lifespan)
         config = uvicorn.Config(app, log_level="warning", access_log=False, ws="none", lifespan="on",

@@ -29,17 +29,20 @@ async def test_card_parses_with_the_sdk_resolver_and_the_registry(a2a_agent: Dem
     async with httpx.AsyncClient(trust_env=False) as http:
         card = await A2ACardResolver(http, a2a_agent.url).get_agent_card(signature_verifier=verify_demo_signature)
         response = await http.get(a2a_agent.url + "/.well-known/agent-card.json")
+        legacy = await http.get(a2a_agent.url + "/.well-known/agent.json")
+        unchanged = await http.get(a2a_agent.url + "/.well-known/agent-card.json",
+                                   headers={"If-None-Match": response.headers["etag"]})
     assert [s.id for s in card.skills] == ["research"]
     assert [(i.url, i.protocol_binding, i.protocol_version) for i in card.supported_interfaces] == [
         (a2a_agent.url + "/", "JSONRPC", "1.0"), (a2a_agent.url + "/", "JSONRPC", "0.3")]
     assert len(card.signatures) == 1
     assert response.headers["content-type"] == "application/json"
-    assert response.headers["etag"].startswith('W/"')
+    assert response.headers["etag"].startswith('W/"') and unchanged.status_code == 304
     raw = response.json()
     # The v0.3 fields the SDK adds beside the v1.0 ones: a proxy rewrites both.
     assert raw["url"] == a2a_agent.url + "/" and raw["protocolVersion"] == "0.3"
     assert raw["signatures"][0]["protected"]
-    assert json.loads(a2a_agent.card_bytes) == raw
+    assert json.loads(a2a_agent.card_bytes) == raw == legacy.json()
     stored = decode_card(a2a_agent.card_bytes, "test")
     assert (stored.shape, stored.capabilities(), stored.url) == ("1.0", ("research",), a2a_agent.url + "/")
 

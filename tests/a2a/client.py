@@ -60,6 +60,7 @@ class Connection:
     card: AgentCard
     client: Client  # streams when the card says the agent can
     blocking_client: Client  # never streams: one answer per SendMessage
+    sent: list[str]  # the JSON-RPC method of every POST this connection made, in order
 
     async def send(self, text: str, *, context_id: str = "", task_id: str = "",
                    return_immediately: bool = False) -> StreamResponse:
@@ -157,7 +158,14 @@ async def connect(base_url: str, *, proxy: str | None = None, protocol_version: 
     the card's 0.3 interfaces, so the SDK talks its v0.3 compatibility transport
     (v0.3 method names) to the agent.
     """
-    async with httpx.AsyncClient(proxy=proxy, trust_env=False, timeout=timeout) as http:
+    sent: list[str] = []
+
+    async def record(request: httpx.Request) -> None:
+        if request.method == "POST":
+            sent.append(str(json.loads(request.content).get("method", "")))
+
+    async with httpx.AsyncClient(proxy=proxy, trust_env=False, timeout=timeout,
+                                 event_hooks={"request": [record]}) as http:
         card = await A2ACardResolver(http, base_url).get_agent_card(
             signature_verifier=verify_demo_signature if verify_signature else None)
         chosen = AgentCard()
@@ -169,4 +177,4 @@ async def connect(base_url: str, *, proxy: str | None = None, protocol_version: 
             raise AssertionError(f"the card at {base_url} has no {protocol_version} interface")
         streaming = ClientFactory(ClientConfig(httpx_client=http, streaming=True)).create(chosen)
         blocking = ClientFactory(ClientConfig(httpx_client=http, streaming=False)).create(chosen)
-        yield Connection(base_url.rstrip("/"), http, card, streaming, blocking)
+        yield Connection(base_url.rstrip("/"), http, card, streaming, blocking, sent)

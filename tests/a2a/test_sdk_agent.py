@@ -51,6 +51,7 @@ async def test_non_streaming_send_answers_with_the_replica(a2a_agent: DemoA2AAge
     async with connect(a2a_agent.url) as conn:
         pong = await conn.send("ping")
         answer = await conn.send("what is etcd?")
+    assert conn.sent == ["SendMessage", "SendMessage"]
     assert pong.HasField("message") and pong.message.parts[0].text == "pong from research-1"
     assert replica_of(pong) == "research-1"
     assert answer.HasField("task") and answer.task.status.state == TaskState.TASK_STATE_COMPLETED
@@ -98,6 +99,7 @@ async def test_sdk_client_speaks_v03_too(a2a_agent: DemoA2AAgent) -> None:
     async with connect(a2a_agent.url, protocol_version="0.3") as conn:
         pong = await conn.send("ping")
         kinds = [e.WhichOneof("payload") async for e in conn.stream("hi")]
+    assert conn.sent == ["message/send", "message/stream"]
     assert replica_of(pong) == "research-1"
     assert kinds[0] == "task" and kinds[-1] == "status_update" and len(kinds) == 6
 

@@ -21,6 +21,7 @@ from .config import HostPort, Settings, build
 from .demo_a2a import DemoA2AAgent
 from .errors import SidecarError
 from .model import parse_agent
+from .registry.lease import LeaseKeeper, Registration
 from .server import Server
 
 
@@ -163,7 +164,7 @@ async def dev(stop: asyncio.Event, loop_name: str = "uvloop") -> int:
                 "health": {"type": "http", "url": f"http://127.0.0.1:{port}/health", "status": "healthy"},
             }))
         await a2a_agent.start()
-        await _register_a2a_demo(server, a2a_agent)
+        await register_a2a_demo(server.leases, a2a_agent)
         # Print "what to try" only once this sidecar's own snapshot serves the demo agents (and the card).
         deadline = asyncio.get_running_loop().time() + 10
         while not (all(d.id in server.catalog.snapshot.by_id for d in DEMO_AGENTS)
@@ -184,17 +185,17 @@ async def dev(stop: asyncio.Event, loop_name: str = "uvloop") -> int:
         await asyncio.to_thread(etcd.cleanup)
 
 
-async def _register_a2a_demo(server: Server, agent: DemoA2AAgent) -> None:
-    """Register the SDK agent as a card-reading sidecar would: fields from its card, the card on its lease."""
+async def register_a2a_demo(leases: LeaseKeeper, agent: DemoA2AAgent, zone: str = "dev-a") -> Registration:
+    """Register a started SDK agent as a card-reading sidecar would: fields from its card, the card on its lease."""
     card = decode_card(agent.card_bytes, agent.url + WELL_KNOWN[0])
     fields = merge_card({
-        "id": A2A_DEMO_ID, "address": agent.host, "port": agent.port, "zone": "dev-a",
+        "id": agent.replica, "address": agent.host, "port": agent.port, "zone": zone,
         "metadata": {"demo": "true"},
         "health": {"type": "http", "url": agent.url + WELL_KNOWN[0], "status": "healthy"},
     }, card, explicit=("port",))
-    registration = await server.leases.register(parse_agent(fields))
-    await registration.attach(card_key(server.leases.prefix, registration.agent.name, registration.agent.id),
-                              card.raw)
+    registration = await leases.register(parse_agent(fields))
+    await registration.attach(card_key(leases.prefix, registration.agent.name, registration.agent.id), card.raw)
+    return registration
 
 
 def _banner(settings: Settings, etcd_endpoint: str) -> str:

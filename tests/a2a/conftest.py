@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest_asyncio
 
 from sidecar.demo_a2a import DemoA2AAgent
+from sidecar.dev import register_a2a_demo
+from sidecar.server import Server
+
+from ..waiting import eventually
 
 REPLICAS = ("research-1", "research-2", "research-3")
 
@@ -50,3 +55,20 @@ async def a2a_agent() -> AsyncIterator[DemoA2AAgent]:
     yield agent
     await agent.stop()
 
+
+
+@pytest_asyncio.fixture
+async def registered_replicas(make_server: Callable[..., Any],
+                              a2a_replicas: list[DemoA2AAgent]) -> tuple[Server, list[DemoA2AAgent]]:
+    """A sidecar (real etcd) whose snapshot and card index hold the three replicas, as ``sidecar dev`` does it.
+
+    Each replica is registered with its card's fields (name ``research-agent``,
+    capability ``research``) and its card stored on its lease.
+    """
+    server = await make_server()
+    for agent in a2a_replicas:
+        await register_a2a_demo(server.leases, agent)
+    await eventually(lambda: all(server.cards.of(a.name, a.replica) is not None and a.replica in
+                                 server.catalog.snapshot.by_id for a in a2a_replicas),
+                     what="the replicas and their cards in the snapshot")
+    return server, a2a_replicas

@@ -24,6 +24,7 @@ from .proxy.server import ProxyServer
 from .registry.etcd import EtcdClient
 from .registry.lease import LeaseKeeper
 from .registry.sync import CatalogSync
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +57,14 @@ class Server:
         self.dns = DnsServer(settings.dns, self.catalog, self.metrics.dns, local_zone=settings.agent.zone,
                              proxy_listen=settings.proxy.listen, panic=settings.health_check.panic)
         self.components.append(self.dns)
-        self.proxy = ProxyServer(settings, self.catalog, self.metrics.proxy)
-        self.components.append(self.proxy)
         # Passive health: the proxy's outcomes feed outlier detection, whose ejections the proxy's picks skip.
         self.outliers = OutlierDetector(settings.health_check.outlier_detection, self.metrics.health)
         self.catalog.subscribe(self.outliers.on_snapshot)
-        self.proxy.add_observer(lambda outcome: self.outliers.observe(outcome.agent_id, outcome.kind.value))
-        self.proxy.policy.admitted = self.outliers.admitted
-        self.proxy.policy.panic = settings.health_check.panic
+        self.proxy = ProxyServer(settings, self.catalog, self.metrics.proxy, admitted=self.outliers.admitted,
+                                 observers=[lambda outcome: self.outliers.observe(outcome.agent_id, outcome.kind.value)],
+                                 tracing=Tracing.build(settings.tracing))
+        self.components.append(self.proxy)
         self.admin.annotators.append(lambda agent: {"breaker": self.proxy.breaker_state(agent.id)})
-        self.admin.before_scrape.append(self.proxy.flush_metrics)
         # Last, so that it is stopped first: the agent drains while DNS and the proxy still serve.
         self.local_agent: local_agent.LocalAgent | None = None
         if local_agent.enabled(settings.agent):

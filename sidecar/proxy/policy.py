@@ -18,6 +18,7 @@ from ..serving import servable
 from . import balancers
 from .affinity import Affinity
 from .breaker import Breakers, StateListener, Ticket
+from .heads import Keys
 from .limits import Limits
 from .load import LoadTable, Outcome
 from .retries import RetryBudget
@@ -33,21 +34,13 @@ class Choice:
     set_cookie: str | None = None
 
 
-@dataclass(slots=True)
-class Keys:
-    """What the request says about stickiness and hashing (header values, cookie values)."""
-
-    session: str | None = None
-    affinity_cookie: str | None = None
-    hash_key: str | None = None
-
-
 class Policy:
     """Every per-target and per-agent decision of the proxy, with settings that swap live."""
 
     def __init__(self, balancing: LoadBalancerSettings, sticky: StickySettings, proxy: ProxySettings,
                  local_zone: str = "", clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None, breaker_listener: StateListener | None = None) -> None:
+                 rng: random.Random | None = None, breaker_listener: StateListener | None = None,
+                 admitted: Callable[[Agent], bool] | None = None, panic: bool = False) -> None:
         self.balancing = balancing
         self.local_zone = local_zone
         self.clock = clock
@@ -61,13 +54,15 @@ class Policy:
         self._ctx = balancers.PickContext(self.rng, 0.0, self.loads)
         # route key -> (snapshot, its agents of the route): selections are redone only for a new snapshot.
         self._selections: dict[str, tuple[Snapshot, tuple[Agent, ...]]] = {}
-        # Set by the composition root: health_check.panic, and passive health's filter (outlier ejections).
-        self.panic = False
-        self.admitted: Callable[[Agent], bool] | None = None
+        # health_check.panic (live), and passive health's filter (outlier ejections).
+        self.panic = panic
+        self.admitted = admitted
 
     def update(self, balancing: LoadBalancerSettings | None = None, sticky: StickySettings | None = None,
-               proxy: ProxySettings | None = None) -> None:
+               proxy: ProxySettings | None = None, panic: bool | None = None) -> None:
         """Hot-apply new settings; breaker states, pins and load estimates are kept."""
+        if panic is not None:
+            self.panic = panic
         if balancing is not None:
             self.balancing = balancing
             self._balancers.clear()

@@ -1,0 +1,542 @@
+"""The relay: routes each request, asks the policy for an agent, sends it, judges the
+response head (breaker, load, retry) and relays the answer, from socket callbacks
+while nothing has to wait and from the client connection's task otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+
+from ..catalog import Catalog
+from ..config import ProxySettings
+from ..errors import BadRequest, PassthroughDisabled, ProxyError, UpstreamError, UpstreamTimeout
+from ..metrics import ProxyMetrics
+from ..model import Agent
+from . import routing, tunnel
+from .client import ClientConnection, Request
+from .heads import KeyNames, Keys, request_head, response_head, retry_after
+from .load import Outcome, OutcomeKind
+from .policy import Choice, Policy
+from .pool import Pool
+from .responses import error_response, error_status
+from .retries import safe_to_retry
+from .upstream import Exchange, Upstream
+
+log = logging.getLogger(__name__)
+
+class _ClientGone(Exception):
+    """The client hung up while its request was being served."""
+
+
+class _AttemptFailed(Exception):
+    """One upstream attempt failed before a usable response head."""
+
+    def __init__(self, kind: OutcomeKind, sent: bool, error: ProxyError) -> None:
+        super().__init__(str(error))
+        self.kind = kind
+        self.sent = sent
+        self.error = error
+
+
+class Flight:
+    """One request forwarded to agents, across its attempts."""
+
+    __slots__ = ("attempt_started", "choice", "client", "head", "keep", "keys", "last_agent", "last_error", "relay",
+                 "released", "request", "route", "started", "tried")
+
+    def __init__(self, relay: Relay, client: ClientConnection, request: Request, route: routing.Route, head: bytes,
+                 keys: Keys, started: float) -> None:
+        self.relay = relay
+        self.client = client
+        self.request = request
+        self.route = route
+        self.head = head
+        self.keys = keys
+        self.started = started
+        self.tried: list[str] = []
+        self.choice: Choice | None = None
+        self.attempt_started = started
+        self.last_error: ProxyError | None = None
+        self.last_agent = ""
+        self.keep = True  # keep the client connection after this response
+        self.released = False  # the target's concurrency slot is given back
+
+
+
+
+class Relay:
+    """Everything the connections share: settings, catalog, policy, pool, metrics."""
+
+    def __init__(self, settings: ProxySettings, zone: str, catalog: Catalog, policy: Policy,
+                 metrics: ProxyMetrics, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.settings = settings
+        self.zone = zone
+        self.catalog = catalog
+        self.policy = policy
+        self.metrics = metrics
+        self.loop = loop or asyncio.get_running_loop()
+        self.pool = Pool(self)
+        self.connections: set[ClientConnection] = set()
+        self.exchanges: set[Exchange] = set()
+        self._routes: dict[str, routing.Route] = {}
+        self._key_names: KeyNames | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep()
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for exchange in list(self.exchanges):
+            exchange.check(now)
+        tick = min(1.0, max(0.01, self.settings.read_timeout / 10))
+        self._sweeper = self.loop.call_at(now + tick, self._sweep)
+
+    def _route(self, authority: str) -> routing.Route:
+        found = self._routes.get(authority)
+        if found is None:
+            try:
+                found = routing.route(authority, self.zone)
+            except ValueError as exc:
+                raise BadRequest(authority, str(exc)) from None
+            if len(self._routes) >= 4096:
+                self._routes.clear()
+            self._routes[authority] = found
+        return found
+
+    def protocol(self) -> ClientConnection:
+        """A protocol factory for ``loop.create_server``."""
+        return ClientConnection(self)
+
+    def update(self, settings: ProxySettings) -> None:
+        """Swap proxy settings live (timeouts, limits, passthrough)."""
+        self.settings = settings
+        self.policy.update(proxy=settings)
+        self._routes.clear()
+
+    # Per-request counters are plain ints and dicts, read by the metrics collector at scrape time.
+    def count(self, kind: str, outcome: str) -> None:
+        self.metrics.requests[(kind, outcome)] += 1
+
+    def _count_attempt(self, kind: OutcomeKind) -> None:
+        self.metrics.attempts[kind._value_] += 1  # the value: an Enum's __hash__ is Python code
+
+    # -- one request
+
+    async def handle(self, client: ClientConnection, request: Request) -> bool:
+        """Serve one request; False when the client connection must close afterwards."""
+        kind = "bad"
+        try:
+            if request.error is not None:
+                raise request.error
+            authority, path = self._target(request)
+            if request.method == b"CONNECT":
+                kind = "connect"
+                return await tunnel.connect(self, client, authority)
+            route = self._route(authority)
+            kind = route.kind
+            if route.kind == "external":
+                if not self.settings.passthrough:
+                    raise PassthroughDisabled(route.host, f"{route.host} is outside {self.zone} and passthrough is off")
+                return await self._passthrough(client, request, route, path)
+            return await self._forward(client, request, route, path)
+        except ProxyError as err:
+            return self._answer(client, request, kind, err)
+        except _ClientGone:
+            return False
+
+    def _answer(self, client: ClientConnection, request: Request, kind: str, err: ProxyError) -> bool:
+        """Send ``err`` as the response; whether the client connection may stay open."""
+        self.count(kind, error_status(err)[1])
+        keep = request.keep_alive and request.body_done and request.error is None and not request.upgrade
+        client.write(error_response(err, err.agent_id, keep))
+        return keep
+
+    def _target(self, request: Request) -> tuple[str, bytes]:
+        """(authority, origin-form path) from an origin-, absolute- or authority-form target."""
+        url = request.url
+        if request.method == b"CONNECT":
+            return url.decode("latin-1"), b""
+        if url.startswith(b"/") or url == b"*":
+            for name, value in request.headers:
+                if len(name) == 4 and name.lower() == b"host":
+                    return value.decode("latin-1"), url
+            raise BadRequest("", "no Host header")
+        scheme, sep, rest = url.partition(b"://")
+        if not sep or scheme.lower() != b"http":
+            raise BadRequest(url.decode("latin-1"), "absolute-form targets must be http:// (use CONNECT for https)")
+        authority, slash, path = rest.partition(b"/")
+        authority = authority.rpartition(b"@")[2]
+        return authority.decode("latin-1"), slash + path if slash else b"/" + path
+
+    def _request_head(self, request: Request, path: bytes, host: str) -> tuple[bytes, Keys]:
+        """The upstream request head and the request's stickiness/hash keys."""
+        sticky = self.policy.affinity.settings
+        balancing = self.policy.balancing
+        names = self._key_names
+        if names is None or names.sticky is not sticky or names.balancing is not balancing:
+            names = self._key_names = KeyNames(sticky, balancing)
+        head, keys, request.chunked = request_head(request.method, path, request.headers, host.encode("latin-1"),
+                                                   request.client.peer, request.upgrade, names)
+        return head, keys
+
+    def _response_head(self, request: Request, exchange: Exchange, agent_id: str, set_cookie: str | None,
+                       client_keep_alive: bool) -> tuple[bytes, bool, bool]:
+        """(head for the client, re-chunk the body?, keep the client connection?)."""
+        return response_head(exchange.status, exchange.reason, exchange.headers, request.version, client_keep_alive,
+                             exchange.no_body, exchange.upgraded is not None, agent_id, set_cookie)
+
+    async def _attempt(self, client: ClientConnection, request: Request, head: bytes, address: str,
+                       port: int) -> Exchange:
+        """Send the request to address:port and wait for its response head."""
+        pool = self.pool
+        try:
+            conn = await pool.acquire(address, port, self.settings.connect_timeout)
+        except TimeoutError:
+            raise _AttemptFailed(OutcomeKind.TIMEOUT, False,
+                                 UpstreamTimeout("", f"connecting to {address}:{port} timed out")) from None
+        except OSError as exc:
+            raise _AttemptFailed(OutcomeKind.CONNECT_ERROR, False,
+                                 UpstreamError("", f"cannot connect to {address}:{port}: {exc.strerror or exc}")) \
+                from None
+        if client.closed:
+            pool.release(conn)
+            raise _ClientGone
+        exchange = self._send(client, request, head, conn, None)
+        assert exchange.head is not None
+        try:
+            await exchange.head
+        except ProxyError as err:
+            raise self._attempt_failed(client, request, exchange, err) from None
+        return exchange
+
+    def _send(self, client: ClientConnection, request: Request, head: bytes, conn: Upstream,
+              flight: Flight | None) -> Exchange:
+        """Write the request head (and the body so far) to ``conn``; the response goes to the new Exchange."""
+        exchange = Exchange(client, conn, self.settings.read_timeout, request.method == b"HEAD", self.exchanges,
+                            flight)
+        conn.exchange = exchange
+        conn.client = client
+        client.upstream = conn
+        conn.write_raw(head)
+        request.attach(conn)
+        return exchange
+
+    def _attempt_failed(self, client: ClientConnection, request: Request, exchange: Exchange,
+                        err: ProxyError) -> _AttemptFailed:
+        """Drop an attempt whose response head never came."""
+        self._discard(client, request, exchange)
+        kind = OutcomeKind.TIMEOUT if isinstance(err, UpstreamTimeout) else OutcomeKind.RESET
+        return _AttemptFailed(kind, True, err)
+
+    def _discard(self, client: ClientConnection, request: Request, exchange: Exchange) -> None:
+        request.detach()
+        client.upstream = None
+        exchange.stop_timer()
+        exchange.flight = None
+        exchange.conn.exchange = None
+        exchange.conn.close()
+
+    # -- forwarding to agents: the same steps, run by the connection's task (``_fly``) or,
+    # while nothing needs awaiting, from the socket callbacks (``begin``, ``_landed``, ``_arrived``).
+
+    def _flight(self, client: ClientConnection, request: Request, route: routing.Route, path: bytes) -> Flight:
+        started = self.loop.time()
+        head, keys = self._request_head(request, path, route.authority)
+        return Flight(self, client, request, route, head, keys, started)
+
+    async def _forward(self, client: ClientConnection, request: Request, route: routing.Route, path: bytes) -> bool:
+        flight = self._flight(client, request, route, path)
+        self.policy.limits.acquire(route.key)
+        self.policy.budget.request()
+        return await self._fly(flight)
+
+    async def _fly(self, flight: Flight, choice: Choice | None = None) -> bool:
+        """Attempt agents until one answer is relayed; raises the ProxyError for the client otherwise."""
+        policy = self.policy
+        client, request = flight.client, flight.request
+        try:
+            while True:
+                if choice is None:
+                    choice = self._choose(flight)
+                agent = self._depart(flight, choice)
+                try:
+                    exchange = await self._attempt(client, request, flight.head, agent.address, agent.port)
+                except _AttemptFailed as failed:
+                    self._failed(flight, choice, failed)  # raises unless another attempt may follow
+                    choice = None
+                    continue
+                except BaseException:
+                    policy.loads.finish(agent.id)
+                    policy.breakers.release(choice.ticket)
+                    raise
+                if self._judge(flight, choice, exchange):
+                    choice = None
+                    continue
+                return await self._land(flight, choice, exchange)
+        finally:
+            self._release(flight)
+
+    async def _land(self, flight: Flight, choice: Choice, exchange: Exchange) -> bool:
+        try:
+            return await self._relay_response(flight.client, flight.request, exchange, choice.agent.id,
+                                              choice.set_cookie, flight.route.kind, flight.started)
+        finally:
+            self.policy.loads.finish(choice.agent.id)
+            self._release(flight)
+
+    def _release(self, flight: Flight) -> None:
+        if not flight.released:
+            flight.released = True
+            self.policy.limits.release(flight.route.key)
+
+    def _choose(self, flight: Flight) -> Choice:
+        try:
+            return self.policy.choose(flight.route, self.catalog.snapshot, flight.keys, flight.tried)
+        except ProxyError:
+            if flight.last_error is not None:
+                flight.last_error.agent_id = flight.last_agent
+                raise flight.last_error from None
+            raise
+
+    def _depart(self, flight: Flight, choice: Choice) -> Agent:
+        agent = choice.agent
+        flight.choice = choice
+        flight.tried.append(agent.id)
+        self.policy.loads.start(agent.id)
+        flight.attempt_started = self.loop.time()
+        return agent
+
+    def _failed(self, flight: Flight, choice: Choice, failed: _AttemptFailed) -> None:
+        """Account a failed attempt; returns when another may follow, else raises the client's error."""
+        policy = self.policy
+        agent_id = choice.agent.id
+        policy.loads.finish(agent_id)
+        if flight.client.closed:
+            policy.breakers.release(choice.ticket)
+            raise _ClientGone
+        policy.breakers.record(choice.ticket, True)
+        self._count_attempt(failed.kind)
+        policy.observe(Outcome(agent_id, failed.kind, self.loop.time() - flight.attempt_started))
+        failed.error.target = flight.route.host
+        flight.last_error, flight.last_agent = failed.error, agent_id
+        if self._can_choose_again(flight.route, flight.tried) and \
+                self._may_retry(flight.request, failed.sent, len(flight.tried), policy.balancing.retries.attempts):
+            return
+        failed.error.agent_id = agent_id
+        raise failed.error
+
+    def _judge(self, flight: Flight, choice: Choice, exchange: Exchange) -> bool:
+        """Account an attempt's response head; True when it was dropped for another attempt."""
+        policy = self.policy
+        agent_id = choice.agent.id
+        status = exchange.status
+        backoff = retry_after(exchange.headers) if status == 429 or status == 503 else 0.0
+        if status in policy.balancing.circuit_breaker.failure_statuses:
+            kind = OutcomeKind.FAILURE_STATUS
+        elif status == 429 or backoff:
+            kind = OutcomeKind.BACKPRESSURE
+        else:
+            kind = OutcomeKind.SUCCESS
+        policy.breakers.record(choice.ticket, kind is OutcomeKind.FAILURE_STATUS)
+        self._count_attempt(kind)
+        policy.observe(Outcome(agent_id, kind, self.loop.time() - flight.attempt_started, status, backoff))
+        if (kind is not OutcomeKind.SUCCESS and self._can_choose_again(flight.route, flight.tried)
+                and self._may_retry(flight.request, True, len(flight.tried), policy.balancing.retries.attempts)):
+            # Another agent may do better; with nobody else to ask, this answer goes to the client.
+            self._discard(flight.client, flight.request, exchange)
+            policy.loads.finish(agent_id)
+            flight.last_error = UpstreamError(flight.route.host, f"the agent answered {status}")
+            flight.last_agent = agent_id
+            return True
+        return False
+
+    def begin(self, client: ClientConnection, request: Request) -> bool:
+        """Start ``request`` from the client's read callback; False leaves it to the connection's task.
+
+        Taken for an in-zone target with an agent to choose and a pooled connection to it.
+        Whatever needs waiting for (connecting, a retry, a tunnel) is handed to the task
+        at the step it has reached; errors before the first attempt are left to the task.
+        """
+        if request.method == b"CONNECT" or request.upgrade or request.error is not None:
+            return False
+        try:
+            authority, path = self._target(request)
+            route = self._route(authority)
+        except ProxyError:
+            return False
+        if route.kind == "external":
+            return False
+        policy = self.policy
+        flight = self._flight(client, request, route, path)
+        try:
+            policy.limits.acquire(route.key)
+        except ProxyError:
+            return False
+        try:
+            choice = policy.choose(route, self.catalog.snapshot, flight.keys, flight.tried)
+        except ProxyError:
+            policy.limits.release(route.key)
+            return False
+        policy.budget.request()
+        client.active = request
+        client.busy = True
+        agent = choice.agent
+        conn = self.pool.take(agent.address, agent.port)
+        if conn is None:
+            client.hand_off(route.kind, functools.partial(self._fly, flight, choice))
+            return True
+        self._depart(flight, choice)
+        self._send(client, request, flight.head, conn, flight)
+        return True
+
+    def _landed(self, flight: Flight, exchange: Exchange) -> None:
+        """Fast path: the response head (and what came with it) arrived; relay it or try elsewhere."""
+        choice = flight.choice
+        assert choice is not None
+        client, request = flight.client, flight.request
+        if self._judge(flight, choice, exchange):
+            client.hand_off(flight.route.kind, functools.partial(self._fly, flight))
+            return
+        if exchange.upgraded is not None:
+            exchange.flight = None
+            client.hand_off(flight.route.kind, functools.partial(self._land, flight, choice, exchange))
+            return
+        head, frame_chunked, flight.keep = self._response_head(request, exchange, choice.agent.id,
+                                                               choice.set_cookie, request.keep_alive)
+        self.metrics.observe_duration(self.loop.time() - flight.started)
+        self.count(flight.route.kind, "ok")
+        exchange.commit(head, frame_chunked)
+        if exchange.failure is not None:
+            exchange._wake()
+
+    def _broken(self, flight: Flight, exchange: Exchange) -> None:
+        """Fast path: a bug, not a peer's doing; log it and cut both connections, as the task would."""
+        log.exception("proxy request from %s failed", flight.client.peer.decode())
+        exchange.flight = None
+        exchange.stop_timer()
+        exchange.conn.exchange = None
+        exchange.conn.close()
+        flight.client.abort()
+        self._release(flight)
+
+    def _arrived(self, flight: Flight, exchange: Exchange) -> None:
+        """Fast path: the response ended (complete, or cut short); pool or close both sides."""
+        choice = flight.choice
+        assert choice is not None
+        client, request = flight.client, flight.request
+        conn = exchange.conn
+        request.detach()
+        client.upstream = None
+        self.policy.loads.finish(choice.agent.id)
+        self._release(flight)
+        keep = flight.keep
+        if exchange.failure is not None:
+            exchange.stop_timer()
+            conn.exchange = None
+            conn.close()
+            client.abort()
+            keep = False
+        elif exchange.keep_alive and not exchange.no_body and request.body_done:
+            self.pool.release(conn)
+        else:
+            conn.exchange = None
+            conn.close()
+        client.done(request, keep)
+
+    def _crashed(self, flight: Flight, exchange: Exchange, error: ProxyError) -> None:
+        """Fast path: the attempt failed before a response head; retry from the task, or answer."""
+        choice = flight.choice
+        assert choice is not None
+        client, request = flight.client, flight.request
+        failed = self._attempt_failed(client, request, exchange, error)
+        try:
+            self._failed(flight, choice, failed)
+        except _ClientGone:
+            self._release(flight)
+            client.done(request, False)
+            return
+        except ProxyError as err:
+            self._release(flight)
+            client.done(request, self._answer(client, request, flight.route.kind, err))
+            return
+        client.hand_off(flight.route.kind, functools.partial(self._fly, flight))
+
+    async def resume(self, client: ClientConnection, request: Request, kind: str,
+                     job: Callable[[], Awaitable[bool]]) -> bool:
+        """Run the rest of a request the fast path handed over; False when the client must be closed."""
+        try:
+            return await job()
+        except ProxyError as err:
+            return self._answer(client, request, kind, err)
+        except _ClientGone:
+            return False
+
+    def _can_choose_again(self, route: routing.Route, tried: list[str]) -> bool:
+        return self.policy.has_another(route, self.catalog.snapshot, tried)
+
+    def _may_retry(self, request: Request, sent: bool, tried: int, attempts: int) -> bool:
+        if tried > attempts:
+            return False
+        if not safe_to_retry(request.method, sent, request.replayable and request.body_done):
+            return False
+        if not self.policy.budget.try_retry():
+            self.metrics.retry_budget_exhausted.inc()
+            return False
+        self.metrics.retries.inc()
+        return True
+
+    async def _relay_response(self, client: ClientConnection, request: Request, exchange: Exchange, agent_id: str,
+                              set_cookie: str | None, kind: str, started: float) -> bool:
+        """Commit to ``exchange``: send its head, stream its body, then pool or close both sides."""
+        head, frame_chunked, keep = self._response_head(request, exchange, agent_id, set_cookie,
+                                                        request.keep_alive)
+        exchange.commit(head, frame_chunked)
+        self.metrics.observe_duration(self.loop.time() - started)
+        self.count(kind, "ok")
+        conn = exchange.conn
+        if exchange.upgraded is not None:
+            exchange.stop_timer()
+            return await tunnel.tunnel(self, client, conn, exchange.upgraded)
+        try:
+            await exchange.finished()
+        except ProxyError:
+            exchange.stop_timer()
+            client.upstream = None
+            request.detach()
+            conn.exchange = None
+            conn.close()
+            client.abort()
+            return False
+        finally:
+            request.detach()
+        client.upstream = None
+        if exchange.keep_alive and not exchange.no_body and request.body_done:
+            self.pool.release(conn)
+        else:
+            conn.exchange = None
+            conn.close()
+        return keep
+
+
+    async def _passthrough(self, client: ClientConnection, request: Request, route: routing.Route,
+                           path: bytes) -> bool:
+        started = self.loop.time()
+        head, _ = self._request_head(request, path, route.authority)
+        try:
+            exchange = await self._attempt(client, request, head, route.host, route.port)
+        except _AttemptFailed as failed:
+            failed.error.target = route.host
+            raise failed.error from None
+        return await self._relay_response(client, request, exchange, "", None, "external", started)
+
+    def close(self) -> None:
+        """Close every client connection and pooled upstream connection."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for connection in list(self.connections):
+            connection.abort()
+        self.pool.close()
+
+

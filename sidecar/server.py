@@ -60,9 +60,10 @@ class Server:
         # Passive health: the proxy's outcomes feed outlier detection, whose ejections the proxy's picks skip.
         self.outliers = OutlierDetector(settings.health_check.outlier_detection, self.metrics.health)
         self.catalog.subscribe(self.outliers.on_snapshot)
-        self.proxy = ProxyServer(settings, self.catalog, self.metrics.proxy, admitted=self.outliers.admitted,
-                                 observers=[lambda outcome: self.outliers.observe(outcome.agent_id, outcome.kind.value)],
-                                 tracing=Tracing.build(settings.tracing))
+        self.proxy = ProxyServer(
+            settings, self.catalog, self.metrics.proxy, admitted=self.outliers.admitted,
+            observers=[lambda outcome: self.outliers.observe(outcome.agent_id, outcome.kind.value)],
+            tracing=Tracing.build(settings.tracing))
         self.components.append(self.proxy)
         self.admin.annotators.append(lambda agent: {"breaker": self.proxy.breaker_state(agent.id)})
         # Last, so that it is stopped first: the agent drains while DNS and the proxy still serve.

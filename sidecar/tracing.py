@@ -35,7 +35,7 @@ class Span:
 
     @property
     def trace_id(self) -> str:
-        return "%032x" % self._span.get_span_context().trace_id
+        return f"{self._span.get_span_context().trace_id:032x}"
 
     def end(self, attributes: Mapping[str, AttributeValue], error: str = "") -> None:
         """Set ``attributes`` (and an error status when ``error`` is given) and end the span."""
@@ -64,7 +64,11 @@ class Tracing:
         # follows the parent, and records every root it is asked to start.
         self.provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}),
                                        sampler=ParentBased(ALWAYS_ON))
-        exporter = OTLPSpanExporter(endpoint=settings.otlp_endpoint, timeout=settings.export_timeout)
+        import requests
+
+        session = requests.Session()
+        session.trust_env = False  # the collector is reached directly, never through an HTTP_PROXY of the environment
+        exporter = OTLPSpanExporter(endpoint=settings.otlp_endpoint, timeout=settings.export_timeout, session=session)
         self.provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
         self.tracer = self.provider.get_tracer("sidecar.proxy")
         self._random = random.random

@@ -16,6 +16,7 @@ import httptools
 from ..errors import BadRequest, HeadersTooLarge, ProxyError
 
 if typing.TYPE_CHECKING:
+    from .observe import Trace
     from .relay import Relay
     from .upstream import Upstream
 
@@ -33,7 +34,7 @@ class Request:
     """One client request: head, and a body that is streamed to the attached upstream."""
 
     __slots__ = ("body_done", "chunked", "client", "error", "headers", "keep_alive", "method", "pending",
-                 "pending_size", "replay", "replay_size", "sink", "upgrade", "url", "version")
+                 "pending_size", "replay", "replay_size", "sink", "trace", "upgrade", "url", "version")
 
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
@@ -51,6 +52,7 @@ class Request:
         self.replay: list[bytes] | None = []
         self.replay_size = 0
         self.sink: Upstream | None = None
+        self.trace: Trace | None = None  # only while the access log or tracing is on
 
     def feed(self, chunk: bytes) -> None:
         if self.replay is not None:
@@ -284,6 +286,8 @@ class ClientConnection(asyncio.Protocol):
         self.active = None
         self.busy = False
         self.last_active = self.loop.time()
+        if request.trace is not None:
+            self.relay.finished(request)
         if not keep or not request.keep_alive or not request.body_done or request.upgrade:
             self.close()
             return False

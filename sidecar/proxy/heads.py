@@ -30,6 +30,7 @@ class Keys:
     affinity_cookie: str | None = None
     hash_key: str | None = None
     traceparent: bytes = b""
+    trace_from_client: bool = False  # the client sent a valid traceparent (else a new trace begins)
 
 class KeyNames:
     """The request headers and cookies that name a session or a hash key, as the head scan wants them."""
@@ -62,10 +63,12 @@ _REQUEST_SEEN = HOP_BY_HOP | {b"host", b"x-forwarded-for", b"x-forwarded-proto",
 
 
 def request_head(method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], host: bytes, peer: bytes,
-                 upgrade: bool, names: KeyNames, drop: frozenset[bytes] = frozenset()) -> tuple[bytes, Keys, bool]:
+                 upgrade: bool, names: KeyNames, drop: frozenset[bytes] = frozenset(),
+                 sampled: bool = True) -> tuple[bytes, Keys, bool]:
     """(upstream request head, stickiness/hash keys, body chunked?): hop-by-hop headers and those
     named in ``Connection`` dropped, one ``X-Forwarded-For`` with ``peer`` appended,
-    ``X-Forwarded-Proto``/``-Host``, a valid or new ``traceparent``, the given ``host``."""
+    ``X-Forwarded-Proto``/``-Host``, a valid or new ``traceparent`` (a new one with the
+    sampled flag ``sampled``), the given ``host``."""
     session_name = names.session
     hash_header = names.hash_header
     forwarded_for: list[bytes] = []
@@ -112,7 +115,7 @@ def request_head(method: bytes, path: bytes, headers: list[tuple[bytes, bytes]],
     if connection and not drop:
         tokens = _connection_tokens(connection)
         if tokens:  # rare: Connection names end-to-end headers; scan again without them
-            return request_head(method, path, headers, host, peer, upgrade, names, tokens)
+            return request_head(method, path, headers, host, peer, upgrade, names, tokens, sampled)
     if cookies:
         text = "; ".join(c.decode("latin-1") for c in cookies)
         keys.affinity_cookie = cookie_value(text, names.cookie)
@@ -124,7 +127,10 @@ def request_head(method: bytes, path: bytes, headers: list[tuple[bytes, bytes]],
     else:
         xff = peer
     if not traceparent:
-        traceparent = b"00-%032x-%016x-01" % (random.getrandbits(128) or 1, random.getrandbits(64) or 1)
+        traceparent = b"00-%032x-%016x-%s" % (random.getrandbits(128) or 1, random.getrandbits(64) or 1,
+                                             b"01" if sampled else b"00")
+    else:
+        keys.trace_from_client = True
     keys.traceparent = traceparent
     out += (b"host: ", host, b"\r\nx-forwarded-for: ", xff, b"\r\nx-forwarded-proto: ", proto or b"http",
             b"\r\nx-forwarded-host: ", forwarded_host or host, b"\r\ntraceparent: ", traceparent, b"\r\n")

@@ -15,10 +15,12 @@ from ..config import ProxySettings
 from ..errors import BadRequest, PassthroughDisabled, ProxyError, UpstreamError, UpstreamTimeout
 from ..metrics import ProxyMetrics
 from ..model import Agent
+from ..tracing import Tracing
 from . import routing, tunnel
 from .client import ClientConnection, Request
 from .heads import KeyNames, Keys, request_head, response_head, retry_after
 from .load import Outcome, OutcomeKind
+from .observe import Trace
 from .policy import Choice, Policy
 from .pool import Pool
 from .responses import error_response, error_status
@@ -71,8 +73,12 @@ class Relay:
     """Everything the connections share: settings, catalog, policy, pool, metrics."""
 
     def __init__(self, settings: ProxySettings, zone: str, catalog: Catalog, policy: Policy,
-                 metrics: ProxyMetrics, loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 metrics: ProxyMetrics, loop: asyncio.AbstractEventLoop | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.settings = settings
+        self.tracing = tracing
+        # Requests get a Trace record only while something reads it (the access log, tracing).
+        self.observing = settings.access_log or tracing is not None
         self.zone = zone
         self.catalog = catalog
         self.policy = policy
@@ -112,6 +118,7 @@ class Relay:
     def update(self, settings: ProxySettings) -> None:
         """Swap proxy settings live (timeouts, limits, passthrough)."""
         self.settings = settings
+        self.observing = settings.access_log or self.tracing is not None
         self.policy.update(proxy=settings)
         self._routes.clear()
 
@@ -127,15 +134,22 @@ class Relay:
     async def handle(self, client: ClientConnection, request: Request) -> bool:
         """Serve one request; False when the client connection must close afterwards."""
         kind = "bad"
+        trace = request.trace
+        if trace is None and self.observing:
+            trace = request.trace = Trace(request.method, client.peer, self.loop.time())
         try:
             if request.error is not None:
                 raise request.error
             authority, path = self._target(request)
             if request.method == b"CONNECT":
                 kind = "connect"
+                if trace is not None:
+                    trace.target(kind, authority, b"", "")
                 return await tunnel.connect(self, client, authority)
             route = self._route(authority)
             kind = route.kind
+            if trace is not None:
+                trace.target(kind, route.host, path, route.capability)
             if route.kind == "external":
                 if not self.settings.passthrough:
                     raise PassthroughDisabled(route.host, f"{route.host} is outside {self.zone} and passthrough is off")
@@ -148,7 +162,10 @@ class Relay:
 
     def _answer(self, client: ClientConnection, request: Request, kind: str, err: ProxyError) -> bool:
         """Send ``err`` as the response; whether the client connection may stay open."""
-        self.count(kind, error_status(err)[1])
+        status, code = error_status(err)
+        self.count(kind, code)
+        if request.trace is not None:
+            request.trace.answered(status, code, err.agent_id)
         keep = request.keep_alive and request.body_done and request.error is None and not request.upgrade
         client.write(error_response(err, err.agent_id, keep))
         return keep
@@ -177,8 +194,12 @@ class Relay:
         names = self._key_names
         if names is None or names.sticky is not sticky or names.balancing is not balancing:
             names = self._key_names = KeyNames(sticky, balancing)
+        trace = request.trace
+        sampled = trace is not None and self.tracing is not None and self.tracing.root_sampled()
         head, keys, request.chunked = request_head(request.method, path, request.headers, host.encode("latin-1"),
-                                                   request.client.peer, request.upgrade, names)
+                                                   request.client.peer, request.upgrade, names, sampled=sampled)
+        if trace is not None:
+            trace.start_span(self.tracing, keys.traceparent, keys.trace_from_client, sampled)
         return head, keys
 
     def _response_head(self, request: Request, exchange: Exchange, agent_id: str, set_cookie: str | None,
@@ -306,6 +327,10 @@ class Relay:
         flight.tried.append(agent.id)
         self.policy.loads.start(agent.id)
         flight.attempt_started = self.loop.time()
+        trace = flight.request.trace
+        if trace is not None:
+            flight.head = trace.start_attempt(self.tracing, flight.head, agent.id, agent.address, agent.port,
+                                              choice.ticket.trial)
         return agent
 
     def _failed(self, flight: Flight, choice: Choice, failed: _AttemptFailed) -> None:
@@ -321,8 +346,11 @@ class Relay:
         policy.observe(Outcome(agent_id, failed.kind, self.loop.time() - flight.attempt_started))
         failed.error.target = flight.route.host
         flight.last_error, flight.last_agent = failed.error, agent_id
-        if self._can_choose_again(flight.route, flight.tried) and \
-                self._may_retry(flight.request, failed.sent, len(flight.tried), policy.balancing.retries.attempts):
+        retry = self._can_choose_again(flight.route, flight.tried) and \
+            self._may_retry(flight.request, failed.sent, len(flight.tried), policy.balancing.retries.attempts)
+        if flight.request.trace is not None:
+            flight.request.trace.end_attempt(failed.kind._value_, 0, retry)
+        if retry:
             return
         failed.error.agent_id = agent_id
         raise failed.error
@@ -342,8 +370,11 @@ class Relay:
         policy.breakers.record(choice.ticket, kind is OutcomeKind.FAILURE_STATUS)
         self._count_attempt(kind)
         policy.observe(Outcome(agent_id, kind, self.loop.time() - flight.attempt_started, status, backoff))
-        if (kind is not OutcomeKind.SUCCESS and self._can_choose_again(flight.route, flight.tried)
-                and self._may_retry(flight.request, True, len(flight.tried), policy.balancing.retries.attempts)):
+        retry = (kind is not OutcomeKind.SUCCESS and self._can_choose_again(flight.route, flight.tried)
+                 and self._may_retry(flight.request, True, len(flight.tried), policy.balancing.retries.attempts))
+        if flight.request.trace is not None:
+            flight.request.trace.end_attempt(kind._value_, status, retry)
+        if retry:
             # Another agent may do better; with nobody else to ask, this answer goes to the client.
             self._discard(flight.client, flight.request, exchange)
             policy.loads.finish(agent_id)
@@ -368,6 +399,9 @@ class Relay:
             return False
         if route.kind == "external":
             return False
+        if self.observing:
+            request.trace = Trace(request.method, client.peer, self.loop.time())
+            request.trace.target(route.kind, route.host, path, route.capability)
         policy = self.policy
         flight = self._flight(client, request, route, path)
         try:
@@ -405,8 +439,7 @@ class Relay:
             return
         head, frame_chunked, flight.keep = self._response_head(request, exchange, choice.agent.id,
                                                                choice.set_cookie, request.keep_alive)
-        self.metrics.observe_duration(self.loop.time() - flight.started)
-        self.count(flight.route.kind, "ok")
+        self._relayed(request, exchange, flight.route.kind, choice.agent.id, flight.started)
         exchange.commit(head, frame_chunked)
         if exchange.failure is not None:
             exchange._wake()
@@ -487,14 +520,33 @@ class Relay:
         self.metrics.retries.inc()
         return True
 
+    def _relayed(self, request: Request, exchange: Exchange, kind: str, agent_id: str, started: float) -> None:
+        """Account a response head relayed to the client."""
+        self.metrics.observe_duration(self.loop.time() - started)
+        self.count(kind, "ok")
+        if request.trace is not None:
+            request.trace.answered(exchange.status, "ok", agent_id)
+
+    def finished(self, request: Request) -> None:
+        """A request with a Trace record is over: its spans end, its access log line is written."""
+        trace = request.trace
+        assert trace is not None
+        request.trace = None
+        body = None
+        if trace.span is not None and request.method == b"POST" and request.replay is not None and request.body_done:
+            body = b"".join(request.replay)
+        try:
+            trace.finish(self.loop.time(), body, self.settings.access_log)
+        except Exception:
+            log.exception("telling how a proxy request went failed")
+
     async def _relay_response(self, client: ClientConnection, request: Request, exchange: Exchange, agent_id: str,
                               set_cookie: str | None, kind: str, started: float) -> bool:
         """Commit to ``exchange``: send its head, stream its body, then pool or close both sides."""
         head, frame_chunked, keep = self._response_head(request, exchange, agent_id, set_cookie,
                                                         request.keep_alive)
         exchange.commit(head, frame_chunked)
-        self.metrics.observe_duration(self.loop.time() - started)
-        self.count(kind, "ok")
+        self._relayed(request, exchange, kind, agent_id, started)
         conn = exchange.conn
         if exchange.upgraded is not None:
             exchange.stop_timer()

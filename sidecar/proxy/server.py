@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterable, Sequence
 from ..catalog import Catalog, Event, Snapshot
 from ..config import Settings
 from ..metrics import ProxyMetrics
-from .breaker import State
 from ..model import Agent
 from ..tracing import Tracing
+from .breaker import State
 from .load import Observer
 from .policy import Policy
 from .relay import Relay
@@ -70,7 +70,7 @@ class ProxyServer:
         """Listen on ``proxy.listen``."""
         loop = asyncio.get_running_loop()
         relay = self._relay = Relay(self.settings.proxy, self.settings.dns.domain, self.catalog, self.policy,
-                                    self.metrics, loop)
+                                    self.metrics, loop, self.tracing)
         host, port = parse_listen(self.settings.proxy.listen)
         self._server = await loop.create_server(relay.protocol, host, port, reuse_address=True, backlog=1024)
         sock = self._server.sockets[0].getsockname()
@@ -89,6 +89,9 @@ class ProxyServer:
                 self._relay.close()
             await self._server.wait_closed()
             self._server = None
+        if self.tracing is not None:
+            # Export the spans still queued (bounded by tracing.export_timeout) without blocking the loop.
+            await asyncio.to_thread(self.tracing.shutdown)
 
     def update(self, settings: Settings) -> None:
         """Hot-apply the balancer, breaker, retry, sticky and proxy settings (not the listener)."""

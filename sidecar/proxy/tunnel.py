@@ -76,5 +76,7 @@ async def connect(relay: Relay, client: ClientConnection, authority: str) -> boo
         head += b"x-sidecar-agent: " + agent_id.encode() + b"\r\n"
     client.write(head + b"\r\n")
     relay.count("connect", "ok")
+    if client.active is not None and client.active.trace is not None:
+        client.active.trace.answered(200, "ok", agent_id)
     return await tunnel(relay, client, conn, b"")
 

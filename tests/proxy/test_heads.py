@@ -90,7 +90,8 @@ def test_request_head(method: bytes, path: bytes, headers: list[tuple[bytes, byt
         assert _TRACE.search(head)
         head, expected = _TRACE.sub(b"", head), _TRACE.sub(b"", expected)
     assert head == expected
-    assert dataclasses.replace(got_keys, traceparent=b"") == keys
+    assert got_keys.trace_from_client is (b"traceparent: 00-0af7" in expected)
+    assert dataclasses.replace(got_keys, traceparent=b"", trace_from_client=False) == keys
     assert got_chunked is chunked
 
 

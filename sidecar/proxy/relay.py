@@ -18,8 +18,8 @@ from ..model import Agent
 from ..tracing import Tracing
 from . import routing, tunnel
 from .client import ClientConnection, Request
-from .heads import KeyNames, Keys, request_head, response_head, retry_after
-from .load import Outcome, OutcomeKind
+from .heads import Keys, request_head, response_head, retry_after
+from .load import OutcomeKind
 from .observe import Trace
 from .policy import Choice, Policy
 from .pool import Pool
@@ -28,6 +28,7 @@ from .retries import safe_to_retry
 from .upstream import Exchange, Upstream
 
 log = logging.getLogger(__name__)
+_SUCCESS = OutcomeKind.SUCCESS
 
 class _ClientGone(Exception):
     """The client hung up while its request was being served."""
@@ -88,7 +89,6 @@ class Relay:
         self.connections: set[ClientConnection] = set()
         self.exchanges: set[Exchange] = set()
         self._routes: dict[str, routing.Route] = {}
-        self._key_names: KeyNames | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep()
 
@@ -125,9 +125,6 @@ class Relay:
     # Per-request counters are plain ints and dicts, read by the metrics collector at scrape time.
     def count(self, kind: str, outcome: str) -> None:
         self.metrics.requests[(kind, outcome)] += 1
-
-    def _count_attempt(self, kind: OutcomeKind) -> None:
-        self.metrics.attempts[kind._value_] += 1  # the value: an Enum's __hash__ is Python code
 
     # -- one request
 
@@ -189,11 +186,7 @@ class Relay:
 
     def _request_head(self, request: Request, path: bytes, host: str) -> tuple[bytes, Keys]:
         """The upstream request head and the request's stickiness/hash keys."""
-        sticky = self.policy.affinity.settings
-        balancing = self.policy.balancing
-        names = self._key_names
-        if names is None or names.sticky is not sticky or names.balancing is not balancing:
-            names = self._key_names = KeyNames(sticky, balancing)
+        names = self.policy.key_names()
         trace = request.trace
         sampled = trace is not None and self.tracing is not None and self.tracing.root_sampled()
         head, keys, request.chunked = request_head(request.method, path, request.headers, host.encode("latin-1"),
@@ -269,8 +262,7 @@ class Relay:
 
     async def _forward(self, client: ClientConnection, request: Request, route: routing.Route, path: bytes) -> bool:
         flight = self._flight(client, request, route, path)
-        self.policy.limits.acquire(route.key)
-        self.policy.budget.request()
+        self.policy.admit(route)
         return await self._fly(flight)
 
     async def _fly(self, flight: Flight, choice: Choice | None = None) -> bool:
@@ -289,8 +281,8 @@ class Relay:
                     choice = None
                     continue
                 except BaseException:
-                    policy.loads.finish(agent.id)
-                    policy.breakers.release(choice.ticket)
+                    policy.finish(choice)
+                    policy.release(choice)
                     raise
                 if self._judge(flight, choice, exchange):
                     choice = None
@@ -304,13 +296,13 @@ class Relay:
             return await self._relay_response(flight.client, flight.request, exchange, choice.agent.id,
                                               choice.set_cookie, flight.route.kind, flight.started)
         finally:
-            self.policy.loads.finish(choice.agent.id)
+            self.policy.finish(choice)
             self._release(flight)
 
     def _release(self, flight: Flight) -> None:
         if not flight.released:
             flight.released = True
-            self.policy.limits.release(flight.route.key)
+            self.policy.done(flight.route)
 
     def _choose(self, flight: Flight) -> Choice:
         try:
@@ -325,7 +317,7 @@ class Relay:
         agent = choice.agent
         flight.choice = choice
         flight.tried.append(agent.id)
-        self.policy.loads.start(agent.id)
+        self.policy.started(choice)
         flight.attempt_started = self.loop.time()
         trace = flight.request.trace
         if trace is not None:
@@ -335,53 +327,41 @@ class Relay:
 
     def _failed(self, flight: Flight, choice: Choice, failed: _AttemptFailed) -> None:
         """Account a failed attempt; returns when another may follow, else raises the client's error."""
-        policy = self.policy
-        agent_id = choice.agent.id
-        policy.loads.finish(agent_id)
+        self.policy.finish(choice)
         if flight.client.closed:
-            policy.breakers.release(choice.ticket)
+            self.policy.release(choice)
             raise _ClientGone
-        policy.breakers.record(choice.ticket, True)
-        self._count_attempt(failed.kind)
-        policy.observe(Outcome(agent_id, failed.kind, self.loop.time() - flight.attempt_started))
         failed.error.target = flight.route.host
-        flight.last_error, flight.last_agent = failed.error, agent_id
-        retry = self._can_choose_again(flight.route, flight.tried) and \
-            self._may_retry(flight.request, failed.sent, len(flight.tried), policy.balancing.retries.attempts)
-        if flight.request.trace is not None:
-            flight.request.trace.end_attempt(failed.kind._value_, 0, retry)
-        if retry:
+        flight.last_error, flight.last_agent = failed.error, choice.agent.id
+        if self._account(flight, choice, failed.kind, 0, 0.0, failed.sent):
             return
-        failed.error.agent_id = agent_id
+        failed.error.agent_id = choice.agent.id
         raise failed.error
 
     def _judge(self, flight: Flight, choice: Choice, exchange: Exchange) -> bool:
         """Account an attempt's response head; True when it was dropped for another attempt."""
-        policy = self.policy
-        agent_id = choice.agent.id
         status = exchange.status
         backoff = retry_after(exchange.headers) if status == 429 or status == 503 else 0.0
-        if status in policy.balancing.circuit_breaker.failure_statuses:
-            kind = OutcomeKind.FAILURE_STATUS
-        elif status == 429 or backoff:
-            kind = OutcomeKind.BACKPRESSURE
-        else:
-            kind = OutcomeKind.SUCCESS
-        policy.breakers.record(choice.ticket, kind is OutcomeKind.FAILURE_STATUS)
-        self._count_attempt(kind)
-        policy.observe(Outcome(agent_id, kind, self.loop.time() - flight.attempt_started, status, backoff))
-        retry = (kind is not OutcomeKind.SUCCESS and self._can_choose_again(flight.route, flight.tried)
-                 and self._may_retry(flight.request, True, len(flight.tried), policy.balancing.retries.attempts))
+        kind = self.policy.classify(status, backoff)
+        if not self._account(flight, choice, kind, status, backoff, True):
+            return False
+        # Another agent may do better; with nobody else to ask, this answer goes to the client.
+        self._discard(flight.client, flight.request, exchange)
+        self.policy.finish(choice)
+        flight.last_error = UpstreamError(flight.route.host, f"the agent answered {status}")
+        flight.last_agent = choice.agent.id
+        return True
+
+    def _account(self, flight: Flight, choice: Choice, kind: OutcomeKind, status: int, backoff: float,
+                 sent: bool) -> bool:
+        """Report an attempt's outcome to the policy and the metrics; whether to retry elsewhere."""
+        if self.policy.report(choice, kind, self.loop.time() - flight.attempt_started, status, backoff):
+            self.loop.call_soon(self.policy.fold)  # successes are folded in once per event-loop turn
+        self.metrics.attempts[kind._value_] += 1  # the value: an Enum's __hash__ is Python code
+        retry = kind is not _SUCCESS and self._may_retry(flight, sent)
         if flight.request.trace is not None:
             flight.request.trace.end_attempt(kind._value_, status, retry)
-        if retry:
-            # Another agent may do better; with nobody else to ask, this answer goes to the client.
-            self._discard(flight.client, flight.request, exchange)
-            policy.loads.finish(agent_id)
-            flight.last_error = UpstreamError(flight.route.host, f"the agent answered {status}")
-            flight.last_agent = agent_id
-            return True
-        return False
+        return retry
 
     def begin(self, client: ClientConnection, request: Request) -> bool:
         """Start ``request`` from the client's read callback; False leaves it to the connection's task.
@@ -405,15 +385,16 @@ class Relay:
         policy = self.policy
         flight = self._flight(client, request, route, path)
         try:
-            policy.limits.acquire(route.key)
+            policy.admit(route)
         except ProxyError:
+            request.trace = None  # the task starts over, with a Trace of its own
             return False
         try:
             choice = policy.choose(route, self.catalog.snapshot, flight.keys, flight.tried)
         except ProxyError:
-            policy.limits.release(route.key)
+            policy.done(route)
+            request.trace = None
             return False
-        policy.budget.request()
         client.active = request
         client.busy = True
         agent = choice.agent
@@ -462,7 +443,7 @@ class Relay:
         conn = exchange.conn
         request.detach()
         client.upstream = None
-        self.policy.loads.finish(choice.agent.id)
+        self.policy.finish(choice)
         self._release(flight)
         keep = flight.keep
         if exchange.failure is not None:
@@ -506,15 +487,16 @@ class Relay:
         except _ClientGone:
             return False
 
-    def _can_choose_again(self, route: routing.Route, tried: list[str]) -> bool:
-        return self.policy.has_another(route, self.catalog.snapshot, tried)
-
-    def _may_retry(self, request: Request, sent: bool, tried: int, attempts: int) -> bool:
-        if tried > attempts:
+    def _may_retry(self, flight: Flight, sent: bool) -> bool:
+        """Whether a failed attempt may go to another agent: one is left, it is safe, the budget allows it."""
+        request = flight.request
+        if len(flight.tried) > self.policy.retry_attempts:
             return False
         if not safe_to_retry(request.method, sent, request.replayable and request.body_done):
             return False
-        if not self.policy.budget.try_retry():
+        if not self.policy.has_another(flight.route, self.catalog.snapshot, flight.tried):
+            return False
+        if not self.policy.spend_retry():
             self.metrics.retry_budget_exhausted.inc()
             return False
         self.metrics.retries.inc()

@@ -8,6 +8,7 @@ import typing
 from ..errors import BadRequest, PassthroughDisabled, ProxyError, UpstreamError, UpstreamTimeout
 from . import routing
 from .heads import Keys
+from .load import OutcomeKind
 from .upstream import Upstream
 
 if typing.TYPE_CHECKING:
@@ -45,31 +46,33 @@ async def connect(relay: Relay, client: ClientConnection, authority: str) -> boo
     except ValueError as exc:
         raise BadRequest(authority, str(exc)) from None
     agent_id = ""
-    ticket = None
+    choice = None
     if route.kind == "external":
         if not relay.settings.passthrough:
             raise PassthroughDisabled(route.host, f"{route.host} is outside {relay.zone} and passthrough is off")
         address, port = route.host, route.port
     else:
         choice = relay.policy.choose(route, relay.catalog.snapshot, Keys())
-        agent_id, ticket = choice.agent.id, choice.ticket
-        address, port = choice.agent.address, choice.agent.port
+        agent_id, address, port = choice.agent.id, choice.agent.address, choice.agent.port
     key = (address, port)
+    started = relay.loop.time()
     try:
         async with asyncio.timeout(relay.settings.connect_timeout):
             _, conn = await relay.loop.create_connection(lambda: Upstream(relay, key, tunnel=True), address, port)
     except (TimeoutError, OSError) as exc:
-        if ticket is not None:
-            relay.policy.breakers.record(ticket, True)
+        timed_out = isinstance(exc, TimeoutError)
+        if choice is not None:
+            kind = OutcomeKind.TIMEOUT if timed_out else OutcomeKind.CONNECT_ERROR
+            relay.policy.report(choice, kind, relay.loop.time() - started)
         err: ProxyError
-        if isinstance(exc, TimeoutError):
+        if timed_out:
             err = UpstreamTimeout(route.host, f"connecting to {address}:{port} timed out")
         else:
             err = UpstreamError(route.host, f"cannot connect to {address}:{port}: {exc.strerror or exc}")
         err.agent_id = agent_id
         raise err from None
-    if ticket is not None:
-        relay.policy.breakers.record(ticket, False)
+    if choice is not None and relay.policy.report(choice, OutcomeKind.SUCCESS, relay.loop.time() - started):
+        relay.loop.call_soon(relay.policy.fold)
     relay.metrics.upstream_connections += 1
     head = b"HTTP/1.1 200 Connection Established\r\n"
     if agent_id:

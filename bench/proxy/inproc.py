@@ -3,7 +3,11 @@ Upstream protocols fed a request and a response through fake transports, on the 
 (pooled upstream connections). Much steadier than wrk on a shared machine; the kernel's share
 (four syscalls and the wake-ups they cause) is not in this number.
 
-    python bench/proxy/inproc.py [--algorithm round_robin] [--sticky] [--requests 100000] [--profile]
+    python bench/proxy/inproc.py [--algorithm weighted_random] [--no-sticky] [--session] [--requests 100000]
+        [--access-log] [--profile]
+
+The defaults are the daemon's: weighted_random, sticky sessions on, and (as with wrk) a
+client that never sends the affinity cookie back, so every response sets it.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ async def main(args: argparse.Namespace) -> None:
                                             capabilities=("chat",)) for i in range(3)}
     catalog = Catalog()
     catalog.apply([Reset(1, agents)])
-    settings = build(Settings, {"load_balancer": {"algorithm": args.algorithm}, "sticky": {"enabled": args.sticky}})
+    settings = build(Settings, {"load_balancer": {"algorithm": args.algorithm}, "sticky": {"enabled": args.sticky},
+                                "proxy": {"access_log": args.access_log}})
     proxy = ProxyServer(settings, catalog, Metrics().proxy)
     relay = Relay(settings.proxy, settings.dns.domain, catalog, proxy.policy, proxy.metrics)
     for agent in agents.values():
@@ -71,7 +76,7 @@ async def main(args: argparse.Namespace) -> None:
     client = relay.protocol()
     transport = Transport()
     client.connection_made(transport)  # type: ignore[arg-type]
-    request = REQUEST if not args.sticky else REQUEST[:-2] + b"X-Session-Id: bench\r\n\r\n"
+    request = REQUEST if not args.session else REQUEST[:-2] + b"X-Session-Id: bench\r\n\r\n"
 
     def one() -> None:
         client.data_received(request)
@@ -88,7 +93,8 @@ async def main(args: argparse.Namespace) -> None:
             one()
         best = min(best, (time.process_time() - started) / args.requests)
     assert transport.writes >= 2000 + 5 * args.requests
-    print(f"{args.algorithm}{' + sticky' if args.sticky else ''}: {best * 1e6:.1f} us of Python per request "
+    label = args.algorithm + (" + sticky" if args.sticky else "") + (" (X-Session-Id)" if args.session else "")
+    print(f"{label}: {best * 1e6:.1f} us of Python per request "
           f"(best of 5 x {args.requests})")
     profiler = cProfile.Profile()
     profiler.runcall(lambda: [one() for _ in range(args.requests)])
@@ -104,10 +110,19 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--algorithm", default="round_robin")
-    parser.add_argument("--sticky", action="store_true")
+    parser.add_argument("--algorithm", default="weighted_random")
+    parser.add_argument("--no-sticky", dest="sticky", action="store_false")
+    parser.add_argument("--session", action="store_true", help="every request carries X-Session-Id: bench")
+    parser.add_argument("--access-log", action="store_true", help="proxy.access_log on (to a NullHandler)")
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--profile", action="store_true")
     import uvloop  # what the daemon runs on (``loop: uvloop``)
 
-    uvloop.run(main(parser.parse_args()))
+    arguments = parser.parse_args()
+    if arguments.access_log:
+        import logging
+
+        logging.getLogger("sidecar.access").addHandler(logging.NullHandler())
+        logging.getLogger("sidecar.access").setLevel(logging.INFO)
+        logging.getLogger("sidecar.access").propagate = False
+    uvloop.run(main(arguments))

@@ -168,7 +168,7 @@ def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
         if lower == b"content-length":
             length = True
         out += (name, b": ", value, b"\r\n")
-    if connection and not drop:
+    if connection and not drop and (len(connection) > 1 or connection[0].lower() not in _PLAIN_CONNECTION):
         tokens = _connection_tokens(connection)
         if tokens:
             return response_head(status, reason, headers, version, keep_alive, no_body, upgraded, agent_id,

@@ -97,6 +97,7 @@ class Policy:
         self._version = 0
         # Successful attempts not yet folded in: agent id -> (count, slowest latency).
         self._pending: dict[str, tuple[int, float]] = {}
+        self._requests = 0  # admitted requests not yet counted into the retry budget
         self._key_names = KeyNames(sticky, balancing)
         self._failure_statuses = frozenset(balancing.circuit_breaker.failure_statuses)
 
@@ -185,7 +186,7 @@ class Policy:
     def admit(self, route: Route) -> None:
         """Count a request to ``route``'s target in (and for the retry budget); raises Overloaded."""
         self.limits.acquire(route.key)
-        self.budget.request()
+        self._requests += 1  # into the retry budget at the next fold
 
     def done(self, route: Route) -> None:
         """Count a request admitted to ``route``'s target out."""
@@ -279,7 +280,13 @@ class Policy:
 
     def spend_retry(self) -> bool:
         """Take one retry from the retry budget; False when it is exhausted."""
+        self._fold_requests()
         return self.budget.try_retry()
+
+    def _fold_requests(self) -> None:
+        if self._requests:
+            self.budget.request(self._requests)
+            self._requests = 0
 
     @property
     def retry_attempts(self) -> int:
@@ -339,7 +346,8 @@ class Policy:
         return False
 
     def fold(self) -> None:
-        """Take in the successes counted since the last fold."""
+        """Take in the successes and requests counted since the last fold."""
+        self._fold_requests()
         if not self._pending:
             return
         pending, self._pending = self._pending, {}

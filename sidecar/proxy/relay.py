@@ -93,6 +93,7 @@ class Relay:
         self._sweep()
 
     def _sweep(self) -> None:
+        self.policy.fold()  # what no success batch brought in yet (requests for the retry budget)
         now = self.loop.time()
         for exchange in list(self.exchanges):
             exchange.check(now)
@@ -440,24 +441,28 @@ class Relay:
         choice = flight.choice
         assert choice is not None
         client, request = flight.client, flight.request
+        self.policy.finish(choice)
+        self._release(flight)
+        client.done(request, self._settle(client, request, exchange) and flight.keep)
+
+    def _settle(self, client: ClientConnection, request: Request, exchange: Exchange) -> bool:
+        """The response has ended (complete, or cut short): pool or close the upstream connection,
+        abort the client when the response was cut short. False when the client must not be reused."""
         conn = exchange.conn
         request.detach()
         client.upstream = None
-        self.policy.finish(choice)
-        self._release(flight)
-        keep = flight.keep
         if exchange.failure is not None:
             exchange.stop_timer()
             conn.exchange = None
             conn.close()
             client.abort()
-            keep = False
-        elif exchange.keep_alive and not exchange.no_body and request.body_done:
+            return False
+        if exchange.keep_alive and not exchange.no_body and request.body_done:
             self.pool.release(conn)
         else:
             conn.exchange = None
             conn.close()
-        client.done(request, keep)
+        return True
 
     def _crashed(self, flight: Flight, exchange: Exchange, error: ProxyError) -> None:
         """Fast path: the attempt failed before a response head; retry from the task, or answer."""
@@ -536,22 +541,11 @@ class Relay:
         try:
             await exchange.finished()
         except ProxyError:
-            exchange.stop_timer()
-            client.upstream = None
+            pass  # exchange.failure says so; _settle closes both sides
+        except BaseException:
             request.detach()
-            conn.exchange = None
-            conn.close()
-            client.abort()
-            return False
-        finally:
-            request.detach()
-        client.upstream = None
-        if exchange.keep_alive and not exchange.no_body and request.body_done:
-            self.pool.release(conn)
-        else:
-            conn.exchange = None
-            conn.close()
-        return keep
+            raise
+        return self._settle(client, request, exchange) and keep
 
 
     async def _passthrough(self, client: ClientConnection, request: Request, route: routing.Route,

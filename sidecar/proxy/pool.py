@@ -37,14 +37,11 @@ class Pool:
                 conn.close()
         return None
 
-    async def acquire(self, address: str, port: int, connect_timeout: float) -> Upstream:
-        """A connected Upstream: a pooled one if any is fresh, else a new connection.
+    async def connect(self, address: str, port: int, connect_timeout: float) -> Upstream:
+        """A new connection to address:port (``take`` first for a pooled one).
 
-        Raises asyncio.TimeoutError or OSError when connecting fails.
+        Raises TimeoutError or OSError when connecting fails.
         """
-        conn = self.take(address, port)
-        if conn is not None:
-            return conn
         key = (address, port)
         async with asyncio.timeout(connect_timeout):
             _, conn = await self.relay.loop.create_connection(lambda: Upstream(self.relay, key), address, port)

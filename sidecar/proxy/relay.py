@@ -29,6 +29,9 @@ from .upstream import Exchange, Upstream
 
 log = logging.getLogger(__name__)
 _SUCCESS = OutcomeKind.SUCCESS
+# How a callback ends a Flight's step (``Relay._continue``).
+_DONE, _RETRY, _UPGRADE, _ERROR, _GONE = "done", "retry", "upgrade", "error", "gone"
+
 
 class _ClientGone(Exception):
     """The client hung up while its request was being served."""
@@ -48,7 +51,7 @@ class Flight:
     """One request forwarded to agents, across its attempts."""
 
     __slots__ = ("attempt_started", "choice", "client", "head", "keep", "keys", "last_agent", "last_error", "relay",
-                 "released", "request", "route", "started", "tried")
+                 "released", "request", "route", "started", "tried", "waiter")
 
     def __init__(self, relay: Relay, client: ClientConnection, request: Request, route: routing.Route, head: bytes,
                  keys: Keys, started: float) -> None:
@@ -66,6 +69,8 @@ class Flight:
         self.last_agent = ""
         self.keep = True  # keep the client connection after this response
         self.released = False  # the target's concurrency slot is given back
+        # Set while the connection's task waits in ``_fly`` for the step the callbacks are taking.
+        self.waiter: asyncio.Future[tuple[str, object]] | None = None
 
 
 
@@ -151,7 +156,6 @@ class Relay:
             if route.kind == "external":
                 if not self.settings.passthrough:
                     raise PassthroughDisabled(route.host, f"{route.host} is outside {self.zone} and passthrough is off")
-                return await self._passthrough(client, request, route, path)
             return await self._forward(client, request, route, path)
         except ProxyError as err:
             return self._answer(client, request, kind, err)
@@ -202,32 +206,8 @@ class Relay:
         return response_head(exchange.status, exchange.reason, exchange.headers, request.version, client_keep_alive,
                              exchange.no_body, exchange.upgraded is not None, agent_id, set_cookie)
 
-    async def _attempt(self, client: ClientConnection, request: Request, head: bytes, address: str,
-                       port: int) -> Exchange:
-        """Send the request to address:port and wait for its response head."""
-        pool = self.pool
-        try:
-            conn = await pool.acquire(address, port, self.settings.connect_timeout)
-        except TimeoutError:
-            raise _AttemptFailed(OutcomeKind.TIMEOUT, False,
-                                 UpstreamTimeout("", f"connecting to {address}:{port} timed out")) from None
-        except OSError as exc:
-            raise _AttemptFailed(OutcomeKind.CONNECT_ERROR, False,
-                                 UpstreamError("", f"cannot connect to {address}:{port}: {exc.strerror or exc}")) \
-                from None
-        if client.closed:
-            pool.release(conn)
-            raise _ClientGone
-        exchange = self._send(client, request, head, conn, None)
-        assert exchange.head is not None
-        try:
-            await exchange.head
-        except ProxyError as err:
-            raise self._attempt_failed(client, request, exchange, err) from None
-        return exchange
-
     def _send(self, client: ClientConnection, request: Request, head: bytes, conn: Upstream,
-              flight: Flight | None) -> Exchange:
+              flight: Flight) -> Exchange:
         """Write the request head (and the body so far) to ``conn``; the response goes to the new Exchange."""
         exchange = Exchange(client, conn, self.settings.read_timeout, request.method == b"HEAD", self.exchanges,
                             flight)
@@ -253,8 +233,12 @@ class Relay:
         exchange.conn.exchange = None
         exchange.conn.close()
 
-    # -- forwarding to agents: the same steps, run by the connection's task (``_fly``) or,
-    # while nothing needs awaiting, from the socket callbacks (``begin``, ``_landed``, ``_arrived``).
+    # -- forwarding: one set of steps. A Flight is driven by the upstream socket's callbacks
+    # (``_landed``, ``_arrived``, ``_crashed``) from the moment its request is sent; the only
+    # waiting is for a new upstream connection and for tunnels, done by the connection's task
+    # in ``_fly``. Each callback ends its step in ``_continue``: with a task waiting in ``_fly``,
+    # the task carries on; otherwise (the fast path: ``begin`` found a pooled connection) the
+    # callback finishes the request itself or hands what needs waiting to the task.
 
     def _flight(self, client: ClientConnection, request: Request, route: routing.Route, path: bytes) -> Flight:
         started = self.loop.time()
@@ -263,42 +247,100 @@ class Relay:
 
     async def _forward(self, client: ClientConnection, request: Request, route: routing.Route, path: bytes) -> bool:
         flight = self._flight(client, request, route, path)
-        self.policy.admit(route)
+        if route.kind == "external":
+            flight.released = True  # passthrough: no agent, no admission
+        else:
+            self.policy.admit(route)
         return await self._fly(flight)
 
     async def _fly(self, flight: Flight, choice: Choice | None = None) -> bool:
-        """Attempt agents until one answer is relayed; raises the ProxyError for the client otherwise."""
-        policy = self.policy
-        client, request = flight.client, flight.request
+        """Attempt agents (or the passthrough host) until one answer is relayed; raises the
+        ProxyError for the client otherwise."""
+        client, request, route = flight.client, flight.request, flight.route
         try:
             while True:
-                if choice is None:
-                    choice = self._choose(flight)
-                agent = self._depart(flight, choice)
-                try:
-                    exchange = await self._attempt(client, request, flight.head, agent.address, agent.port)
-                except _AttemptFailed as failed:
-                    self._failed(flight, choice, failed)  # raises unless another attempt may follow
+                if route.kind == "external":
+                    address, port = route.host, route.port
+                else:
+                    if choice is None:
+                        choice = self._choose(flight)
+                    agent = self._depart(flight, choice)
+                    address, port = agent.address, agent.port
+                conn = self.pool.take(address, port)
+                if conn is None:
+                    try:
+                        conn = await self._open(address, port)
+                    except _AttemptFailed as failed:
+                        if choice is None:
+                            failed.error.target = route.host
+                            raise failed.error from None
+                        self._failed(flight, choice, failed)  # raises unless another attempt may follow
+                        choice = None
+                        continue
+                    except BaseException:
+                        self._abandon(choice)
+                        raise
+                    if client.closed:
+                        self.pool.release(conn)
+                        self._abandon(choice)
+                        raise _ClientGone
+                waiter = flight.waiter = self.loop.create_future()
+                self._send(client, request, flight.head, conn, flight)
+                step, value = await waiter
+                if step is _RETRY:
                     choice = None
                     continue
-                except BaseException:
-                    policy.finish(choice)
-                    policy.release(choice)
-                    raise
-                if self._judge(flight, choice, exchange):
-                    choice = None
-                    continue
-                return await self._land(flight, choice, exchange)
+                if step is _UPGRADE:
+                    assert isinstance(value, Exchange)
+                    return await self._upgrade(flight, value)
+                if isinstance(value, ProxyError):
+                    raise value
+                if step is _GONE:
+                    raise _ClientGone
+                return bool(value)
         finally:
             self._release(flight)
 
-    async def _land(self, flight: Flight, choice: Choice, exchange: Exchange) -> bool:
+    async def _open(self, address: str, port: int) -> Upstream:
+        """A new connection to address:port; raises _AttemptFailed (nothing was sent)."""
         try:
-            return await self._relay_response(flight.client, flight.request, exchange, choice.agent.id,
-                                              choice.set_cookie, flight.route.kind, flight.started)
-        finally:
+            return await self.pool.connect(address, port, self.settings.connect_timeout)
+        except TimeoutError:
+            raise _AttemptFailed(OutcomeKind.TIMEOUT, False,
+                                 UpstreamTimeout("", f"connecting to {address}:{port} timed out")) from None
+        except OSError as exc:
+            raise _AttemptFailed(OutcomeKind.CONNECT_ERROR, False,
+                                 UpstreamError("", f"cannot connect to {address}:{port}: {exc.strerror or exc}")) \
+                from None
+
+    def _abandon(self, choice: Choice | None) -> None:
+        """An attempt that never reached its agent: it counts as nothing."""
+        if choice is not None:
             self.policy.finish(choice)
+            self.policy.release(choice)
+
+    def _continue(self, flight: Flight, step: str, value: object = None) -> None:
+        """End a callback's step: wake the task waiting in ``_fly``, or (fast path) finish here."""
+        waiter = flight.waiter
+        if waiter is not None:
+            flight.waiter = None
+            if not waiter.done():
+                waiter.set_result((step, value))
+            return
+        client, request, kind = flight.client, flight.request, flight.route.kind
+        if step is _DONE:
+            client.done(request, bool(value))
+        elif step is _RETRY:
+            client.hand_off(kind, functools.partial(self._fly, flight))
+        elif step is _UPGRADE:
+            assert isinstance(value, Exchange)
+            client.hand_off(kind, functools.partial(self._upgrade, flight, value))
+        else:
             self._release(flight)
+            if isinstance(value, ProxyError):
+                client.done(request, self._answer(client, request, kind, value))
+            else:
+                client.done(request, False)
 
     def _release(self, flight: Flight) -> None:
         if not flight.released:
@@ -408,26 +450,52 @@ class Relay:
         return True
 
     def _landed(self, flight: Flight, exchange: Exchange) -> None:
-        """Fast path: the response head (and what came with it) arrived; relay it or try elsewhere."""
+        """The response head (and what came with it) arrived: relay it, or try elsewhere."""
         choice = flight.choice
-        assert choice is not None
-        client, request = flight.client, flight.request
-        if self._judge(flight, choice, exchange):
-            client.hand_off(flight.route.kind, functools.partial(self._fly, flight))
+        request = flight.request
+        if choice is not None and self._judge(flight, choice, exchange):
+            self._continue(flight, _RETRY)
             return
         if exchange.upgraded is not None:
             exchange.flight = None
-            client.hand_off(flight.route.kind, functools.partial(self._land, flight, choice, exchange))
+            self._continue(flight, _UPGRADE, exchange)
             return
-        head, frame_chunked, flight.keep = self._response_head(request, exchange, choice.agent.id,
-                                                               choice.set_cookie, request.keep_alive)
-        self._relayed(request, exchange, flight.route.kind, choice.agent.id, flight.started)
+        agent_id = choice.agent.id if choice is not None else ""
+        head, frame_chunked, flight.keep = self._response_head(request, exchange, agent_id,
+                                                               choice.set_cookie if choice is not None else None,
+                                                               request.keep_alive)
+        self._relayed(request, exchange, flight.route.kind, agent_id, flight.started)
         exchange.commit(head, frame_chunked)
         if exchange.failure is not None:
             exchange._wake()
 
+    def _arrived(self, flight: Flight, exchange: Exchange) -> None:
+        """The response ended (complete, or cut short): pool or close both sides."""
+        if flight.choice is not None:
+            self.policy.finish(flight.choice)
+        self._release(flight)
+        self._continue(flight, _DONE, self._settle(flight.client, flight.request, exchange) and flight.keep)
+
+    def _crashed(self, flight: Flight, exchange: Exchange, error: ProxyError) -> None:
+        """The attempt failed before a response head: retry, or answer the error."""
+        choice = flight.choice
+        failed = self._attempt_failed(flight.client, flight.request, exchange, error)
+        if choice is None:
+            error.target = flight.route.host
+            self._continue(flight, _ERROR, error)
+            return
+        try:
+            self._failed(flight, choice, failed)
+        except _ClientGone:
+            self._continue(flight, _GONE)
+            return
+        except ProxyError as err:
+            self._continue(flight, _ERROR, err)
+            return
+        self._continue(flight, _RETRY)
+
     def _broken(self, flight: Flight, exchange: Exchange) -> None:
-        """Fast path: a bug, not a peer's doing; log it and cut both connections, as the task would."""
+        """A bug in a callback, not a peer's doing: log it and cut both connections."""
         log.exception("proxy request from %s failed", flight.client.peer.decode())
         exchange.flight = None
         exchange.stop_timer()
@@ -435,15 +503,25 @@ class Relay:
         exchange.conn.close()
         flight.client.abort()
         self._release(flight)
+        self._continue(flight, _GONE)
 
-    def _arrived(self, flight: Flight, exchange: Exchange) -> None:
-        """Fast path: the response ended (complete, or cut short); pool or close both sides."""
+    async def _upgrade(self, flight: Flight, exchange: Exchange) -> bool:
+        """Relay an Upgrade's ``101`` and turn both connections into a tunnel."""
         choice = flight.choice
-        assert choice is not None
-        client, request = flight.client, flight.request
-        self.policy.finish(choice)
-        self._release(flight)
-        client.done(request, self._settle(client, request, exchange) and flight.keep)
+        try:
+            agent_id = choice.agent.id if choice is not None else ""
+            head, frame_chunked, _ = self._response_head(flight.request, exchange, agent_id,
+                                                         choice.set_cookie if choice is not None else None,
+                                                         flight.request.keep_alive)
+            exchange.commit(head, frame_chunked)
+            self._relayed(flight.request, exchange, flight.route.kind, agent_id, flight.started)
+            exchange.stop_timer()
+            assert exchange.upgraded is not None
+            return await tunnel.tunnel(self, flight.client, exchange.conn, exchange.upgraded)
+        finally:
+            if choice is not None:
+                self.policy.finish(choice)
+            self._release(flight)
 
     def _settle(self, client: ClientConnection, request: Request, exchange: Exchange) -> bool:
         """The response has ended (complete, or cut short): pool or close the upstream connection,
@@ -463,24 +541,6 @@ class Relay:
             conn.exchange = None
             conn.close()
         return True
-
-    def _crashed(self, flight: Flight, exchange: Exchange, error: ProxyError) -> None:
-        """Fast path: the attempt failed before a response head; retry from the task, or answer."""
-        choice = flight.choice
-        assert choice is not None
-        client, request = flight.client, flight.request
-        failed = self._attempt_failed(client, request, exchange, error)
-        try:
-            self._failed(flight, choice, failed)
-        except _ClientGone:
-            self._release(flight)
-            client.done(request, False)
-            return
-        except ProxyError as err:
-            self._release(flight)
-            client.done(request, self._answer(client, request, flight.route.kind, err))
-            return
-        client.hand_off(flight.route.kind, functools.partial(self._fly, flight))
 
     async def resume(self, client: ClientConnection, request: Request, kind: str,
                      job: Callable[[], Awaitable[bool]]) -> bool:
@@ -526,38 +586,6 @@ class Relay:
             trace.finish(self.loop.time(), body, self.settings.access_log)
         except Exception:
             log.exception("telling how a proxy request went failed")
-
-    async def _relay_response(self, client: ClientConnection, request: Request, exchange: Exchange, agent_id: str,
-                              set_cookie: str | None, kind: str, started: float) -> bool:
-        """Commit to ``exchange``: send its head, stream its body, then pool or close both sides."""
-        head, frame_chunked, keep = self._response_head(request, exchange, agent_id, set_cookie,
-                                                        request.keep_alive)
-        exchange.commit(head, frame_chunked)
-        self._relayed(request, exchange, kind, agent_id, started)
-        conn = exchange.conn
-        if exchange.upgraded is not None:
-            exchange.stop_timer()
-            return await tunnel.tunnel(self, client, conn, exchange.upgraded)
-        try:
-            await exchange.finished()
-        except ProxyError:
-            pass  # exchange.failure says so; _settle closes both sides
-        except BaseException:
-            request.detach()
-            raise
-        return self._settle(client, request, exchange) and keep
-
-
-    async def _passthrough(self, client: ClientConnection, request: Request, route: routing.Route,
-                           path: bytes) -> bool:
-        started = self.loop.time()
-        head, _ = self._request_head(request, path, route.authority)
-        try:
-            exchange = await self._attempt(client, request, head, route.host, route.port)
-        except _AttemptFailed as failed:
-            failed.error.target = route.host
-            raise failed.error from None
-        return await self._relay_response(client, request, exchange, "", None, "external", started)
 
     def close(self) -> None:
         """Close every client connection and pooled upstream connection."""

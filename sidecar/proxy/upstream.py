@@ -137,30 +137,28 @@ class Upstream(asyncio.Protocol):
 class Exchange:
     """One attempt's response as it arrives, held until the relay commits to it.
 
-    The response head and the end of the body are reported either to a waiting task
-    (``head`` and ``waiter`` futures) or, on the fast path, straight to the ``flight``'s
-    callbacks in the relay, from inside the upstream socket's read callback.
+    The response head, a failure before it, and the end of the body are reported to the
+    ``flight``'s callbacks in the relay (``_landed``, ``_crashed``, ``_arrived``), from
+    inside the upstream socket's read callback; ``flight`` is None once the relay has
+    let go of this attempt.
     """
 
     __slots__ = ("active", "body", "client", "committed", "complete", "conn", "failure", "flight", "frame_chunked",
-                 "head", "headed", "headers", "keep_alive", "landing", "last", "loop", "no_body", "reason", "status",
-                 "timeout", "upgraded", "waiter")
+                 "headed", "headers", "keep_alive", "landing", "last", "loop", "no_body", "reason", "status",
+                 "timeout", "upgraded")
 
     def __init__(self, client: ClientConnection, conn: Upstream, timeout: float, no_body: bool,
-                 active: set[Exchange], flight: Flight | None = None) -> None:
+                 active: set[Exchange], flight: Flight) -> None:
         self.client = client
         self.conn = conn
         self.loop = client.loop
-        self.flight = flight
-        # Set only when a task waits for the head (the fast path is called back instead).
-        self.head: asyncio.Future[None] | None = None if flight is not None else self.loop.create_future()
+        self.flight: Flight | None = flight
         self.headed = False  # the head (or the failure before it) has been reported
         # Fast path: the head has arrived; the relay is told once the read that brought it has been
         # parsed, so a small response goes to the client whole, in one write.
         self.landing = False
-        # The end of the response body: ``failure`` or ``complete``; ``waiter`` only if someone waits.
+        # The end of the response body: ``failure`` or ``complete``.
         self.failure: ProxyError | None = None
-        self.waiter: asyncio.Future[None] | None = None
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -200,11 +198,9 @@ class Exchange:
         self.headed = True
         if self.flight is not None:
             self.landing = True
-        elif self.head is not None:
-            self.head.set_result(None)
 
     def land(self) -> None:
-        """Fast path: hand the arrived head (and the body parsed with it) to the relay."""
+        """Hand the arrived head (and the body parsed with it) to the relay."""
         self.landing = False
         flight = self.flight
         if flight is not None:
@@ -220,9 +216,10 @@ class Exchange:
         flight = self.flight
         if flight is not None:
             self.flight = None
-            flight.relay._crashed(flight, self, error)
-        elif self.head is not None:
-            self.head.set_exception(error)
+            try:
+                flight.relay._crashed(flight, self, error)
+            except Exception:
+                flight.relay._broken(flight, self)
 
     def on_head(self, status: int, keep_alive: bool) -> None:
         if 100 <= status < 200 and status != 101:
@@ -333,15 +330,5 @@ class Exchange:
                 flight.relay._arrived(flight, self)
             except Exception:
                 flight.relay._broken(flight, self)
-        elif self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def finished(self) -> None:
-        """Wait until the whole response has been relayed; raises the ProxyError that cut it short."""
-        if not (self.complete and self.committed) and self.failure is None:
-            self.waiter = self.loop.create_future()
-            await self.waiter
-        if self.failure is not None:
-            raise self.failure
 
 

@@ -4,7 +4,7 @@ Upstream protocols fed a request and a response through fake transports, on the 
 (four syscalls and the wake-ups they cause) is not in this number.
 
     python bench/proxy/inproc.py [--algorithm weighted_random] [--no-sticky] [--session] [--requests 100000]
-        [--access-log] [--profile]
+        [--access-log] [--tracing RATIO] [--profile]
 
 The defaults are the daemon's: weighted_random, sticky sessions on, and (as with wrk) a
 client that never sends the affinity cookie back, so every response sets it.
@@ -16,6 +16,8 @@ import argparse
 import asyncio
 import cProfile
 import pstats
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +31,7 @@ from sidecar.model import Agent
 from sidecar.proxy.relay import Relay
 from sidecar.proxy.server import ProxyServer
 from sidecar.proxy.upstream import Upstream
+from sidecar.tracing import Tracing
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: chat.agents.local\r\n\r\n"
 # What the benchmark's nginx backends answer.
@@ -65,10 +68,20 @@ async def main(args: argparse.Namespace) -> None:
                                             capabilities=("chat",)) for i in range(3)}
     catalog = Catalog()
     catalog.apply([Reset(1, agents)])
+    sink = None
+    endpoint = ""
+    if args.tracing is not None:  # spans go to bench/proxy/otlp_sink.py, in a process of its own
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        sink = subprocess.Popen([sys.executable, str(Path(__file__).parent / "otlp_sink.py"), "--port", str(port)])
+        endpoint = f"http://127.0.0.1:{port}/v1/traces"
     settings = build(Settings, {"load_balancer": {"algorithm": args.algorithm}, "sticky": {"enabled": args.sticky},
-                                "proxy": {"access_log": args.access_log}})
-    proxy = ProxyServer(settings, catalog, Metrics().proxy)
-    relay = Relay(settings.proxy, settings.dns.domain, catalog, proxy.policy, proxy.metrics)
+                                "proxy": {"access_log": args.access_log},
+                                "tracing": {"otlp_endpoint": endpoint, "sample_ratio": args.tracing or 0.0}})
+    tracing = Tracing.build(settings.tracing)
+    proxy = ProxyServer(settings, catalog, Metrics().proxy, tracing=tracing)
+    relay = Relay(settings.proxy, settings.dns.domain, catalog, proxy.policy, proxy.metrics, tracing=tracing)
     for agent in agents.values():
         conn = Upstream(relay, (agent.address, agent.port))
         conn.connection_made(Transport())  # type: ignore[arg-type]
@@ -94,6 +107,8 @@ async def main(args: argparse.Namespace) -> None:
         best = min(best, (time.process_time() - started) / args.requests)
     assert transport.writes >= 2000 + 5 * args.requests
     label = args.algorithm + (" + sticky" if args.sticky else "") + (" (X-Session-Id)" if args.session else "")
+    label += f", tracing {args.tracing:g}" if args.tracing is not None else ""
+    label += ", access log" if args.access_log else ""
     print(f"{label}: {best * 1e6:.1f} us of Python per request "
           f"(best of 5 x {args.requests})")
     profiler = cProfile.Profile()
@@ -103,6 +118,11 @@ async def main(args: argparse.Namespace) -> None:
     if args.profile:
         stats.sort_stats("tottime").print_stats(25)
     relay.close()
+    if tracing is not None:
+        tracing.shutdown()
+    if sink is not None:
+        sink.terminate()
+        sink.wait()
     client.connection_lost(None)
     if client.task is not None:
         await asyncio.sleep(0)  # let the connection's task see the close and end
@@ -114,6 +134,7 @@ if __name__ == "__main__":
     parser.add_argument("--no-sticky", dest="sticky", action="store_false")
     parser.add_argument("--session", action="store_true", help="every request carries X-Session-Id: bench")
     parser.add_argument("--access-log", action="store_true", help="proxy.access_log on (to a NullHandler)")
+    parser.add_argument("--tracing", type=float, help="tracing on with this sample ratio")
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--profile", action="store_true")
     import uvloop  # what the daemon runs on (``loop: uvloop``)

@@ -15,7 +15,7 @@ from ..config import ProxySettings
 from ..errors import BadRequest, PassthroughDisabled, ProxyError, UpstreamError, UpstreamTimeout
 from ..metrics import ProxyMetrics
 from ..model import Agent
-from ..tracing import Tracing
+from ..tracing import Tracing, sampled_parent
 from . import routing, tunnel
 from .client import ClientConnection, Request
 from .heads import Keys, request_head, response_head, retry_after
@@ -83,8 +83,9 @@ class Relay:
                  tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.tracing = tracing
-        # Requests get a Trace record only while something reads it (the access log, tracing).
-        self.observing = settings.access_log or tracing is not None
+        # Requests get a Trace record only while something reads it: every request while the
+        # access log is on, else only those traced (decided when the request head is built).
+        self.access_log = settings.access_log
         self.zone = zone
         self.catalog = catalog
         self.policy = policy
@@ -124,7 +125,7 @@ class Relay:
     def update(self, settings: ProxySettings) -> None:
         """Swap proxy settings live (timeouts, limits, passthrough)."""
         self.settings = settings
-        self.observing = settings.access_log or self.tracing is not None
+        self.access_log = settings.access_log
         self.policy.update(proxy=settings)
         self._routes.clear()
 
@@ -138,7 +139,7 @@ class Relay:
         """Serve one request; False when the client connection must close afterwards."""
         kind = "bad"
         trace = request.trace
-        if trace is None and self.observing:
+        if trace is None and self.access_log:
             trace = request.trace = Trace(request.method, client.peer, self.loop.time())
         try:
             if request.error is not None:
@@ -189,15 +190,21 @@ class Relay:
         authority = authority.rpartition(b"@")[2]
         return authority.decode("latin-1"), slash + path if slash else b"/" + path
 
-    def _request_head(self, request: Request, path: bytes, host: str) -> tuple[bytes, Keys]:
-        """The upstream request head and the request's stickiness/hash keys."""
-        names = self.policy.key_names()
+    def _request_head(self, request: Request, route: routing.Route, path: bytes) -> tuple[bytes, Keys]:
+        """The upstream request head and the request's stickiness/hash keys; with tracing on,
+        the sampling decision (a Trace record for a traced request)."""
+        tracing = self.tracing
+        sampled = tracing is not None and tracing.root_sampled()  # for a request that starts a trace
+        head, keys, request.chunked = request_head(request.method, path, request.headers,
+                                                   route.authority.encode("latin-1"), request.client.peer,
+                                                   request.upgrade, self.policy.key_names(), sampled=sampled)
         trace = request.trace
-        sampled = trace is not None and self.tracing is not None and self.tracing.root_sampled()
-        head, keys, request.chunked = request_head(request.method, path, request.headers, host.encode("latin-1"),
-                                                   request.client.peer, request.upgrade, names, sampled=sampled)
+        if tracing is not None and trace is None and (
+                sampled_parent(keys.traceparent) if keys.trace_from_client else sampled):
+            trace = request.trace = Trace(request.method, request.client.peer, self.loop.time())
+            trace.target(route.kind, route.host, path, route.capability)
         if trace is not None:
-            trace.start_span(self.tracing, keys.traceparent, keys.trace_from_client, sampled)
+            trace.start_span(tracing, keys.traceparent, keys.trace_from_client, sampled)
         return head, keys
 
     def _response_head(self, request: Request, exchange: Exchange, agent_id: str, set_cookie: str | None,
@@ -242,7 +249,7 @@ class Relay:
 
     def _flight(self, client: ClientConnection, request: Request, route: routing.Route, path: bytes) -> Flight:
         started = self.loop.time()
-        head, keys = self._request_head(request, path, route.authority)
+        head, keys = self._request_head(request, route, path)
         return Flight(self, client, request, route, head, keys, started)
 
     async def _forward(self, client: ClientConnection, request: Request, route: routing.Route, path: bytes) -> bool:
@@ -422,7 +429,7 @@ class Relay:
             return False
         if route.kind == "external":
             return False
-        if self.observing:
+        if self.access_log:
             request.trace = Trace(request.method, client.peer, self.loop.time())
             request.trace.target(route.kind, route.host, path, route.capability)
         policy = self.policy

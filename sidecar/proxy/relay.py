@@ -1,6 +1,7 @@
-"""The relay: routes each request, asks the policy for an agent, sends it, judges the
-response head (breaker, load, retry) and relays the answer, from socket callbacks
-while nothing has to wait and from the client connection's task otherwise.
+"""The relay: routes each request, asks the policy for an agent, sends the request,
+judges the response head (breaker, load, retry) and relays the answer. The steps of
+one forwarded request are driven by ``Flight`` (flight.py) from the socket callbacks;
+the client connection's task only waits for new connections and tunnels.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..model import Agent
 from ..tracing import Tracing, sampled_parent
 from . import routing, tunnel
 from .client import ClientConnection, Request
+from .flight import GONE, RETRY, UPGRADE, AttemptFailed, ClientGone, Flight
 from .heads import Keys, request_head, response_head, retry_after
 from .load import OutcomeKind
 from .observe import Trace
@@ -29,52 +31,6 @@ from .upstream import Exchange, Upstream
 
 log = logging.getLogger(__name__)
 _SUCCESS = OutcomeKind.SUCCESS
-# How a callback ends a Flight's step (``Relay._continue``).
-_DONE, _RETRY, _UPGRADE, _ERROR, _GONE = "done", "retry", "upgrade", "error", "gone"
-
-
-class _ClientGone(Exception):
-    """The client hung up while its request was being served."""
-
-
-class _AttemptFailed(Exception):
-    """One upstream attempt failed before a usable response head."""
-
-    def __init__(self, kind: OutcomeKind, sent: bool, error: ProxyError) -> None:
-        super().__init__(str(error))
-        self.kind = kind
-        self.sent = sent
-        self.error = error
-
-
-class Flight:
-    """One request forwarded to agents, across its attempts."""
-
-    __slots__ = ("attempt_started", "choice", "client", "head", "keep", "keys", "last_agent", "last_error", "relay",
-                 "released", "request", "route", "started", "tried", "waiter")
-
-    def __init__(self, relay: Relay, client: ClientConnection, request: Request, route: routing.Route, head: bytes,
-                 keys: Keys, started: float) -> None:
-        self.relay = relay
-        self.client = client
-        self.request = request
-        self.route = route
-        self.head = head
-        self.keys = keys
-        self.started = started
-        self.tried: list[str] = []
-        self.choice: Choice | None = None
-        self.attempt_started = started
-        self.last_error: ProxyError | None = None
-        self.last_agent = ""
-        self.keep = True  # keep the client connection after this response
-        self.released = False  # the target's concurrency slot is given back
-        # Set while the connection's task waits in ``_fly`` for the step the callbacks are taking.
-        self.waiter: asyncio.Future[tuple[str, object]] | None = None
-
-
-
-
 class Relay:
     """Everything the connections share: settings, catalog, policy, pool, metrics."""
 
@@ -159,11 +115,11 @@ class Relay:
                     raise PassthroughDisabled(route.host, f"{route.host} is outside {self.zone} and passthrough is off")
             return await self._forward(client, request, route, path)
         except ProxyError as err:
-            return self._answer(client, request, kind, err)
-        except _ClientGone:
+            return self.answer(client, request, kind, err)
+        except ClientGone:
             return False
 
-    def _answer(self, client: ClientConnection, request: Request, kind: str, err: ProxyError) -> bool:
+    def answer(self, client: ClientConnection, request: Request, kind: str, err: ProxyError) -> bool:
         """Send ``err`` as the response; whether the client connection may stay open."""
         status, code = error_status(err)
         self.count(kind, code)
@@ -207,7 +163,7 @@ class Relay:
             trace.start_span(tracing, keys.traceparent, keys.trace_from_client, sampled)
         return head, keys
 
-    def _response_head(self, request: Request, exchange: Exchange, agent_id: str, set_cookie: str | None,
+    def response_head(self, request: Request, exchange: Exchange, agent_id: str, set_cookie: str | None,
                        client_keep_alive: bool) -> tuple[bytes, bool, bool]:
         """(head for the client, re-chunk the body?, keep the client connection?)."""
         return response_head(exchange.status, exchange.reason, exchange.headers, request.version, client_keep_alive,
@@ -225,12 +181,12 @@ class Relay:
         request.attach(conn)
         return exchange
 
-    def _attempt_failed(self, client: ClientConnection, request: Request, exchange: Exchange,
-                        err: ProxyError) -> _AttemptFailed:
+    def attempt_failed(self, client: ClientConnection, request: Request, exchange: Exchange,
+                        err: ProxyError) -> AttemptFailed:
         """Drop an attempt whose response head never came."""
         self._discard(client, request, exchange)
         kind = OutcomeKind.TIMEOUT if isinstance(err, UpstreamTimeout) else OutcomeKind.RESET
-        return _AttemptFailed(kind, True, err)
+        return AttemptFailed(kind, True, err)
 
     def _discard(self, client: ClientConnection, request: Request, exchange: Exchange) -> None:
         request.detach()
@@ -240,12 +196,9 @@ class Relay:
         exchange.conn.exchange = None
         exchange.conn.close()
 
-    # -- forwarding: one set of steps. A Flight is driven by the upstream socket's callbacks
-    # (``_landed``, ``_arrived``, ``_crashed``) from the moment its request is sent; the only
+    # -- forwarding: one set of steps (the state machine is ``Flight``, in flight.py). The only
     # waiting is for a new upstream connection and for tunnels, done by the connection's task
-    # in ``_fly``. Each callback ends its step in ``_continue``: with a task waiting in ``_fly``,
-    # the task carries on; otherwise (the fast path: ``begin`` found a pooled connection) the
-    # callback finishes the request itself or hands what needs waiting to the task.
+    # in ``fly``; ``begin`` starts a request on a pooled connection from the read callback.
 
     def _flight(self, client: ClientConnection, request: Request, route: routing.Route, path: bytes) -> Flight:
         started = self.loop.time()
@@ -258,9 +211,9 @@ class Relay:
             flight.released = True  # passthrough: no agent, no admission
         else:
             self.policy.admit(route)
-        return await self._fly(flight)
+        return await self.fly(flight)
 
-    async def _fly(self, flight: Flight, choice: Choice | None = None) -> bool:
+    async def fly(self, flight: Flight, choice: Choice | None = None) -> bool:
         """Attempt agents (or the passthrough host) until one answer is relayed; raises the
         ProxyError for the client otherwise."""
         client, request, route = flight.client, flight.request, flight.route
@@ -277,11 +230,11 @@ class Relay:
                 if conn is None:
                     try:
                         conn = await self._open(address, port)
-                    except _AttemptFailed as failed:
+                    except AttemptFailed as failed:
                         if choice is None:
                             failed.error.target = route.host
                             raise failed.error from None
-                        self._failed(flight, choice, failed)  # raises unless another attempt may follow
+                        self.failed(flight, choice, failed)  # raises unless another attempt may follow
                         choice = None
                         continue
                     except BaseException:
@@ -290,33 +243,33 @@ class Relay:
                     if client.closed:
                         self.pool.release(conn)
                         self._abandon(choice)
-                        raise _ClientGone
+                        raise ClientGone
                 waiter = flight.waiter = self.loop.create_future()
                 self._send(client, request, flight.head, conn, flight)
                 step, value = await waiter
-                if step is _RETRY:
+                if step is RETRY:
                     choice = None
                     continue
-                if step is _UPGRADE:
+                if step is UPGRADE:
                     assert isinstance(value, Exchange)
-                    return await self._upgrade(flight, value)
+                    return await flight.upgrade(value)
                 if isinstance(value, ProxyError):
                     raise value
-                if step is _GONE:
-                    raise _ClientGone
+                if step is GONE:
+                    raise ClientGone
                 return bool(value)
         finally:
-            self._release(flight)
+            self.release(flight)
 
     async def _open(self, address: str, port: int) -> Upstream:
-        """A new connection to address:port; raises _AttemptFailed (nothing was sent)."""
+        """A new connection to address:port; raises AttemptFailed (nothing was sent)."""
         try:
             return await self.pool.connect(address, port, self.settings.connect_timeout)
         except TimeoutError:
-            raise _AttemptFailed(OutcomeKind.TIMEOUT, False,
+            raise AttemptFailed(OutcomeKind.TIMEOUT, False,
                                  UpstreamTimeout("", f"connecting to {address}:{port} timed out")) from None
         except OSError as exc:
-            raise _AttemptFailed(OutcomeKind.CONNECT_ERROR, False,
+            raise AttemptFailed(OutcomeKind.CONNECT_ERROR, False,
                                  UpstreamError("", f"cannot connect to {address}:{port}: {exc.strerror or exc}")) \
                 from None
 
@@ -326,30 +279,7 @@ class Relay:
             self.policy.finish(choice)
             self.policy.release(choice)
 
-    def _continue(self, flight: Flight, step: str, value: object = None) -> None:
-        """End a callback's step: wake the task waiting in ``_fly``, or (fast path) finish here."""
-        waiter = flight.waiter
-        if waiter is not None:
-            flight.waiter = None
-            if not waiter.done():
-                waiter.set_result((step, value))
-            return
-        client, request, kind = flight.client, flight.request, flight.route.kind
-        if step is _DONE:
-            client.done(request, bool(value))
-        elif step is _RETRY:
-            client.hand_off(kind, functools.partial(self._fly, flight))
-        elif step is _UPGRADE:
-            assert isinstance(value, Exchange)
-            client.hand_off(kind, functools.partial(self._upgrade, flight, value))
-        else:
-            self._release(flight)
-            if isinstance(value, ProxyError):
-                client.done(request, self._answer(client, request, kind, value))
-            else:
-                client.done(request, False)
-
-    def _release(self, flight: Flight) -> None:
+    def release(self, flight: Flight) -> None:
         if not flight.released:
             flight.released = True
             self.policy.done(flight.route)
@@ -375,12 +305,12 @@ class Relay:
                                               choice.ticket.trial)
         return agent
 
-    def _failed(self, flight: Flight, choice: Choice, failed: _AttemptFailed) -> None:
+    def failed(self, flight: Flight, choice: Choice, failed: AttemptFailed) -> None:
         """Account a failed attempt; returns when another may follow, else raises the client's error."""
         self.policy.finish(choice)
         if flight.client.closed:
             self.policy.release(choice)
-            raise _ClientGone
+            raise ClientGone
         failed.error.target = flight.route.host
         flight.last_error, flight.last_agent = failed.error, choice.agent.id
         if self._account(flight, choice, failed.kind, 0, 0.0, failed.sent):
@@ -388,7 +318,7 @@ class Relay:
         failed.error.agent_id = choice.agent.id
         raise failed.error
 
-    def _judge(self, flight: Flight, choice: Choice, exchange: Exchange) -> bool:
+    def judge(self, flight: Flight, choice: Choice, exchange: Exchange) -> bool:
         """Account an attempt's response head; True when it was dropped for another attempt."""
         status = exchange.status
         backoff = retry_after(exchange.headers) if status == 429 or status == 503 else 0.0
@@ -450,87 +380,13 @@ class Relay:
         agent = choice.agent
         conn = self.pool.take(agent.address, agent.port)
         if conn is None:
-            client.hand_off(route.kind, functools.partial(self._fly, flight, choice))
+            client.hand_off(route.kind, functools.partial(self.fly, flight, choice))
             return True
         self._depart(flight, choice)
         self._send(client, request, flight.head, conn, flight)
         return True
 
-    def _landed(self, flight: Flight, exchange: Exchange) -> None:
-        """The response head (and what came with it) arrived: relay it, or try elsewhere."""
-        choice = flight.choice
-        request = flight.request
-        if choice is not None and self._judge(flight, choice, exchange):
-            self._continue(flight, _RETRY)
-            return
-        if exchange.upgraded is not None:
-            exchange.flight = None
-            self._continue(flight, _UPGRADE, exchange)
-            return
-        agent_id = choice.agent.id if choice is not None else ""
-        head, frame_chunked, flight.keep = self._response_head(request, exchange, agent_id,
-                                                               choice.set_cookie if choice is not None else None,
-                                                               request.keep_alive)
-        self._relayed(request, exchange, flight.route.kind, agent_id, flight.started)
-        exchange.commit(head, frame_chunked)
-        if exchange.failure is not None:
-            exchange._wake()
-
-    def _arrived(self, flight: Flight, exchange: Exchange) -> None:
-        """The response ended (complete, or cut short): pool or close both sides."""
-        if flight.choice is not None:
-            self.policy.finish(flight.choice)
-        self._release(flight)
-        self._continue(flight, _DONE, self._settle(flight.client, flight.request, exchange) and flight.keep)
-
-    def _crashed(self, flight: Flight, exchange: Exchange, error: ProxyError) -> None:
-        """The attempt failed before a response head: retry, or answer the error."""
-        choice = flight.choice
-        failed = self._attempt_failed(flight.client, flight.request, exchange, error)
-        if choice is None:
-            error.target = flight.route.host
-            self._continue(flight, _ERROR, error)
-            return
-        try:
-            self._failed(flight, choice, failed)
-        except _ClientGone:
-            self._continue(flight, _GONE)
-            return
-        except ProxyError as err:
-            self._continue(flight, _ERROR, err)
-            return
-        self._continue(flight, _RETRY)
-
-    def _broken(self, flight: Flight, exchange: Exchange) -> None:
-        """A bug in a callback, not a peer's doing: log it and cut both connections."""
-        log.exception("proxy request from %s failed", flight.client.peer.decode())
-        exchange.flight = None
-        exchange.stop_timer()
-        exchange.conn.exchange = None
-        exchange.conn.close()
-        flight.client.abort()
-        self._release(flight)
-        self._continue(flight, _GONE)
-
-    async def _upgrade(self, flight: Flight, exchange: Exchange) -> bool:
-        """Relay an Upgrade's ``101`` and turn both connections into a tunnel."""
-        choice = flight.choice
-        try:
-            agent_id = choice.agent.id if choice is not None else ""
-            head, frame_chunked, _ = self._response_head(flight.request, exchange, agent_id,
-                                                         choice.set_cookie if choice is not None else None,
-                                                         flight.request.keep_alive)
-            exchange.commit(head, frame_chunked)
-            self._relayed(flight.request, exchange, flight.route.kind, agent_id, flight.started)
-            exchange.stop_timer()
-            assert exchange.upgraded is not None
-            return await tunnel.tunnel(self, flight.client, exchange.conn, exchange.upgraded)
-        finally:
-            if choice is not None:
-                self.policy.finish(choice)
-            self._release(flight)
-
-    def _settle(self, client: ClientConnection, request: Request, exchange: Exchange) -> bool:
+    def settle(self, client: ClientConnection, request: Request, exchange: Exchange) -> bool:
         """The response has ended (complete, or cut short): pool or close the upstream connection,
         abort the client when the response was cut short. False when the client must not be reused."""
         conn = exchange.conn
@@ -555,8 +411,8 @@ class Relay:
         try:
             return await job()
         except ProxyError as err:
-            return self._answer(client, request, kind, err)
-        except _ClientGone:
+            return self.answer(client, request, kind, err)
+        except ClientGone:
             return False
 
     def _may_retry(self, flight: Flight, sent: bool) -> bool:
@@ -574,7 +430,7 @@ class Relay:
         self.metrics.retries.inc()
         return True
 
-    def _relayed(self, request: Request, exchange: Exchange, kind: str, agent_id: str, started: float) -> None:
+    def relayed(self, request: Request, exchange: Exchange, kind: str, agent_id: str, started: float) -> None:
         """Account a response head relayed to the client."""
         self.metrics.observe_duration(self.loop.time() - started)
         self.count(kind, "ok")

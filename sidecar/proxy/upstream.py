@@ -13,7 +13,8 @@ from ..errors import ProxyError, UpstreamError, UpstreamTimeout
 
 if typing.TYPE_CHECKING:
     from .client import ClientConnection
-    from .relay import Flight, Relay
+    from .flight import Flight
+    from .relay import Relay
 
 
 class Upstream(asyncio.Protocol):
@@ -205,9 +206,9 @@ class Exchange:
         flight = self.flight
         if flight is not None:
             try:
-                flight.relay._landed(flight, self)
+                flight.landed(self)
             except Exception:
-                flight.relay._broken(flight, self)
+                flight.broken(self)
 
     def _head_failed(self, error: ProxyError) -> None:
         if self.headed:
@@ -217,9 +218,9 @@ class Exchange:
         if flight is not None:
             self.flight = None
             try:
-                flight.relay._crashed(flight, self, error)
+                flight.crashed(self, error)
             except Exception:
-                flight.relay._broken(flight, self)
+                flight.broken(self)
 
     def on_head(self, status: int, keep_alive: bool) -> None:
         if 100 <= status < 200 and status != 101:
@@ -327,8 +328,8 @@ class Exchange:
         if flight is not None:
             self.flight = None  # report the end once
             try:
-                flight.relay._arrived(flight, self)
+                flight.arrived(self)
             except Exception:
-                flight.relay._broken(flight, self)
+                flight.broken(self)
 
 

@@ -98,7 +98,8 @@ class Policy:
         # Successful attempts not yet folded in: agent id -> (count, slowest latency).
         self._pending: dict[str, tuple[int, float]] = {}
         self._requests = 0  # admitted requests not yet counted into the retry budget
-        self._key_names = KeyNames(sticky, balancing)
+        # The request headers and cookies that name a session or a hash key.
+        self.key_names = KeyNames(sticky, balancing)
         self._failure_statuses = frozenset(balancing.circuit_breaker.failure_statuses)
 
     # -- settings and tables
@@ -118,7 +119,7 @@ class Policy:
             self.affinity.update(sticky)
         if proxy is not None:
             self.limits.update(proxy)
-        self._key_names = KeyNames(self.affinity.settings, self.balancing)
+        self.key_names = KeyNames(self.affinity.settings, self.balancing)
         self._failure_statuses = frozenset(self.balancing.circuit_breaker.failure_statuses)
         self._changed()
 
@@ -129,10 +130,6 @@ class Policy:
         self._changed()
         if self._listener is not None:
             self._listener(agent_id, state)
-
-    def key_names(self) -> KeyNames:
-        """The request headers and cookies that name a session or a hash key."""
-        return self._key_names
 
     def algorithm(self, route: Route) -> str:
         """The balancer name for ``route`` (per-capability override, else the default)."""

@@ -151,9 +151,9 @@ class Relay:
         the sampling decision (a Trace record for a traced request)."""
         tracing = self.tracing
         sampled = tracing is not None and tracing.root_sampled()  # for a request that starts a trace
-        head, keys, request.chunked = request_head(request.method, path, request.headers,
-                                                   route.authority.encode("latin-1"), request.client.peer,
-                                                   request.upgrade, self.policy.key_names(), sampled=sampled)
+        head, keys, request.chunked = request_head(request.method, path, request.headers, route.authority_bytes,
+                                                   request.client.peer, request.upgrade, self.policy.key_names,
+                                                   sampled=sampled)
         trace = request.trace
         if tracing is not None and trace is None and (
                 sampled_parent(keys.traceparent) if keys.trace_from_client else sampled):

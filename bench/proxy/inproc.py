@@ -68,14 +68,7 @@ async def main(args: argparse.Namespace) -> None:
                                             capabilities=("chat",)) for i in range(3)}
     catalog = Catalog()
     catalog.apply([Reset(1, agents)])
-    sink = None
-    endpoint = ""
-    if args.tracing is not None:  # spans go to bench/proxy/otlp_sink.py, in a process of its own
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        sink = subprocess.Popen([sys.executable, str(Path(__file__).parent / "otlp_sink.py"), "--port", str(port)])
-        endpoint = f"http://127.0.0.1:{port}/v1/traces"
+    endpoint = args.endpoint
     settings = build(Settings, {"load_balancer": {"algorithm": args.algorithm}, "sticky": {"enabled": args.sticky},
                                 "proxy": {"access_log": args.access_log},
                                 "tracing": {"otlp_endpoint": endpoint, "sample_ratio": args.tracing or 0.0}})
@@ -120,9 +113,6 @@ async def main(args: argparse.Namespace) -> None:
     relay.close()
     if tracing is not None:
         tracing.shutdown()
-    if sink is not None:
-        sink.terminate()
-        sink.wait()
     client.connection_lost(None)
     if client.task is not None:
         await asyncio.sleep(0)  # let the connection's task see the close and end
@@ -146,4 +136,17 @@ if __name__ == "__main__":
         logging.getLogger("sidecar.access").addHandler(logging.NullHandler())
         logging.getLogger("sidecar.access").setLevel(logging.INFO)
         logging.getLogger("sidecar.access").propagate = False
-    uvloop.run(main(arguments))
+    arguments.endpoint = ""
+    sink = None
+    if arguments.tracing is not None:  # spans go to bench/proxy/otlp_sink.py, in a process of its own
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        sink = subprocess.Popen([sys.executable, str(Path(__file__).parent / "otlp_sink.py"), "--port", str(port)])
+        arguments.endpoint = f"http://127.0.0.1:{port}/v1/traces"
+    try:
+        uvloop.run(main(arguments))
+    finally:
+        if sink is not None:
+            sink.terminate()
+            sink.wait()

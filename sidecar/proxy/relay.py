@@ -50,6 +50,7 @@ class Relay:
         self.pool = Pool(self)
         self.connections: set[ClientConnection] = set()
         self.exchanges: set[Exchange] = set()
+        self.fast_starts = 0  # requests ``begin`` took (a diagnostic for tests and benchmarks)
         self._routes: dict[str, routing.Route] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep()
@@ -377,6 +378,7 @@ class Relay:
             return False
         client.active = request
         client.busy = True
+        self.fast_starts += 1
         agent = choice.agent
         conn = self.pool.take(agent.address, agent.port)
         if conn is None:

@@ -146,6 +146,33 @@ class DnsMetrics:
         ]
 
 
+class Buckets:
+    """A histogram kept as plain counts: ``observe`` is a bisect and two additions; ``family``
+    turns it into a Prometheus histogram at scrape time."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one observation."""
+        import bisect
+
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def family(self, name: str, documentation: str) -> object:
+        """The histogram as a ``HistogramMetricFamily`` (cumulative buckets)."""
+        from prometheus_client.core import HistogramMetricFamily
+
+        buckets, running = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
+
+
 class ProxyMetrics:
     """Proxy metrics. Per-request ones are plain ints and dicts bumped on the request path
     and turned into families at scrape time (as ``DnsMetrics``); rare events use
@@ -160,8 +187,7 @@ class ProxyMetrics:
         # Read at scrape time by ``collect``.
         self.requests: collections.Counter[tuple[str, str]] = collections.Counter()  # (kind, outcome)
         self.attempts: collections.Counter[str] = collections.Counter()  # by outcome kind
-        self.duration_counts = [0] * (len(self.DURATION_BUCKETS) + 1)
-        self.duration_sum = 0.0
+        self.durations = Buckets(self.DURATION_BUCKETS)
         self.connections = 0
         self.upstream_connections = 0
         self.pool_reuses = 0
@@ -183,16 +209,13 @@ class ProxyMetrics:
 
     def observe_duration(self, seconds: float) -> None:
         """Record one request's time from request head to response head sent."""
-        import bisect
-
-        self.duration_counts[bisect.bisect_left(self.DURATION_BUCKETS, seconds)] += 1
-        self.duration_sum += seconds
+        self.durations.observe(seconds)
 
     def describe(self) -> list[object]:
         return list(self.collect())
 
     def collect(self) -> list[object]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         requests = CounterMetricFamily(
             "sidecar_proxy_requests", "Requests answered, by kind (capability, name, id, external, connect) "
@@ -203,15 +226,10 @@ class ProxyMetrics:
                                        labels=["outcome"])
         for outcome, count in sorted(self.attempts.items()):
             attempts.add_metric([outcome], count)
-        buckets, running = [], 0
-        for bound, count in zip((*self.DURATION_BUCKETS, float("inf")), self.duration_counts, strict=True):
-            running += count
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
         return [
             requests,
-            HistogramMetricFamily("sidecar_proxy_request_duration_seconds",
-                                  "Time from request head to response head sent.", buckets=buckets,
-                                  sum_value=self.duration_sum),
+            self.durations.family("sidecar_proxy_request_duration_seconds",
+                                  "Time from request head to response head sent."),
             attempts,
             GaugeMetricFamily("sidecar_proxy_client_connections", "Client connections open.",
                               value=self.connections),

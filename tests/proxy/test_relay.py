@@ -418,7 +418,7 @@ async def test_fast_path_retries_a_failure_status_elsewhere(harness: Harness) ->
     assert attempts["failure_status"] == 2
     assert attempts["success"] == 4 + 4
     assert proxy.metrics.requests["capability", "ok"] == 4 + 4
-    assert proxy.metrics.duration_sum > 0
+    assert proxy.metrics.durations.sum > 0
 
 
 async def test_fast_path_follows_a_new_snapshot(harness: Harness) -> None:

@@ -111,7 +111,8 @@ async def proxied(world: tuple[Receiver, Agents], ratio: float, requests: list[d
         async with aiohttp.ClientSession() as session:
             for request in requests:
                 async with session.request(request.get("method", "GET"), f"http://127.0.0.1:{proxy.address[1]}/",
-                                           headers={"Host": "chat.agents.local", **request.get("headers", {})},
+                                           headers={"Host": request.get("host", "chat.agents.local"),
+                                                    **request.get("headers", {})},
                                            data=request.get("data")) as response:
                     await response.read()
     finally:
@@ -173,6 +174,20 @@ async def test_new_traces_follow_the_sample_ratio(world: tuple[Receiver, Agents]
     assert await proxied(world, 0.0, [{}], access_log=False) == []
     (sent,) = agents.traceparents
     assert sent.endswith("-00")  # not sampled here: the agent is told so
+
+
+async def test_access_log_tells_errors_too(world: tuple[Receiver, Agents],
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="sidecar.access")
+    await proxied(world, 0.0, [{"host": "nobody.agents.local"}, {"host": "a.b.c.agents.local"}, {}])
+    lines = [r for r in caplog.records if r.name == "sidecar.access"]
+    got = [(r.host, r.status, r.outcome, r.agent_id, r.attempts) for r in lines]  # type: ignore[attr-defined]
+    assert got == [("nobody.agents.local", 404, "unknown_target", "", 0),
+                   ("a.b.c.agents.local", 404, "unknown_target", "", 0),  # no target form: refused when routed
+                   ("chat.agents.local", 200, "ok", "agent-0", 1)]
+    for line in lines:
+        assert line.method == "GET" and line.duration_ms >= 0  # type: ignore[attr-defined]
+    assert len(lines[0].trace_id) == 32 and lines[1].trace_id == ""  # type: ignore[attr-defined]
 
 
 async def test_tracing_is_off_without_an_endpoint() -> None:

@@ -102,10 +102,10 @@ class Relay:
             if request.error is not None:
                 raise request.error
             authority, path = self._target(request)
+            if trace is not None:
+                trace.target("connect" if request.method == b"CONNECT" else kind, authority, path, "")
             if request.method == b"CONNECT":
                 kind = "connect"
-                if trace is not None:
-                    trace.target(kind, authority, b"", "")
                 return await tunnel.connect(self, client, authority)
             route = self._route(authority)
             kind = route.kind

@@ -96,8 +96,12 @@ class Request:
 
 
 
-class ClientConnection(asyncio.Protocol):
-    """One client socket: parse, queue and serve requests in order; then maybe a tunnel."""
+class ClientConnection:
+    """One client socket: parse, queue and serve requests in order; then maybe a tunnel.
+
+    An asyncio protocol by its methods, not by inheritance: without a Python base class,
+    mypyc compiles it as a native class (docs/proxy.md, "Compiled hot path").
+    """
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -132,6 +136,9 @@ class ClientConnection(asyncio.Protocol):
         self.last_active = self.loop.time()
         self.idle_timer = self.loop.call_at(self.last_active + self.relay.settings.idle_timeout, self._idle_check)
         self.task = self.loop.create_task(self.serve())
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport, as asyncio.Protocol does
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

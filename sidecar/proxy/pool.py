@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import typing
+from collections.abc import Callable
 
 from .upstream import Upstream
 
@@ -37,16 +38,18 @@ class Pool:
                 conn.close()
         return None
 
-    async def connect(self, address: str, port: int, connect_timeout: float) -> Upstream:
-        """A new connection to address:port (``take`` first for a pooled one).
+    async def connect(self, address: str, port: int, connect_timeout: float, tunnel: bool = False) -> Upstream:
+        """A new connection to address:port (``take`` first for a pooled one); a raw one for a tunnel.
 
         Raises TimeoutError or OSError when connecting fails.
         """
-        key = (address, port)
+        relay, key = self.relay, (address, port)
+        # Upstream is an asyncio protocol by its methods, not its base class (see ClientConnection).
+        factory = typing.cast("Callable[[], asyncio.BaseProtocol]", lambda: Upstream(relay, key, tunnel))
         async with asyncio.timeout(connect_timeout):
-            _, conn = await self.relay.loop.create_connection(lambda: Upstream(self.relay, key), address, port)
-        self.relay.metrics.upstream_connections += 1
-        return conn
+            _, conn = await relay.loop.create_connection(factory, address, port)
+        relay.metrics.upstream_connections += 1
+        return typing.cast(Upstream, conn)
 
     def release(self, conn: Upstream) -> None:
         """Return a connection whose last response completed and that may be reused."""

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import time
+import typing
 from collections.abc import Callable, Iterable, Sequence
 
 from ..catalog import Catalog, Event, Snapshot
@@ -72,7 +73,9 @@ class ProxyServer:
         relay = self._relay = Relay(self.settings.proxy, self.settings.dns.domain, self.catalog, self.policy,
                                     self.metrics, loop, self.tracing)
         host, port = parse_listen(self.settings.proxy.listen)
-        self._server = await loop.create_server(relay.protocol, host, port, reuse_address=True, backlog=1024)
+        # ClientConnection is an asyncio protocol by its methods, not its base class (see there).
+        factory = typing.cast("Callable[[], asyncio.BaseProtocol]", relay.protocol)
+        self._server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
         sock = self._server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
         self._unsubscribe = self.catalog.subscribe(self._on_snapshot)

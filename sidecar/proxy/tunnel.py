@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import typing
 
 from ..errors import BadRequest, PassthroughDisabled, ProxyError, UpstreamError, UpstreamTimeout
@@ -54,11 +53,9 @@ async def connect(relay: Relay, client: ClientConnection, authority: str) -> boo
     else:
         choice = relay.policy.choose(route, relay.catalog.snapshot, Keys())
         agent_id, address, port = choice.agent.id, choice.agent.address, choice.agent.port
-    key = (address, port)
     started = relay.loop.time()
     try:
-        async with asyncio.timeout(relay.settings.connect_timeout):
-            _, conn = await relay.loop.create_connection(lambda: Upstream(relay, key, tunnel=True), address, port)
+        conn = await relay.pool.connect(address, port, relay.settings.connect_timeout, tunnel=True)
     except (TimeoutError, OSError) as exc:
         timed_out = isinstance(exc, TimeoutError)
         if choice is not None:
@@ -73,7 +70,6 @@ async def connect(relay: Relay, client: ClientConnection, authority: str) -> boo
         raise err from None
     if choice is not None and relay.policy.report(choice, OutcomeKind.SUCCESS, relay.loop.time() - started):
         relay.loop.call_soon(relay.policy.fold)
-    relay.metrics.upstream_connections += 1
     head = b"HTTP/1.1 200 Connection Established\r\n"
     if agent_id:
         head += b"x-sidecar-agent: " + agent_id.encode() + b"\r\n"

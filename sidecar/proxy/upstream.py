@@ -17,8 +17,11 @@ if typing.TYPE_CHECKING:
     from .relay import Relay
 
 
-class Upstream(asyncio.Protocol):
-    """One connection to an agent (or passthrough host): HTTP responses, or a raw tunnel."""
+class Upstream:
+    """One connection to an agent (or passthrough host): HTTP responses, or a raw tunnel.
+
+    An asyncio protocol by its methods, not by inheritance (see ``ClientConnection``).
+    """
 
     def __init__(self, relay: Relay, key: tuple[str, int], tunnel: bool = False) -> None:
         self.relay = relay
@@ -35,6 +38,9 @@ class Upstream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport, as asyncio.Protocol does
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -172,31 +172,56 @@ class DnsMetrics:
         ]
 
 
+class Buckets:
+    """A histogram kept as plain counts: ``observe`` is a bisect and two additions; ``family``
+    turns it into a Prometheus histogram at scrape time."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one observation."""
+        import bisect
+
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def family(self, name: str, documentation: str) -> object:
+        """The histogram as a ``HistogramMetricFamily`` (cumulative buckets)."""
+        from prometheus_client.core import HistogramMetricFamily
+
+        buckets, running = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
+
+
 class ProxyMetrics:
+    """Proxy metrics. Per-request ones are plain ints and dicts bumped on the request path
+    and turned into families at scrape time (as ``DnsMetrics``); rare events use
+    prometheus_client objects directly.
+    """
+
+    DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter(
-            "sidecar_proxy_requests_total", "Requests answered, by kind (capability, name, id, external, connect) "
-            "and outcome (ok or an error code).", ["kind", "outcome"], registry=registry)
-        self.request_seconds = Histogram(
-            "sidecar_proxy_request_duration_seconds", "Time from request head to response head sent.",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
-            registry=registry)
-        self.attempts = Counter(
-            "sidecar_proxy_upstream_attempts_total", "Upstream attempts, by outcome kind.", ["outcome"],
-            registry=registry)
+        import collections
+
+        # Read at scrape time by ``collect``.
+        self.requests: collections.Counter[tuple[str, str]] = collections.Counter()  # (kind, outcome)
+        self.attempts: collections.Counter[str] = collections.Counter()  # by outcome kind
+        self.durations = Buckets(self.DURATION_BUCKETS)
+        self.connections = 0
+        self.upstream_connections = 0
+        self.pool_reuses = 0
+        self.tunnels = 0
         self.retries = Counter(
             "sidecar_proxy_retries_total", "Requests sent again to another agent.", registry=registry)
         self.retry_budget_exhausted = Counter(
             "sidecar_proxy_retry_budget_exhausted_total", "Retries refused by the retry budget.", registry=registry)
-        self.connections = Gauge(
-            "sidecar_proxy_client_connections", "Client connections open.", registry=registry)
-        self.upstream_connections = Counter(
-            "sidecar_proxy_upstream_connections_total", "Upstream connections opened.", registry=registry)
-        self.pool_reuses = Counter(
-            "sidecar_proxy_upstream_connection_reuses_total", "Requests sent on a pooled upstream connection.",
-            registry=registry)
-        self.tunnels = Gauge(
-            "sidecar_proxy_tunnels", "CONNECT and Upgrade tunnels open.", registry=registry)
         self.breaker_state = Gauge(
             "sidecar_proxy_breaker_state", "Circuit breaker state per agent: 0 closed, 1 open, 2 half_open.",
             ["agent"], registry=registry)
@@ -206,6 +231,40 @@ class ProxyMetrics:
         self.client_errors = Counter(
             "sidecar_proxy_client_errors_total", "Client connections closed on a protocol error or reset, by kind.",
             ["kind"], registry=registry)
+        registry.register(self)  # type: ignore[arg-type]
+
+    def observe_duration(self, seconds: float) -> None:
+        """Record one request's time from request head to response head sent."""
+        self.durations.observe(seconds)
+
+    def describe(self) -> list[object]:
+        return list(self.collect())
+
+    def collect(self) -> list[object]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        requests = CounterMetricFamily(
+            "sidecar_proxy_requests", "Requests answered, by kind (capability, name, id, external, connect) "
+            "and outcome (ok or an error code).", labels=["kind", "outcome"])
+        for (kind, outcome), count in sorted(self.requests.items()):
+            requests.add_metric([kind, outcome], count)
+        attempts = CounterMetricFamily("sidecar_proxy_upstream_attempts", "Upstream attempts, by outcome kind.",
+                                       labels=["outcome"])
+        for outcome, count in sorted(self.attempts.items()):
+            attempts.add_metric([outcome], count)
+        return [
+            requests,
+            self.durations.family("sidecar_proxy_request_duration_seconds",
+                                  "Time from request head to response head sent."),
+            attempts,
+            GaugeMetricFamily("sidecar_proxy_client_connections", "Client connections open.",
+                              value=self.connections),
+            CounterMetricFamily("sidecar_proxy_upstream_connections", "Upstream connections opened.",
+                                value=self.upstream_connections),
+            CounterMetricFamily("sidecar_proxy_upstream_connection_reuses",
+                                "Requests sent on a pooled upstream connection.", value=self.pool_reuses),
+            GaugeMetricFamily("sidecar_proxy_tunnels", "CONNECT and Upgrade tunnels open.", value=self.tunnels),
+        ]
 
 
 class HealthMetrics:

@@ -31,6 +31,7 @@ from .registry.cards import CardSync
 from .registry.etcd import EtcdClient
 from .registry.lease import LeaseKeeper
 from .registry.sync import CatalogSync, services_prefix
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +70,17 @@ class Server:
         self.dns = DnsServer(settings.dns, self.catalog, self.metrics.dns, local_zone=settings.agent.zone,
                              proxy_listen=settings.proxy.listen, panic=settings.health_check.panic)
         self.components.append(self.dns)
-        self.proxy = ProxyServer(settings, self.catalog, self.metrics.proxy)
-        self.components.append(self.proxy)
         # Passive health: the proxy's outcomes feed outlier detection, whose ejections the proxy's picks skip.
         self.outliers = OutlierDetector(settings.health_check.outlier_detection, self.metrics.health)
         self.catalog.subscribe(self.outliers.on_snapshot)
-        self.proxy.add_observer(lambda outcome: self.outliers.observe(outcome.agent_id, outcome.kind.value))
-        self.proxy.policy.admitted = self.outliers.admitted
-        self.proxy.policy.panic = settings.health_check.panic
+        self.proxy = ProxyServer(
+            settings, self.catalog, self.metrics.proxy, admitted=self.outliers.admitted,
+            observers=[lambda outcome: self.outliers.observe(outcome.agent_id, outcome.kind.value)],
+            tracing=Tracing.build(settings.tracing))
+        self.components.append(self.proxy)
         self.admin = AdminApi(settings.admin, self.catalog, self.hub, self.control, self.leases, self.config,
                               self.metrics, self.readiness, cards=self.cards,
-                              annotators=[lambda agent: {"breaker": self.proxy.breaker_state(agent.id)}],
-                              before_scrape=[self.proxy.flush_metrics])
+                              annotators=[lambda agent: {"breaker": self.proxy.breaker_state(agent.id)}])
         self.grpc = GrpcApi(settings.grpc, settings.admin, self.catalog, self.hub, self.control, self.metrics,
                             cards=self.cards)
         self.components.append(self.grpc)
@@ -110,7 +110,6 @@ class Server:
         self.settings = new
         if changed & {"load_balancer", "sticky", "proxy", "health_check"}:
             self.proxy.update(new)
-            self.proxy.policy.panic = new.health_check.panic
         if changed & {"dns", "health_check"}:
             self.dns.update(new.dns, panic=new.health_check.panic)
         if "health_check" in changed:

@@ -3,7 +3,11 @@ Upstream protocols fed a request and a response through fake transports, on the 
 (pooled upstream connections). Much steadier than wrk on a shared machine; the kernel's share
 (four syscalls and the wake-ups they cause) is not in this number.
 
-    python bench/proxy/inproc.py [--algorithm round_robin] [--sticky] [--requests 100000] [--profile]
+    python bench/proxy/inproc.py [--algorithm weighted_random] [--no-sticky] [--session] [--requests 100000]
+        [--access-log] [--tracing RATIO] [--profile]
+
+The defaults are the daemon's: weighted_random, sticky sessions on, and (as with wrk) a
+client that never sends the affinity cookie back, so every response sets it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import argparse
 import asyncio
 import cProfile
 import pstats
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,8 +28,10 @@ from sidecar.catalog import Catalog, Reset
 from sidecar.config import Settings, build
 from sidecar.metrics import Metrics
 from sidecar.model import Agent
-from sidecar.proxy.http1 import Relay, Upstream
+from sidecar.proxy.relay import Relay
 from sidecar.proxy.server import ProxyServer
+from sidecar.proxy.upstream import Upstream
+from sidecar.tracing import Tracing
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: chat.agents.local\r\n\r\n"
 # What the benchmark's nginx backends answer.
@@ -60,9 +68,13 @@ async def main(args: argparse.Namespace) -> None:
                                             capabilities=("chat",)) for i in range(3)}
     catalog = Catalog()
     catalog.apply([Reset(1, agents)])
-    settings = build(Settings, {"load_balancer": {"algorithm": args.algorithm}, "sticky": {"enabled": args.sticky}})
-    proxy = ProxyServer(settings, catalog, Metrics().proxy)
-    relay = Relay(settings.proxy, settings.dns.domain, catalog, proxy.policy, proxy.metrics)
+    endpoint = args.endpoint
+    settings = build(Settings, {"load_balancer": {"algorithm": args.algorithm}, "sticky": {"enabled": args.sticky},
+                                "proxy": {"access_log": args.access_log},
+                                "tracing": {"otlp_endpoint": endpoint, "sample_ratio": args.tracing or 0.0}})
+    tracing = Tracing.build(settings.tracing)
+    proxy = ProxyServer(settings, catalog, Metrics().proxy, tracing=tracing)
+    relay = Relay(settings.proxy, settings.dns.domain, catalog, proxy.policy, proxy.metrics, tracing=tracing)
     for agent in agents.values():
         conn = Upstream(relay, (agent.address, agent.port))
         conn.connection_made(Transport())  # type: ignore[arg-type]
@@ -70,7 +82,7 @@ async def main(args: argparse.Namespace) -> None:
     client = relay.protocol()
     transport = Transport()
     client.connection_made(transport)  # type: ignore[arg-type]
-    request = REQUEST if not args.sticky else REQUEST[:-2] + b"X-Session-Id: bench\r\n\r\n"
+    request = REQUEST if not args.session else REQUEST[:-2] + b"X-Session-Id: bench\r\n\r\n"
 
     def one() -> None:
         client.data_received(request)
@@ -82,18 +94,25 @@ async def main(args: argparse.Namespace) -> None:
         one()
     best = float("inf")
     for _ in range(5):
-        started = time.perf_counter()
+        started = time.process_time()  # CPU time: steadier than wall time on a shared machine
         for _ in range(args.requests):
             one()
-        best = min(best, (time.perf_counter() - started) / args.requests)
+        best = min(best, (time.process_time() - started) / args.requests)
     assert transport.writes >= 2000 + 5 * args.requests
-    print(f"{args.algorithm}{' + sticky' if args.sticky else ''}: {best * 1e6:.1f} us of Python per request "
+    label = args.algorithm + (" + sticky" if args.sticky else "") + (" (X-Session-Id)" if args.session else "")
+    label += f", tracing {args.tracing:g}" if args.tracing is not None else ""
+    label += ", access log" if args.access_log else ""
+    print(f"{label}: {best * 1e6:.1f} us of Python per request "
           f"(best of 5 x {args.requests})")
+    profiler = cProfile.Profile()
+    profiler.runcall(lambda: [one() for _ in range(args.requests)])
+    stats = pstats.Stats(profiler)
+    print(f"{stats.total_calls / args.requests:.0f} Python function calls per request")  # type: ignore[attr-defined]
     if args.profile:
-        profiler = cProfile.Profile()
-        profiler.runcall(lambda: [one() for _ in range(args.requests)])
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        stats.sort_stats("tottime").print_stats(25)
     relay.close()
+    if tracing is not None:
+        tracing.shutdown()
     client.connection_lost(None)
     if client.task is not None:
         await asyncio.sleep(0)  # let the connection's task see the close and end
@@ -101,8 +120,33 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--algorithm", default="round_robin")
-    parser.add_argument("--sticky", action="store_true")
+    parser.add_argument("--algorithm", default="weighted_random")
+    parser.add_argument("--no-sticky", dest="sticky", action="store_false")
+    parser.add_argument("--session", action="store_true", help="every request carries X-Session-Id: bench")
+    parser.add_argument("--access-log", action="store_true", help="proxy.access_log on (to a NullHandler)")
+    parser.add_argument("--tracing", type=float, help="tracing on with this sample ratio")
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--profile", action="store_true")
-    asyncio.run(main(parser.parse_args()))
+    import uvloop  # what the daemon runs on (``loop: uvloop``)
+
+    arguments = parser.parse_args()
+    if arguments.access_log:
+        import logging
+
+        logging.getLogger("sidecar.access").addHandler(logging.NullHandler())
+        logging.getLogger("sidecar.access").setLevel(logging.INFO)
+        logging.getLogger("sidecar.access").propagate = False
+    arguments.endpoint = ""
+    sink = None
+    if arguments.tracing is not None:  # spans go to bench/proxy/otlp_sink.py, in a process of its own
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        sink = subprocess.Popen([sys.executable, str(Path(__file__).parent / "otlp_sink.py"), "--port", str(port)])
+        arguments.endpoint = f"http://127.0.0.1:{port}/v1/traces"
+    try:
+        uvloop.run(main(arguments))
+    finally:
+        if sink is not None:
+            sink.terminate()
+            sink.wait()

@@ -1,10 +1,12 @@
 """Proxy benchmark: wrk against the sidecar proxy, haproxy (1 thread) and nginx (1 worker)
 in front of the same 3 nginx backends, and directly against one backend, in alternating
-rounds. Also sidecar variants: sticky (X-Session-Id) and p2c_ewma vs round robin.
+rounds. The sidecar at its defaults (weighted_random, sticky cookie; wrk never sends the
+cookie back, so every response sets it), the same with tracing on at 1% (spans exported
+to bench/proxy/otlp_sink.py), and round_robin without sticky sessions.
 
     python bench/proxy/run.py [--rounds 3] [--duration 5] [--connections 50] [--baseline DIR]
 
---baseline DIR adds "sidecar round_robin @ baseline": the serve.py of another checkout (e.g.
+--baseline DIR adds "sidecar defaults @ baseline": the serve.py of another checkout (e.g.
 ``git worktree add /tmp/before <commit>``), measured in the same alternating rounds.
 
 Every listener is on 127.0.0.1; every process this starts is stopped by its PID.
@@ -55,6 +57,7 @@ class Target:
     headers: tuple[str, ...] = ()
     pid: int = 0
     cpu: float = 0.0
+    cpu_user: float = 0.0
     rss: bool = False
     requests: int = 0
     results: dict[int, list[dict[str, float]]] = field(default_factory=dict)
@@ -83,8 +86,8 @@ def wrk(target: Target, connections: int, duration: int) -> dict[str, float]:
     return {"rps": rps, "p50": pct("50"), "p99": pct("99"), "errors": errors, "requests": requests}
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` and its live children (nginx workers)."""
+def cpu_seconds(pid: int, user_only: bool = False) -> float:
+    """User + system (or user) CPU of ``pid`` and its live children (nginx workers)."""
     pids = [pid]
     children = Path(f"/proc/{pid}/task/{pid}/children")
     if children.exists():
@@ -92,7 +95,7 @@ def cpu_seconds(pid: int) -> float:
     total = 0
     for each in pids:
         fields = Path(f"/proc/{each}/stat").read_text().rpartition(")")[2].split()
-        total += int(fields[11]) + int(fields[12])
+        total += int(fields[11]) + (0 if user_only else int(fields[12]))
     return total / os.sysconf("SC_CLK_TCK")
 
 
@@ -173,13 +176,17 @@ backend agents
         targets = [Target("direct (one nginx backend)", backend_ports[0]),
                    Target("haproxy 1 thread, roundrobin", haproxy_port, pid=haproxy.pid),
                    Target("nginx 1 worker, keepalive", nginx_port, pid=nginx.pid)]
-        variants = [("sidecar round_robin", ["--algorithm", "round_robin"], ()),
-                    ("sidecar round_robin + sticky (X-Session-Id)", ["--algorithm", "round_robin", "--sticky"],
-                     ("X-Session-Id: bench",)),
-                    ("sidecar p2c_ewma", ["--algorithm", "p2c_ewma"], ())]
+        sink_port = free_port()
+        start([sys.executable, str(HERE / "otlp_sink.py"), "--port", str(sink_port)], env=env)
+        defaults = ["--algorithm", "weighted_random", "--sticky"]
+        variants = [("sidecar defaults", defaults, ()),
+                    ("sidecar defaults + tracing 1%", [*defaults, "--otlp-endpoint",
+                                                       f"http://127.0.0.1:{sink_port}/v1/traces",
+                                                       "--sample-ratio", "0.01"], ()),
+                    ("sidecar round_robin, sticky off", ["--algorithm", "round_robin"], ())]
         runs = [(name, extra, headers, ROOT) for name, extra, headers in variants]
         if args.baseline is not None:
-            runs.append(("sidecar round_robin @ baseline", ["--algorithm", "round_robin"], (), args.baseline.resolve()))
+            runs.append(("sidecar defaults @ baseline", defaults, (), args.baseline.resolve()))
         for name, extra, headers, root in runs:
             port = free_port()
             proc = start([sys.executable, str(root / "bench" / "proxy" / "serve.py"), "--port", str(port), *agents,
@@ -196,33 +203,41 @@ backend agents
             for target in order:
                 for connections in (args.connections, 1):
                     before = cpu_seconds(target.pid) if target.pid else 0.0
+                    before_user = cpu_seconds(target.pid, user_only=True) if target.pid else 0.0
                     result = wrk(target, connections, args.duration)
                     if target.pid:
                         target.cpu += cpu_seconds(target.pid) - before
+                        target.cpu_user += cpu_seconds(target.pid, user_only=True) - before_user
                         target.requests += int(result["requests"])
                     target.results.setdefault(connections, []).append(result)
         direct_p50 = statistics.median(r["p50"] for r in targets[0].results[1])
         haproxy_rps = statistics.median(r["rps"] for r in targets[1].results[args.connections])
         print(f"\nwrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} alternating rounds, medians:\n")
         print(f"| target | req/s (c{args.connections}) | x haproxy | p50 us | p99 us | errors | "
-              "p50 us at c1 | added p50 us at c1 | proxy CPU us/req | RSS MiB |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "p50 us at c1 | added p50 us at c1 | p99 us at c1 | proxy CPU us/req (user + sys) | RSS MiB |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for target in targets:
             load = target.results[args.connections]
             single = target.results[1]
             rps = statistics.median(r["rps"] for r in load)
             p50_c1 = statistics.median(r["p50"] for r in single)
             rss = f"{rss_kib(target.pid) / 1024:.0f}" if target.pid and target.rss else "-"
-            cpu = f"{target.cpu * 1e6 / target.requests:.0f}" if target.requests else "-"
+            cpu = "-"
+            if target.requests:
+                user = target.cpu_user * 1e6 / target.requests
+                system = (target.cpu - target.cpu_user) * 1e6 / target.requests
+                cpu = f"{target.cpu * 1e6 / target.requests:.0f} ({user:.0f} + {system:.0f})"
+            p99_c1 = statistics.median(r["p99"] for r in single)
             p50 = statistics.median(r["p50"] for r in load)
             p99 = statistics.median(r["p99"] for r in load)
             errors = sum(int(r["errors"]) for r in load + single)
             print(f"| {target.name} | {rps:,.0f} | {rps / haproxy_rps:.2f} | {p50:.0f} | {p99:.0f} | {errors} | "
-                  f"{p50_c1:.0f} | {p50_c1 - direct_p50:+.0f} | {cpu} | {rss} |")
+                  f"{p50_c1:.0f} | {p50_c1 - direct_p50:+.0f} | {p99_c1:.0f} | {cpu} | {rss} |")
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM if "serve.py" in " ".join(map(str, proc.args)) else signal.SIGQUIT)
+                peer = Path(str(proc.args[0])).name in ("nginx", "haproxy")  # type: ignore[index]
+                os.kill(proc.pid, signal.SIGQUIT if peer else signal.SIGTERM)
         for proc in procs:
             try:
                 proc.wait(timeout=10)

@@ -1,7 +1,7 @@
 """The sidecar's ProxyServer alone (no etcd), over a catalog of agents given on the command line.
 
     python bench/proxy/serve.py --port 15101 --agent 127.0.0.1:18001 --agent ... \
-        [--algorithm round_robin] [--sticky]
+        [--algorithm round_robin] [--sticky] [--otlp-endpoint URL --sample-ratio 0.01]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from sidecar.config import Settings, build
 from sidecar.metrics import Metrics
 from sidecar.model import Agent
 from sidecar.proxy.server import ProxyServer
+from sidecar.tracing import Tracing
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -31,8 +32,9 @@ async def main(args: argparse.Namespace) -> None:
         "proxy": {"listen": f"127.0.0.1:{args.port}"},
         "load_balancer": {"algorithm": args.algorithm},
         "sticky": {"enabled": args.sticky},
+        "tracing": {"otlp_endpoint": args.otlp_endpoint, "sample_ratio": args.sample_ratio},
     })
-    proxy = ProxyServer(settings, catalog, Metrics().proxy)
+    proxy = ProxyServer(settings, catalog, Metrics().proxy, tracing=Tracing.build(settings.tracing))
     await proxy.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -49,4 +51,6 @@ if __name__ == "__main__":
     parser.add_argument("--agent", action="append", required=True)
     parser.add_argument("--algorithm", default="round_robin")
     parser.add_argument("--sticky", action="store_true")
+    parser.add_argument("--otlp-endpoint", default="", help="tracing on, spans exported there")
+    parser.add_argument("--sample-ratio", type=float, default=0.01)
     uvloop.run(main(parser.parse_args()))

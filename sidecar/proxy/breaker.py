@@ -121,6 +121,11 @@ class Breakers:
             breaker = self._breakers[agent_id] = _Breaker(cb, storage)
         return breaker
 
+    @property
+    def tripped(self) -> frozenset[str] | set[str]:
+        """Agents whose breaker is not closed (read only; empty while breakers are disabled)."""
+        return self._tripped if self.settings.enabled else frozenset()
+
     def state(self, agent_id: str) -> State:
         """closed, open or half_open (an agent never seen is closed)."""
         breaker = self._breakers.get(agent_id)

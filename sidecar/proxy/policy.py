@@ -1,14 +1,29 @@
 """Choosing an agent for a request: health, breakers, limits, stickiness, then the
-balancer. No I/O: the relay asks, this answers with an agent and a breaker ticket
-or raises the typed error the relay turns into a response.
+balancer; and taking in how each attempt went. No I/O: the relay asks, this answers
+with an agent and a breaker ticket or raises the typed error the relay turns into a
+response.
+
+The relay asks through a few methods only: ``admit``/``done`` (a request to a
+target), ``choose`` (an agent for an attempt), ``started``/``report``/``finish``
+(an attempt), ``has_another``/``spend_retry`` (a retry), ``classify`` (a
+response head), ``fold`` (batched outcomes).
+
+What can be decided per snapshot is: each route gets a ``Table`` built once per
+snapshot and policy version (a breaker changing state, a failure folded in,
+new settings), with its servable agents, the balancer's candidates (zone
+preference and weight-0 drain applied) and their ``Set-Cookie`` values. While
+every servable agent of a route has a closed breaker and passes the local
+filter, a request costs a table lookup, a balancer step and a load check; any
+other case takes the full path (``_choose``), which decides per request.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from ..catalog import Snapshot
 from ..config import LoadBalancerSettings, ProxySettings, StickySettings
@@ -17,11 +32,16 @@ from ..model import Agent
 from ..serving import servable
 from . import balancers
 from .affinity import Affinity
-from .breaker import Breakers, StateListener, Ticket
+from .breaker import Breakers, State, StateListener, Ticket
+from .heads import KeyNames, Keys
 from .limits import Limits
-from .load import LoadTable, Outcome
+from .load import LoadTable, Outcome, OutcomeKind
 from .retries import RetryBudget
 from .routing import Route
+
+# A table that needed the full path is rebuilt after this long (ejections end with time).
+SLOW_TABLE_TTL = 0.25
+_SUCCESS = OutcomeKind.SUCCESS
 
 
 @dataclass(slots=True)
@@ -33,13 +53,21 @@ class Choice:
     set_cookie: str | None = None
 
 
-@dataclass(slots=True)
-class Keys:
-    """What the request says about stickiness and hashing (header values, cookie values)."""
+class Table:
+    """One route under one snapshot and policy version: what a request would otherwise decide."""
 
-    session: str | None = None
-    affinity_cookie: str | None = None
-    hash_key: str | None = None
+    __slots__ = ("agents", "balancer", "by_id", "candidates", "cookies", "expires", "fast", "snapshot", "version")
+
+    def __init__(self, snapshot: Snapshot, version: int, agents: tuple[Agent, ...]) -> None:
+        self.snapshot = snapshot
+        self.version = version
+        self.agents = agents  # every agent of the route, servable or not
+        self.fast = False  # every servable agent has a closed breaker and passes the local filter
+        self.candidates: Sequence[Agent] = ()  # what the balancer chooses among (zone, drain applied)
+        self.by_id: dict[str, Agent] = {}  # servable agents by id (cookie pins)
+        self.cookies: dict[str, str] = {}  # agent id -> Set-Cookie for a client without the right cookie
+        self.balancer: balancers.Balancer | None = None  # the route's bare balancer
+        self.expires = 0.0
 
 
 class Policy:
@@ -47,27 +75,41 @@ class Policy:
 
     def __init__(self, balancing: LoadBalancerSettings, sticky: StickySettings, proxy: ProxySettings,
                  local_zone: str = "", clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None, breaker_listener: StateListener | None = None) -> None:
+                 rng: random.Random | None = None, breaker_listener: StateListener | None = None,
+                 admitted: Callable[[Agent], bool] | None = None, panic: bool = False) -> None:
         self.balancing = balancing
         self.local_zone = local_zone
         self.clock = clock
         self.rng = rng or random.Random()
         self.loads = LoadTable()
-        self.breakers = Breakers(balancing.circuit_breaker, clock, breaker_listener)
+        self._listener = breaker_listener
+        self.breakers = Breakers(balancing.circuit_breaker, clock, self._breaker_changed)
         self.affinity = Affinity(sticky, clock)
         self.limits = Limits(proxy, clock)
         self.budget = RetryBudget(balancing.retries, clock)
-        self._balancers: dict[str, balancers.Balancer] = {}
+        # route key -> (balancer with zone preference and drain, the same balancer bare).
+        self._balancers: dict[str, tuple[balancers.Balancer, balancers.Balancer]] = {}
         self._ctx = balancers.PickContext(self.rng, 0.0, self.loads)
-        # route key -> (snapshot, its agents of the route): selections are redone only for a new snapshot.
-        self._selections: dict[str, tuple[Snapshot, tuple[Agent, ...]]] = {}
-        # Set by the composition root: health_check.panic, and passive health's filter (outlier ejections).
-        self.panic = False
-        self.admitted: Callable[[Agent], bool] | None = None
+        # health_check.panic (live), and passive health's filter (outlier ejections).
+        self.panic = panic
+        self.admitted = admitted
+        self._tables: dict[str, Table] = {}
+        self._version = 0
+        # Successful attempts not yet folded in: agent id -> (count, slowest latency).
+        self._pending: dict[str, tuple[int, float]] = {}
+        self._requests = 0  # admitted requests not yet counted into the retry budget
+        # The request headers and cookies that name a session or a hash key.
+        self.key_names = KeyNames(sticky, balancing)
+        self._failure_statuses = frozenset(balancing.circuit_breaker.failure_statuses)
+
+    # -- settings and tables
 
     def update(self, balancing: LoadBalancerSettings | None = None, sticky: StickySettings | None = None,
-               proxy: ProxySettings | None = None) -> None:
+               proxy: ProxySettings | None = None, panic: bool | None = None) -> None:
         """Hot-apply new settings; breaker states, pins and load estimates are kept."""
+        self.fold()
+        if panic is not None:
+            self.panic = panic
         if balancing is not None:
             self.balancing = balancing
             self._balancers.clear()
@@ -77,17 +119,77 @@ class Policy:
             self.affinity.update(sticky)
         if proxy is not None:
             self.limits.update(proxy)
+        self.key_names = KeyNames(self.affinity.settings, self.balancing)
+        self._failure_statuses = frozenset(self.balancing.circuit_breaker.failure_statuses)
+        self._changed()
+
+    def _changed(self) -> None:
+        self._version += 1
+
+    def _breaker_changed(self, agent_id: str, state: State) -> None:
+        self._changed()
+        if self._listener is not None:
+            self._listener(agent_id, state)
 
     def algorithm(self, route: Route) -> str:
         """The balancer name for ``route`` (per-capability override, else the default)."""
         return self.balancing.per_capability.get(route.capability, self.balancing.algorithm)
 
-    def _balancer(self, route: Route) -> balancers.Balancer:
-        balancer = self._balancers.get(route.key)
-        if balancer is None:
+    def _balancer(self, route: Route) -> tuple[balancers.Balancer, balancers.Balancer]:
+        pair = self._balancers.get(route.key)
+        if pair is None:
+            bare = balancers.make_bare(self.algorithm(route))
+            wrapped: balancers.Balancer = balancers.SkippingDrained(bare)
+            if self.balancing.zone_preference:
+                wrapped = balancers.ZonePreferring(wrapped, self.local_zone)
+            pair = self._balancers[route.key] = (wrapped, bare)
+        return pair
+
+    def table(self, route: Route, snapshot: Snapshot) -> Table:
+        """The route's Table for ``snapshot`` at the current policy version (built when missing)."""
+        table = self._tables.get(route.key)
+        if table is not None and table.snapshot is snapshot and table.version == self._version and (
+                table.fast or table.expires > self.clock()):
+            return table
+        return self._build(route, snapshot)
+
+    def _build(self, route: Route, snapshot: Snapshot) -> Table:
+        table = Table(snapshot, self._version, route.agents(snapshot))
+        plain = servable(table.agents, self.panic)
+        admitted = self.admitted
+        tripped = self.breakers.tripped
+        table.fast = bool(plain) and not any(a.id in tripped for a in plain) and (
+            admitted is None or all(admitted(a) for a in plain))
+        if table.fast:
             zone = self.local_zone if self.balancing.zone_preference else ""
-            balancer = self._balancers[route.key] = balancers.make(self.algorithm(route), zone)
-        return balancer
+            table.candidates = balancers.narrow(plain, zone)
+            table.by_id = {a.id: a for a in plain}
+            table.balancer = self._balancer(route)[1]
+            if self.affinity.settings.enabled:
+                table.cookies = {a.id: self.affinity.set_cookie(None, None, a) or "" for a in plain}
+        else:
+            table.expires = self.clock() + SLOW_TABLE_TTL
+        if len(self._tables) >= 4096:
+            self._tables.clear()
+        self._tables[route.key] = table
+        return table
+
+    def agents(self, route: Route, snapshot: Snapshot) -> tuple[Agent, ...]:
+        """Every agent of ``route`` in ``snapshot`` (from its table)."""
+        return self.table(route, snapshot).agents
+
+    # -- a request to a target
+
+    def admit(self, route: Route) -> None:
+        """Count a request to ``route``'s target in (and for the retry budget); raises Overloaded."""
+        self.limits.acquire(route.key)
+        self._requests += 1  # into the retry budget at the next fold
+
+    def done(self, route: Route) -> None:
+        """Count a request admitted to ``route``'s target out."""
+        self.limits.release(route.key)
+
+    # -- an agent for an attempt
 
     def choose(self, route: Route, snapshot: Snapshot, keys: Keys, exclude: Collection[str] = ()) -> Choice:
         """An agent of ``route`` for one attempt, skipping ids in ``exclude``.
@@ -96,30 +198,44 @@ class Policy:
         healthy one already tried), CircuitOpen (every remaining one has its breaker
         open) or Overloaded (every remaining one is at its limit or asked us to back off).
         """
-        agents = self.agents(route, snapshot)
+        table = self.table(route, snapshot)
+        if table.fast and not exclude and not keys.session:
+            sticky = self.affinity.settings.enabled
+            agent = None
+            if keys.affinity_cookie and sticky:
+                agent = table.by_id.get(unquote(keys.affinity_cookie))
+            set_cookie = None
+            if agent is None:
+                ctx = self._ctx
+                ctx.now = self.clock()
+                ctx.key = keys.hash_key
+                assert table.balancer is not None
+                agent = table.balancer.pick(table.candidates, ctx)
+                if sticky:
+                    set_cookie = table.cookies[agent.id]
+            load = self.loads.peek(agent.id)
+            if load is None or (load.in_flight < self.limits.settings.max_concurrency_per_agent and (
+                    not load.backoff_until or load.backoff_until <= self.clock())):
+                return Choice(agent, Ticket(agent.id, False), set_cookie)
+        return self._choose(route, table.agents, keys, exclude)
+
+    def _choose(self, route: Route, agents: tuple[Agent, ...], keys: Keys, exclude: Collection[str]) -> Choice:
         if not agents:
             raise UnknownTarget(route.host, f"no agent is registered for {route.host}")
         now = self.clock()
         loads, breakers, limits = self.loads, self.breakers, self.limits
         usable: list[Agent] = []
         healthy = circuit_open = busy = 0
-        available = breakers.available
-        peek = loads.peek
-        idle_has_room = limits.agent_has_room(0)
         for agent in servable(agents, self.panic, self.admitted):
             agent_id = agent.id
             if exclude and agent_id in exclude:
                 continue
             healthy += 1
-            if not available(agent_id):
+            if not breakers.available(agent_id):
                 circuit_open += 1
                 continue
-            load = peek(agent_id)
-            if load is None or (load.in_flight == 0 and load.backoff_until <= now):
-                room = idle_has_room
-            else:
-                room = load.backoff_until <= now and limits.agent_has_room(load.in_flight)
-            if room:
+            load = loads.peek(agent_id)
+            if load is None or (load.backoff_until <= now and limits.agent_has_room(load.in_flight)):
                 usable.append(agent)
             else:
                 busy += 1
@@ -136,22 +252,6 @@ class Policy:
             raise Overloaded(route.host, f"every agent of {route.host} is at its concurrency limit or backing off")
         raise CircuitOpen(route.host, f"the circuit breaker of every healthy agent of {route.host} is open")
 
-    def has_another(self, route: Route, snapshot: Snapshot, tried: Collection[str]) -> bool:
-        """Whether an agent not in ``tried`` could take a retry now (servable, breaker allows it)."""
-        return any(a.id not in tried and self.breakers.available(a.id)
-                   for a in servable(self.agents(route, snapshot), self.panic, self.admitted))
-
-    def agents(self, route: Route, snapshot: Snapshot) -> tuple[Agent, ...]:
-        """``route.agents(snapshot)``, remembered per route until the snapshot changes."""
-        cached = self._selections.get(route.key)
-        if cached is not None and cached[0] is snapshot:
-            return cached[1]
-        agents = route.agents(snapshot)
-        if len(self._selections) >= 4096:
-            self._selections.clear()
-        self._selections[route.key] = (snapshot, agents)
-        return agents
-
     def _pick(self, route: Route, usable: list[Agent], keys: Keys, now: float) -> tuple[Agent, str | None]:
         affinity = self.affinity
         sticky = affinity.settings.enabled
@@ -164,18 +264,101 @@ class Policy:
         ctx.rng = self.rng
         ctx.now = now
         ctx.key = keys.hash_key
-        agent = self._balancer(route).pick(usable, ctx)
+        agent = self._balancer(route)[0].pick(usable, ctx)
         if not sticky:
             return agent, None
         affinity.pin(route.key, keys.session, agent)
         return agent, affinity.set_cookie(keys.session, keys.affinity_cookie, agent)
 
-    def observe(self, outcome: Outcome) -> None:
-        """Fold an attempt's outcome into the load estimates (and notify outcome observers)."""
-        self.loads.observe(outcome, self.clock())
+    def has_another(self, route: Route, snapshot: Snapshot, tried: Collection[str]) -> bool:
+        """Whether an agent not in ``tried`` could take a retry now (servable, breaker allows it)."""
+        return any(a.id not in tried and self.breakers.available(a.id)
+                   for a in servable(self.agents(route, snapshot), self.panic, self.admitted))
+
+    def spend_retry(self) -> bool:
+        """Take one retry from the retry budget; False when it is exhausted."""
+        self._fold_requests()
+        return self.budget.try_retry()
+
+    def _fold_requests(self) -> None:
+        if self._requests:
+            self.budget.request(self._requests)
+            self._requests = 0
+
+    @property
+    def retry_attempts(self) -> int:
+        """How many extra attempts a request may make (``load_balancer.retries.attempts``)."""
+        return self.balancing.retries.attempts
+
+    # -- how attempts go
+
+    def classify(self, status: int, retry_after: float) -> OutcomeKind:
+        """The outcome kind of a response head: a failure status, backpressure (429, 503 with Retry-After)
+        or success."""
+        if status in self._failure_statuses:
+            return OutcomeKind.FAILURE_STATUS
+        if status == 429 or retry_after:
+            return OutcomeKind.BACKPRESSURE
+        return _SUCCESS
+
+    def started(self, choice: Choice) -> None:
+        """An attempt to the chosen agent began (it counts as in flight)."""
+        self.loads.start(choice.agent.id)
+
+    def finish(self, choice: Choice) -> None:
+        """The attempt ended: its response was relayed, or it failed."""
+        self.loads.finish(choice.agent.id)
+
+    def release(self, choice: Choice) -> None:
+        """The attempt never reached the agent: its breaker ticket counts as nothing."""
+        self.breakers.release(choice.ticket)
+
+    def report(self, choice: Choice, kind: OutcomeKind, latency: float, status: int = 0,
+               retry_after: float = 0.0) -> bool:
+        """How the attempt went, at its response head or failure. True when it opened a batch:
+        the caller then arranges a ``fold`` soon (the end of this event-loop turn).
+
+        Successes of closed breakers are counted and folded in batches (one breaker reset,
+        one load observation with the batch's slowest latency, one Outcome to observers per
+        agent); anything else is taken in at once, after the agent's pending successes, so
+        a breaker still opens after exactly ``failure_threshold`` consecutive failures.
+        """
+        agent_id = choice.agent.id
+        ticket = choice.ticket
+        if kind is _SUCCESS and not ticket.trial:
+            ticket.done = True
+            pending = self._pending
+            entry = pending.get(agent_id)
+            if entry is None:
+                pending[agent_id] = (1, latency)
+                return len(pending) == 1
+            pending[agent_id] = (entry[0] + 1, max(entry[1], latency))
+            return False
+        if agent_id in self._pending:
+            self._fold_one(agent_id, self._pending.pop(agent_id)[1], self.clock())
+        self.breakers.record(ticket, kind.failed)
+        self.loads.observe(Outcome(agent_id, kind, latency, status, retry_after), self.clock())
+        if kind is not _SUCCESS:
+            self._changed()  # an observer may have ejected the agent
+        return False
+
+    def fold(self) -> None:
+        """Take in the successes and requests counted since the last fold."""
+        self._fold_requests()
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        now = self.clock()
+        for agent_id, (_, slowest) in pending.items():
+            self._fold_one(agent_id, slowest, now)
+
+    def _fold_one(self, agent_id: str, slowest: float, now: float) -> None:
+        self.breakers.record(Ticket(agent_id, False), False)
+        self.loads.observe(Outcome(agent_id, _SUCCESS, slowest), now)
 
     def retain(self, agent_ids: Iterable[str]) -> None:
         """Forget per-agent state of agents that left the registry."""
         ids = set(agent_ids)
+        self.fold()
         self.breakers.retain(ids)
         self.loads.retain(ids)

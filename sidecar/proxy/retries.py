@@ -48,9 +48,9 @@ class RetryBudget:
             bucket = self._buckets[second] = [0, 0]
         return bucket
 
-    def request(self) -> None:
-        """Count one original request."""
-        self._bucket()[0] += 1
+    def request(self, count: int = 1) -> None:
+        """Count ``count`` original requests (now)."""
+        self._bucket()[0] += count
 
     def try_retry(self) -> bool:
         """Spend budget on one retry; False when the budget is exhausted."""

@@ -30,6 +30,7 @@ class Route:
     # Derived once: routes are cached per Host and read on every request.
     key: str = field(init=False, compare=False, repr=False)  # per-target state (balancer, limits, sessions)
     authority: str = field(init=False, compare=False, repr=False)  # host[:port] as the agent's Host header
+    authority_bytes: bytes = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind == "capability":
@@ -42,6 +43,7 @@ class Route:
             key = f"{self.host}:{self.port}"
         object.__setattr__(self, "key", key)
         object.__setattr__(self, "authority", self.host if self.port == 80 else f"{self.host}:{self.port}")
+        object.__setattr__(self, "authority_bytes", self.authority.encode("latin-1"))
 
     def agents(self, snapshot: Snapshot) -> tuple[Agent, ...]:
         """Every agent of this target in ``snapshot``, healthy or not (empty for external)."""

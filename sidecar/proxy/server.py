@@ -6,15 +6,18 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+import typing
+from collections.abc import Callable, Iterable, Sequence
 
 from ..catalog import Catalog, Event, Snapshot
 from ..config import Settings
 from ..metrics import ProxyMetrics
+from ..model import Agent
+from ..tracing import Tracing
 from .breaker import State
-from .http1 import Relay
 from .load import Observer
 from .policy import Policy
+from .relay import Relay
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +33,21 @@ def parse_listen(listen: str) -> tuple[str, int]:
 class ProxyServer:
     """``async start()`` / ``async stop()``; settings swap live with ``update``."""
 
-    def __init__(self, settings: Settings, catalog: Catalog, metrics: ProxyMetrics,
-                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
+    def __init__(self, settings: Settings, catalog: Catalog, metrics: ProxyMetrics, *,
+                 admitted: Callable[[Agent], bool] | None = None, observers: Iterable[Observer] = (),
+                 tracing: Tracing | None = None, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        """``admitted``: a local filter on servable agents (passive health's outlier ejections);
+        ``observers``: called with every upstream attempt's Outcome; ``tracing``: spans, or None."""
         self.settings = settings
         self.catalog = catalog
         self.metrics = metrics
+        self.tracing = tracing
         self.policy = Policy(settings.load_balancer, settings.sticky, settings.proxy, local_zone=settings.agent.zone,
-                             clock=clock, rng=rng, breaker_listener=self._breaker_changed)
+                             clock=clock, rng=rng, breaker_listener=self._breaker_changed, admitted=admitted,
+                             panic=settings.health_check.panic)
+        for observer in observers:
+            self.policy.loads.add_observer(observer)
         self._relay: Relay | None = None
         self._server: asyncio.Server | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -60,9 +71,11 @@ class ProxyServer:
         """Listen on ``proxy.listen``."""
         loop = asyncio.get_running_loop()
         relay = self._relay = Relay(self.settings.proxy, self.settings.dns.domain, self.catalog, self.policy,
-                                    self.metrics, loop)
+                                    self.metrics, loop, self.tracing)
         host, port = parse_listen(self.settings.proxy.listen)
-        self._server = await loop.create_server(relay.protocol, host, port, reuse_address=True, backlog=1024)
+        # ClientConnection is an asyncio protocol by its methods, not its base class (see there).
+        factory = typing.cast("Callable[[], asyncio.BaseProtocol]", relay.protocol)
+        self._server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
         sock = self._server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
         self._unsubscribe = self.catalog.subscribe(self._on_snapshot)
@@ -79,20 +92,17 @@ class ProxyServer:
                 self._relay.close()
             await self._server.wait_closed()
             self._server = None
+        if self.tracing is not None:
+            # Export the spans still queued (bounded by tracing.export_timeout) without blocking the loop.
+            await asyncio.to_thread(self.tracing.shutdown)
 
     def update(self, settings: Settings) -> None:
         """Hot-apply the balancer, breaker, retry, sticky and proxy settings (not the listener)."""
         self.settings = settings
-        self.policy.update(settings.load_balancer, settings.sticky, settings.proxy)
+        self.policy.update(settings.load_balancer, settings.sticky, settings.proxy, panic=settings.health_check.panic)
         if self._relay is not None:
-            self._relay.update(settings.proxy)
             self._relay.zone = settings.dns.domain
             self._relay.update(settings.proxy)
-
-    def flush_metrics(self) -> None:
-        """Bring the per-request counters up to date (the relay adds them at least once a second)."""
-        if self._relay is not None:
-            self._relay.flush_metrics()
 
     def breaker_state(self, agent_id: str) -> State:
         """closed, open or half_open: for ``/v1/agents``."""
@@ -101,7 +111,3 @@ class ProxyServer:
     def breaker_states(self) -> dict[str, State]:
         """Every agent this sidecar holds a breaker for, with its state."""
         return self.policy.breakers.states()
-
-    def add_observer(self, observer: Observer) -> None:
-        """Receive every upstream attempt's Outcome (agent id, kind, latency, status)."""
-        self.policy.loads.add_observer(observer)

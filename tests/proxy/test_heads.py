@@ -3,13 +3,13 @@ task-only relay before the callback fast path, which must not change a byte)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
 
 from sidecar.config import Settings, build
-from sidecar.proxy.http1 import KeyNames, request_head, response_head
-from sidecar.proxy.policy import Keys
+from sidecar.proxy.heads import KeyNames, Keys, request_head, response_head
 
 _SETTINGS = build(Settings, {"load_balancer": {"hash_header": "X-Hash", "hash_cookie": "h"}})
 NAMES = KeyNames(_SETTINGS.sticky, _SETTINGS.load_balancer)
@@ -85,11 +85,13 @@ REQUESTS = [
 def test_request_head(method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], host: bytes, upgrade: bool,
                       expected: bytes, keys: Keys, chunked: bool) -> None:
     head, got_keys, got_chunked = request_head(method, path, headers, host, PEER, upgrade, NAMES)
+    assert b"\r\ntraceparent: " + got_keys.traceparent + b"\r\n" in head  # the one sent is the one reported
     if b"traceparent: 00-0af7" not in expected:  # a new trace id each time: compare the rest
         assert _TRACE.search(head)
         head, expected = _TRACE.sub(b"", head), _TRACE.sub(b"", expected)
     assert head == expected
-    assert got_keys == keys
+    assert got_keys.trace_from_client is (b"traceparent: 00-0af7" in expected)
+    assert dataclasses.replace(got_keys, traceparent=b"", trace_from_client=False) == keys
     assert got_chunked is chunked
 
 

@@ -32,6 +32,26 @@ class Balancer(Protocol):
         ...
 
 
+def prefer_zone(candidates: Sequence[Agent], zone: str) -> Sequence[Agent]:
+    """The candidates in ``zone`` when there are any (and a zone is given), else all of them."""
+    if not zone:
+        return candidates
+    return [a for a in candidates if a.zone == zone] or candidates
+
+
+def skip_drained(candidates: Sequence[Agent]) -> Sequence[Agent]:
+    """The candidates with a weight above 0, unless all have weight 0 (weight 0 drains an agent)."""
+    for agent in candidates:
+        if not agent.weight:
+            return [a for a in candidates if a.weight] or candidates
+    return candidates
+
+
+def narrow(candidates: Sequence[Agent], zone: str = "") -> Sequence[Agent]:
+    """What every balancer chooses among: the local zone's candidates if preferred and any, not drained."""
+    return skip_drained(prefer_zone(candidates, zone))
+
+
 class ZonePreferring:
     """Pick among same-zone candidates when there are any, else among all."""
 
@@ -41,8 +61,7 @@ class ZonePreferring:
 
     def pick(self, candidates: Sequence[Agent], ctx: PickContext) -> Agent:
         """Delegate to the inner balancer with the local zone's candidates, if any."""
-        local = [a for a in candidates if a.zone == self.zone]
-        return self.inner.pick(local or candidates, ctx)
+        return self.inner.pick(prefer_zone(candidates, self.zone), ctx)
 
 
 class SkippingDrained:
@@ -53,11 +72,7 @@ class SkippingDrained:
 
     def pick(self, candidates: Sequence[Agent], ctx: PickContext) -> Agent:
         """Delegate to the inner balancer without the weight-0 candidates, if any others remain."""
-        for agent in candidates:
-            if not agent.weight:
-                candidates = [a for a in candidates if a.weight] or candidates
-                break
-        return self.inner.pick(candidates, ctx)
+        return self.inner.pick(skip_drained(candidates), ctx)
 
 
 def _registry() -> dict[str, Callable[[], Balancer]]:
@@ -77,12 +92,17 @@ def _registry() -> dict[str, Callable[[], Balancer]]:
 
 
 def make(name: str, zone: str = "") -> Balancer:
-    """A fresh balancer called ``name``, zone-preferring when ``zone`` is given.
+    """A fresh balancer called ``name`` that skips drained agents, zone-preferring when ``zone`` is given.
 
     Raises KeyError for an unknown name (settings validation rejects those first).
     """
-    balancer: Balancer = SkippingDrained(_registry()[name]())
+    balancer: Balancer = SkippingDrained(make_bare(name))
     return ZonePreferring(balancer, zone) if zone else balancer
+
+
+def make_bare(name: str) -> Balancer:
+    """A fresh balancer called ``name`` that picks among exactly the candidates it gets (see ``narrow``)."""
+    return _registry()[name]()
 
 
 def names() -> tuple[str, ...]:

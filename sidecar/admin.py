@@ -1,4 +1,4 @@
-"""The admin API (aiohttp): health, readiness, metrics, agents, watch."""
+"""The admin API (aiohttp): health, readiness, metrics, agents, watch, dynamic configuration."""
 
 from __future__ import annotations
 
@@ -8,23 +8,26 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import replace
 from typing import Any, Protocol
 
 from aiohttp import web
 
-from .catalog import Catalog, Delete, Event, Reset, Snapshot, Upsert
-from .config import AdminSettings, RegistrySettings
-from .errors import RegistryUnavailable, ValidationError
+from .cards import CardIndex
+from .catalog import Catalog
+from .config import AdminSettings, HostPort
+from .control import Control
+from .discovery import Kind, Query, Subscription, Update, WatchHub, agent_document, agents_document
+from .dynamic import ConfigStore
+from .errors import AgentExists, ConfigConflict, ConfigError, RegistryUnavailable, ValidationError
 from .metrics import Metrics
-from .model import Agent, label, new_agent_id, parse_agent
-from .registry.etcd import EtcdClient
+from .model import Agent, label
 from .registry.lease import LeaseKeeper
-from .registry.sync import CatalogSync
 
 log = logging.getLogger(__name__)
 
 AgentAnnotator = Callable[[Agent], Mapping[str, Any]]
+# How long an idle SSE stream waits before a keepalive comment.
+_SSE_KEEPALIVE = 15.0
 
 
 class Readiness(Protocol):
@@ -33,37 +36,39 @@ class Readiness(Protocol):
         ...
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """HOST:PORT (or [v6]:PORT) into a (host, port) pair."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"listen address must be HOST:PORT, got {listen!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 def _error(status: int, code: str, message: str, **extra: Any) -> web.Response:
     body = {"error": message, "code": code, **extra}
     return web.json_response(body, status=status, headers={"x-sidecar-error": code})
 
 
+def _bool_arg(value: str | None, name: str) -> bool | None:
+    if value is None:
+        return None
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise ConfigError(name, value, "must be true or false")
+    return value.lower() in ("true", "1")
+
+
 class AdminApi:
     """HTTP control and query surface of one sidecar."""
 
-    def __init__(self, settings: AdminSettings, registry_settings: RegistrySettings, catalog: Catalog,
-                 sync: CatalogSync, leases: LeaseKeeper, etcd: EtcdClient, metrics: Metrics,
-                 readiness: Readiness) -> None:
+    def __init__(self, settings: AdminSettings, catalog: Catalog, hub: WatchHub, control: Control,
+                 leases: LeaseKeeper, config: ConfigStore, metrics: Metrics, readiness: Readiness, *,
+                 annotators: Sequence[AgentAnnotator] = (), before_scrape: Sequence[Callable[[], None]] = (),
+                 cards: CardIndex | None = None) -> None:
         self.settings = settings
-        self._registry_settings = registry_settings
         self._catalog = catalog
-        self._sync = sync
+        self._hub = hub
+        self._control = control
         self._leases = leases
-        self._etcd = etcd
+        self._config = config
         self._metrics = metrics
         self._readiness = readiness
+        self._cards = cards or CardIndex()
         # Extra per-agent fields for /v1/agents (e.g. the proxy's breaker state).
-        self.annotators: list[AgentAnnotator] = []
+        self._annotators = tuple(annotators)
         # Called before /metrics renders (components that count cheaply fold their counters in).
-        self.before_scrape: list[Callable[[], None]] = []
+        self._before_scrape = tuple(before_scrape)
         self.app = web.Application(middlewares=[self._auth])
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
@@ -73,19 +78,18 @@ class AdminApi:
         self.app.router.add_get("/v1/agents/{id}", self.get_agent)
         self.app.router.add_delete("/v1/agents/{id}", self.delete_agent)
         self.app.router.add_get("/v1/watch", self.watch)
+        self.app.router.add_get("/v1/cards", self.list_cards)
+        self.app.router.add_get("/v1/config", self.get_config)
+        self.app.router.add_put("/v1/config", self.put_config)
+        self.app.router.add_get("/v1/config/history", self.config_history)
         self._runner: web.AppRunner | None = None
-        self._watchers: set[asyncio.Queue[Any]] = set()
+        self._streams: set[Subscription] = set()
         self.address: tuple[str, int] | None = None
 
-    def add_routes(self, routes: Sequence[web.RouteDef]) -> None:
-        """Let another surface (dynamic config) mount its routes before start."""
-        self.app.router.add_routes(routes)
-
     async def start(self) -> None:
-        self._catalog.subscribe(self._on_snapshot)
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        host, port = parse_listen(self.settings.listen)
+        host, port = HostPort.parse(self.settings.listen, "admin.listen")
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
         server = site._server
@@ -93,9 +97,13 @@ class AdminApi:
         self.address = sockets[0].getsockname()[:2] if sockets else (host, port)
         log.info("admin API on http://%s:%d", *self.address)
 
+    def update(self, settings: AdminSettings) -> None:
+        """Hot-apply the token (the listener needs a restart)."""
+        self.settings = settings
+
     async def stop(self) -> None:
-        for queue in list(self._watchers):
-            queue.put_nowait(None)
+        for subscription in list(self._streams):
+            subscription.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -118,35 +126,32 @@ class AdminApi:
         return web.json_response(detail, status=200 if detail.get("ready") else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        for hook in self.before_scrape:
+        for hook in self._before_scrape:
             hook()
         body = self._metrics.exposition()
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
+    def _annotate(self, key: str, agent: Agent) -> dict[str, Any]:
+        extra: dict[str, Any] = {"owned": key in self._leases.registrations}
+        for annotate in self._annotators:
+            extra.update(annotate(agent))
+        return extra
+
     def _agent_json(self, key: str, agent: Agent) -> dict[str, Any]:
-        body = agent.to_json()
-        body["key"] = key
-        body["owned"] = key in self._leases.registrations
-        for annotate in self.annotators:
-            body.update(annotate(agent))
-        return body
+        return agent_document(key, agent, self._annotate)
+
+    def _query(self, request: web.Request) -> Query:
+        query = request.query
+        return Query.of(query.get("capability"), query.getall("tag", []), query.get("name"), query.get("id"),
+                        _bool_arg(query.get("healthy"), "healthy"))
 
     async def list_agents(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
-        query = request.query
-        healthy_arg = query.get("healthy")
-        healthy: bool | None = None
-        if healthy_arg is not None:
-            if healthy_arg.lower() not in ("true", "false", "1", "0"):
-                return _error(400, "bad_query", "healthy must be true or false", value=healthy_arg)
-            healthy = healthy_arg.lower() in ("true", "1")
-        tags = [label(t) for value in query.getall("tag", []) for t in value.split(",") if t]
-        snapshot = self._catalog.snapshot
-        agents = snapshot.select(
-            capability=label(query["capability"]) if query.get("capability") else None,
-            tags=tags, name=label(query["name"]) if query.get("name") else None, healthy=healthy)
-        prefix = self._leases.prefix
-        body = {"revision": snapshot.revision, "agents": [self._agent_json(a.key(prefix), a) for a in agents]}
+        try:
+            query = self._query(request)
+        except ConfigError as exc:
+            return _error(400, "bad_query", str(exc), value=exc.value)
+        body = agents_document(self._catalog.snapshot, query, self._leases.prefix, self._annotate)
         self._metrics.registry.discovery_seconds.observe(time.perf_counter() - started)
         return web.json_response(body)
 
@@ -162,84 +167,134 @@ class AdminApi:
             data = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return _error(400, "bad_json", f"body is not JSON: {exc}")
-        if isinstance(data, dict) and not data.get("id") and isinstance(data.get("name"), str):
-            data = {**data, "id": new_agent_id(data["name"])}
         try:
-            agent = parse_agent(data, strict=True, default_ttl=self._registry_settings.default_ttl)
+            registration = await self._control.register(data)
         except ValidationError as exc:
             return _error(400, "invalid_agent", "the agent does not validate",
                           fields=[e.as_dict() for e in exc.errors])
-        if not agent.capabilities:
-            log.info("agent %s registered without capabilities: only <name>.service and <id>.id find it", agent.id)
-        if "ttl" not in data:
-            agent = replace(agent, ttl=self._registry_settings.default_ttl)
-        try:
-            registration = await self._leases.register(agent)
+        except AgentExists as exc:
+            return _error(409, "agent_exists", str(exc), key=exc.key)
         except RegistryUnavailable as exc:
             return _error(503, "etcd_unavailable", str(exc))
         return web.json_response(self._agent_json(registration.key, registration.agent), status=201)
 
     async def delete_agent(self, request: web.Request) -> web.Response:
         agent_id = request.match_info["id"]
-        registration = self._leases.find(agent_id)
         try:
-            if registration is not None:
-                await registration.close()
-                return web.Response(status=204)
-            found = [k for k, a in self._catalog.snapshot.agents.items() if a.id == agent_id]
-            if not found:
+            if not await self._control.deregister(agent_id):
                 return _error(404, "not_found", "no agent with this id", id=agent_id)
-            for key in found:
-                await self._etcd.delete(key)
         except RegistryUnavailable as exc:
             return _error(503, "etcd_unavailable", str(exc))
         return web.Response(status=204)
 
-    def _on_snapshot(self, snapshot: Snapshot, events: Sequence[Event]) -> None:
-        if not self._watchers:
-            return
-        for queue in list(self._watchers):
-            queue.put_nowait((snapshot, events))
-
     async def watch(self, request: web.Request) -> web.StreamResponse:
-        """Server-sent events: one ``snapshot`` event, then ``upsert``/``delete`` per change."""
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
-        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=10000)
-        self._watchers.add(queue)
+        """Server-sent events: ``snapshot``, then ``upsert``/``delete`` per change; ``relist`` when a resume is gone.
+
+        ``Last-Event-ID`` (or ``?from_revision=``) resumes after that revision; the
+        event id is the etcd revision, set on the last event of each revision.
+        """
         try:
-            snapshot = self._catalog.snapshot
-            await response.write(_sse("snapshot", snapshot.revision, {
-                "revision": snapshot.revision,
-                "agents": [self._agent_json(k, a) for k, a in snapshot.agents.items()],
-            }))
+            query = self._query(request)
+            raw = request.headers.get("Last-Event-ID") or request.query.get("from_revision")
+            from_revision = None if raw in (None, "") else int(raw)
+        except ConfigError as exc:
+            return _error(400, "bad_query", str(exc), value=exc.value)
+        except ValueError:
+            return _error(400, "bad_query", "Last-Event-ID / from_revision must be a revision number", value=raw)
+        subscription = await self._hub.subscribe(query, from_revision)
+        self._streams.add(subscription)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        try:
+            await response.prepare(request)
             while True:
                 try:
-                    item = await asyncio.wait_for(queue.get(), 15.0)
+                    batch = await asyncio.wait_for(subscription.next_batch(), _SSE_KEEPALIVE)
                 except TimeoutError:
                     await response.write(b": keepalive\n\n")
                     continue
-                if item is None:
+                if not batch:
                     break
-                snapshot, events = item
-                for event in events:
-                    await response.write(self._event_bytes(snapshot, event))
-        except ConnectionResetError:
+                await response.write(self._sse_batch(batch))
+        except (ConnectionResetError, ConnectionError):
             pass
         finally:
-            self._watchers.discard(queue)
+            subscription.close()
+            self._streams.discard(subscription)
         return response
 
-    def _event_bytes(self, snapshot: Snapshot, event: Event) -> bytes:
-        if isinstance(event, Upsert):
-            return _sse("upsert", event.revision, {"revision": event.revision, "key": event.key,
-                                                   "agent": self._agent_json(event.key, event.agent)})
-        if isinstance(event, Delete):
-            return _sse("delete", event.revision, {"revision": event.revision, "key": event.key})
-        assert isinstance(event, Reset)
-        return _sse("snapshot", event.revision, {
-            "revision": event.revision, "agents": [self._agent_json(k, a) for k, a in snapshot.agents.items()]})
+    def _sse_batch(self, batch: Sequence[Update]) -> bytes:
+        out = []
+        for i, update in enumerate(batch):
+            last_of_revision = i + 1 == len(batch) or batch[i + 1].revision != update.revision
+            if update.kind is Kind.SNAPSHOT:
+                data: dict[str, Any] = {"agents": [self._agent_json(k, a) for k, a in update.agents]}
+            elif update.kind is Kind.UPSERT:
+                key, agent = update.agents[0]
+                data = {"key": key, "agent": self._agent_json(key, agent)}
+            elif update.kind is Kind.DELETE:
+                key, agent = update.agents[0]
+                data = {"key": key, "id": agent.id}
+            else:
+                data = {}
+            out.append(_sse(update.kind.value, update.revision if last_of_revision else None,
+                            {"revision": update.revision, **data}))
+        return b"".join(out)
+
+    async def list_cards(self, request: web.Request) -> web.Response:
+        """Every stored card of an agent in the snapshot, filtered by the agents' capability/tag and by skill."""
+        try:
+            query = self._query(request)
+        except ConfigError as exc:
+            return _error(400, "bad_query", str(exc), value=exc.value)
+        skill = label(request.query["skill"]) if request.query.get("skill") else None
+        cards = self._cards
+        listed = []
+        for agent in query.select(self._catalog.snapshot):
+            stored = cards.of(agent.name, agent.id)
+            if stored is None or (skill is not None and skill not in {label(s) for s in stored.card.skills}):
+                continue
+            listed.append({"id": agent.id, "name": agent.name, "key": stored.key, "health": agent.health.status,
+                           "revision": stored.revision, "card": json.loads(stored.card.raw)})
+        return web.json_response({"revision": cards.revision, "cards": listed})
+
+    async def get_config(self, request: web.Request) -> web.Response:
+        return web.json_response(self._config.status())
+
+    async def put_config(self, request: web.Request) -> web.Response:
+        try:
+            document = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return _error(400, "bad_json", f"body is not JSON: {exc}")
+        raw = request.headers.get("If-Match") or request.query.get("version")
+        try:
+            expected = None if raw in (None, "") else int(str(raw).strip('"'))
+        except ValueError:
+            return _error(400, "bad_query", "If-Match / version must be a config version (etcd revision)", value=raw)
+        try:
+            version = await self._config.put(document, expected)
+        except ConfigError as exc:
+            return _error(400, "invalid_config", str(exc), key=exc.key, value=_jsonable(exc.value))
+        except ConfigConflict as exc:
+            return _error(409, "config_conflict", str(exc), version=exc.current)
+        except RegistryUnavailable as exc:
+            return _error(503, "etcd_unavailable", str(exc))
+        return web.json_response({"version": version}, status=200, headers={"ETag": f'"{version}"'})
+
+    async def config_history(self, request: web.Request) -> web.Response:
+        try:
+            return web.json_response({"versions": await self._config.history()})
+        except RegistryUnavailable as exc:
+            return _error(503, "etcd_unavailable", str(exc))
 
 
-def _sse(kind: str, revision: int, data: Mapping[str, Any]) -> bytes:
-    return f"id: {revision}\nevent: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+def _jsonable(value: object) -> object:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _sse(kind: str, revision: int | None, data: Mapping[str, Any]) -> bytes:
+    event_id = "" if revision is None else f"id: {revision}\n"
+    return f"{event_id}event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()

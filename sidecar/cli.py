@@ -7,21 +7,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+import typing
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from . import __version__
-from .config import Settings, build, load_file_document, merge
-from .errors import ConfigError, RegistryUnavailable, SidecarError, ValidationError
+from . import __version__, commands
+from .commands import meta_pairs
+from .config import EtcdSettings, Settings, build, load_file_document, merge
+from .errors import AgentExists, ConfigConflict, ConfigError, RegistryUnavailable, SidecarError, ValidationError
 
 log = logging.getLogger("sidecar")
 
@@ -44,9 +44,12 @@ class Flag:
         return "SIDECAR_" + self.dest.upper()
 
 
-RUN_FLAGS: tuple[Flag, ...] = (
+ETCD_FLAGS: tuple[Flag, ...] = (
     Flag("--etcd-endpoints", "etcd.endpoints", "comma-separated etcd URLs (also ETCD_ENDPOINTS)"),
     Flag("--prefix", "etcd.prefix", "etcd key prefix (default empty)"),
+)
+RUN_FLAGS: tuple[Flag, ...] = (
+    *ETCD_FLAGS,
     Flag("--domain", "dns.domain", "DNS zone served (default agents.local)"),
     Flag("--dns-listen", "dns.listen", "DNS HOST:PORT, UDP and TCP (default 127.0.0.1:15053)"),
     Flag("--proxy-listen", "proxy.listen", "HTTP proxy HOST:PORT (default 127.0.0.1:15001)"),
@@ -57,6 +60,7 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("--admin-token", "admin.token", "bearer token required by mutating admin calls"),
     Flag("--loop", "loop", "event loop: uvloop (default) or asyncio"),
     Flag("--log-level", "log_level", "debug, info, warning or error"),
+    Flag("--log-format", "log_format", "text (default) or json: one JSON object a line, with the trace id"),
     Flag("--agent-name", "agent.name", "local agent: service name"),
     Flag("--agent-id", "agent.id", "local agent: id (default generated)"),
     Flag("--agent-address", "agent.address", "local agent: address (default POD_IP, else this host's)"),
@@ -83,16 +87,6 @@ def _nested(key: str, value: Any) -> dict[str, Any]:
     return out
 
 
-def _meta_value(values: Sequence[str], key: str) -> dict[str, str]:
-    pairs = {}
-    for item in values:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ConfigError(key, item, "must be k=v")
-        pairs[name] = value
-    return pairs
-
-
 def _read_file(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:
@@ -106,39 +100,38 @@ def _read_file(path: str) -> dict[str, Any]:
     return load_file_document(data, path)
 
 
-def settings_from(args: argparse.Namespace, environ: dict[str, str]) -> Settings:
-    """Settings for ``run``: flag > env > file > default."""
-    config_path = args.config or environ.get("SIDECAR_CONFIG")
+def _layers(args: argparse.Namespace, environ: Mapping[str, str], flags: Sequence[Flag]) -> dict[str, Any]:
+    """The settings document of flag > environment > file (``--config`` or SIDECAR_CONFIG)."""
+    config_path = getattr(args, "config", None) or environ.get("SIDECAR_CONFIG")
     document: dict[str, Any] = _read_file(config_path) if config_path else {}
     env_layer: dict[str, Any] = {}
     if environ.get("ETCD_ENDPOINTS"):
         env_layer = merge(env_layer, _nested("etcd.endpoints", environ["ETCD_ENDPOINTS"]))
     flag_layer: dict[str, Any] = {}
-    for flag in RUN_FLAGS:
+    for flag in flags:
         raw_env = environ.get(flag.env)
         if raw_env is not None:
             value: Any = raw_env
             if flag.key == "agent.metadata":
-                value = _meta_value([v for v in raw_env.split(",") if v], flag.env)
+                value = meta_pairs([v for v in raw_env.split(",") if v], flag.env)
             env_layer = merge(env_layer, _nested(flag.key, value))
         given = getattr(args, flag.dest, None)
         if given is not None and given != []:
             if flag.key == "agent.metadata":
-                given = _meta_value(given, flag.option)
+                given = meta_pairs(given, flag.option)
             flag_layer = merge(flag_layer, _nested(flag.key, given))
-    return build(Settings, merge(merge(document, env_layer), flag_layer))
+    return merge(merge(document, env_layer), flag_layer)
 
 
-def _endpoints(args: argparse.Namespace, environ: dict[str, str]) -> list[str]:
-    raw = args.etcd_endpoints or environ.get("SIDECAR_ETCD_ENDPOINTS") or environ.get("ETCD_ENDPOINTS")
-    raw = raw or "http://127.0.0.1:2379"
-    return [e.strip() for e in raw.split(",") if e.strip()]
+def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """Settings for ``run``: flag > env > file > default."""
+    return typing.cast(Settings, build(Settings, _layers(args, environ, RUN_FLAGS)))
 
 
-def _prefix(args: argparse.Namespace, environ: dict[str, str]) -> str:
-    if args.prefix is not None:
-        return str(args.prefix)
-    return environ.get("SIDECAR_PREFIX", "")
+def etcd_settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> EtcdSettings:
+    """The etcd section for commands that talk to etcd: flag > env > file > default."""
+    layered = _layers(args, environ, ETCD_FLAGS)
+    return typing.cast(EtcdSettings, build(EtcdSettings, layered.get("etcd", {}), "etcd."))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -179,13 +172,44 @@ def parser() -> argparse.ArgumentParser:
     agents.add_argument("--capability")
     agents.add_argument("--tag", action="append", default=[])
     agents.add_argument("--name")
-    agents.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    agents.add_argument("--json", action="store_true", help="the document GET /v1/agents gives, instead of a table")
+
+    config = commands.add_parser("config", help="the dynamic configuration stored in etcd")
+    actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = actions.add_parser("show", help="the stored document and its version")
+    set_ = actions.add_parser("set", help="validate FILE (YAML or JSON) and store it as the new version")
+    set_.add_argument("file", metavar="FILE", help="the document; - reads stdin")
+    validate = actions.add_parser("validate", help="validate FILE without storing it (no etcd needed)")
+    validate.add_argument("file", metavar="FILE", help="the document; - reads stdin")
+    history = actions.add_parser("history", help="stored versions, newest first (as far as compaction keeps)")
+    history.add_argument("--limit", type=int, default=50)
+    history.add_argument("--json", action="store_true")
+    rollback = actions.add_parser("rollback", help="store version REV again as the newest version")
+    rollback.add_argument("version", metavar="REV", type=int)
+    for action in (show, set_, validate, history, rollback):
+        _etcd_options(action)
+    for action in (set_, rollback):
+        action.add_argument("--expect-version", type=int,
+                            help="write only if the stored version is still this one (default: the one just read)")
+    _kube_commands(commands)
     return top
+
+
+def _kube_commands(commands: Any) -> None:
+    from .kube.command import add_inject_options, add_webhook_options
+
+    inject = commands.add_parser("inject", help="add the sidecar to Kubernetes YAML (files, directories or -)")
+    inject.add_argument("paths", nargs="*", metavar="PATH", help="YAML file or directory; - or none: stdin")
+    inject.add_argument("--namespace", help="namespace for objects that name none (default: default)")
+    add_inject_options(inject)
+    webhook = commands.add_parser("webhook", help="the mutating admission webhook (TLS) doing the same injection")
+    add_webhook_options(webhook)
 
 
 def _etcd_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--etcd-endpoints", help="comma-separated etcd URLs (also ETCD_ENDPOINTS)")
     command.add_argument("--prefix", help="etcd key prefix (default empty)")
+    command.add_argument("--config", help="YAML file whose etcd section is used (also SIDECAR_CONFIG)")
 
 
 def _runner(loop_name: str) -> asyncio.Runner:
@@ -208,81 +232,11 @@ def _run_until_signal(loop_name: str, main: Callable[[asyncio.Event], Coroutine[
         return runner.run(wrapper())
 
 
-async def _run(settings: Settings, stop: asyncio.Event) -> int:
-    from .server import Server
-
-    server = Server(settings)
-    await server.run(stop)
-    return 0
-
-
-async def _register(args: argparse.Namespace, stop: asyncio.Event) -> int:
-    from .model import new_agent_id, parse_agent
-    from .registry.api import Registry
-
-    data = {
-        "id": args.id or new_agent_id(args.name), "name": args.name, "address": args.address,
-        "port": args.port, "ttl": args.ttl, "capabilities": args.capability, "tags": args.tag,
-        "metadata": _meta_value(args.meta, "--meta"), "version": args.agent_version,
-        "protocol": args.protocol, "weight": args.weight, "zone": args.zone, "health": {"status": args.status},
-    }
-    if args.card:
-        from .health import a2a
-
-        card = await a2a.load_card(args.card, 5.0)
-        explicit = ["name", "port", *(["capabilities"] if args.capability else []),
-                    *(["version"] if args.agent_version else [])]
-        data = a2a.merge_card(data, card, explicit)
-    agent = parse_agent(data, strict=True)
-    environ = dict(os.environ)
-    async with Registry(_endpoints(args, environ), prefix=_prefix(args, environ)) as registry:
-        registration = await registry.register(agent)
-        print(f"registered {registration.key} (lease {registration.lease_id:x}, ttl {agent.ttl:g}s); "
-              "Ctrl-C deregisters", flush=True)
-        await stop.wait()
-    print(f"deregistered {registration.key}", flush=True)
-    return 0
-
-
-async def _agents(args: argparse.Namespace) -> int:
-    from .catalog import Catalog, Reset
-    from .model import decode_agent, label
-    from .registry.etcd import EtcdClient
-    from .registry.sync import services_prefix
-
-    environ = dict(os.environ)
-    client = EtcdClient(_endpoints(args, environ), timeout=5)
-    try:
-        revision, kvs = await client.get_prefix(services_prefix(_prefix(args, environ)))
-    finally:
-        await client.close()
-    agents = {}
-    for kv in kvs:
-        try:
-            agents[kv.key] = decode_agent(kv.value)
-        except (ValueError, ValidationError) as exc:
-            print(f"warning: skipping {kv.key}: {exc}", file=sys.stderr)
-    snapshot = Catalog().apply([Reset(revision, agents)])
-    found = snapshot.select(capability=label(args.capability) if args.capability else None,
-                            tags=[label(t) for t in args.tag], name=label(args.name) if args.name else None)
-    if args.json:
-        for agent in found:
-            print(json.dumps(agent.to_json()))
-        return 0
-    rows = [("ID", "NAME", "ADDRESS", "PORT", "HEALTH", "WEIGHT", "ZONE", "CAPABILITIES", "TAGS")]
-    for agent in found:
-        rows.append((agent.id, agent.name, agent.address, str(agent.port), agent.health.status, str(agent.weight),
-                     agent.zone or "-", ",".join(agent.capabilities) or "-", ",".join(agent.tags) or "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-    print(f"{len(found)} agent(s) at revision {revision}", file=sys.stderr)
-    return 0
-
-
 # How an expected failure is told (one line on stderr, no traceback) and the exit status.
 _FAILURES: tuple[tuple[type[BaseException], str, int], ...] = (
     (ConfigError, "invalid configuration: ", 2),
+    (ConfigConflict, "conflict: ", 1),
+    (AgentExists, "", 1),
     (ValidationError, "invalid agent: ", 2),
     (RegistryUnavailable, "etcd unavailable: ", 1),
     (SidecarError, "", 1),
@@ -296,9 +250,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.command == "run":
             settings = settings_from(args, environ)
-            logging.basicConfig(level=settings.log_level.upper(),
-                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-            code = _run_until_signal(settings.loop, lambda stop: _run(settings, stop))
+            from .logs import stderr_handler
+
+            logging.basicConfig(level=settings.log_level.upper(), handlers=[stderr_handler(settings.log_format)])
+            code = _run_until_signal(settings.loop, lambda stop: commands.run(
+                settings, stop, lambda: settings_from(args, dict(os.environ))))
         elif args.command == "dev":
             from .dev import dev
 
@@ -306,9 +262,22 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = _run_until_signal(args.loop, lambda stop: dev(stop, args.loop))
         elif args.command == "register":
             logging.basicConfig(level="WARNING")
-            code = _run_until_signal("asyncio", lambda stop: _register(args, stop))
+            etcd = etcd_settings_from(args, environ)
+            code = _run_until_signal("asyncio", lambda stop: commands.register(args, etcd, stop))
         elif args.command == "agents":
-            code = asyncio.run(_agents(args))
+            code = asyncio.run(commands.agents(args, etcd_settings_from(args, environ)))
+        elif args.command == "config":
+            logging.basicConfig(level="WARNING")
+            code = asyncio.run(commands.config(args, etcd_settings_from(args, environ)))
+        elif args.command in ("inject", "webhook"):
+            from .kube import command as kube
+
+            if args.command == "inject":
+                code = kube.inject(args, sys.stdin, sys.stdout, sys.stderr)
+            else:
+                logging.basicConfig(level=args.log_level.upper(),
+                                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                code = _run_until_signal("asyncio", lambda stop: kube.webhook(args, stop))
         else:  # pragma: no cover - argparse rejects unknown commands
             code = 2
     except (SidecarError, OSError) as exc:
@@ -319,6 +288,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise
     except KeyboardInterrupt:
         code = 130
-    with contextlib.suppress(Exception):
+    except BrokenPipeError:
+        # The reader went away (| head): what it wanted was printed; end quietly.
+        _quiet_stdout()
+        sys.exit(0)
+    try:
         sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
     sys.exit(code)
+
+
+def _quiet_stdout() -> None:
+    # Python flushes stdout again at exit; point it at /dev/null so that flush cannot fail.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())

@@ -9,36 +9,149 @@ naming the dotted key and the value.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from types import MappingProxyType
+from typing import Any, Literal, NamedTuple
+from urllib.parse import urlsplit
 
-from .errors import ConfigError
-from .model import parse_duration
+from .errors import ConfigError, ValidationError
+from .model import parse_agent, parse_duration
 
 Duration = typing.Annotated[float, "duration"]
 # HOST:PORT or [V6]:PORT; port 0 asks the kernel for a free one (tests).
 Listen = typing.Annotated[str, "listen"]
+# http://host:port URLs (a bare host:port is read as http://).
+Endpoints = typing.Annotated[tuple[str, ...], "endpoints"]
+# IP[:PORT] resolvers (port 53 by default), or the single word "none".
+Upstreams = typing.Annotated[tuple[str, ...], "upstreams"]
+FORWARDING_OFF = "none"
+
+
+class HostPort(NamedTuple):
+    """A validated (host, port); the one parser of every listen and upstream address."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, key: str = "address", default_port: int | None = None) -> HostPort:
+        """``HOST:PORT``, ``[V6]:PORT`` (or, with ``default_port``, a bare host or IPv6 address)."""
+        raw = text
+        text = text.strip()
+        example = "HOST:PORT, e.g. 127.0.0.1:15053 or [::1]:15053"
+        if text.startswith("["):
+            host, closed, rest = text[1:].partition("]")
+            if not closed or (rest and not rest.startswith(":")):
+                raise ConfigError(key, raw, f"must be {example}")
+            port_text = rest[1:] if rest else ""
+        elif text.count(":") == 1:
+            host, port_text = text.split(":")
+        elif default_port is not None and (text.count(":") == 0 or _is_ip(text)):
+            host, port_text = text, ""
+        else:
+            raise ConfigError(key, raw, f"must be {example}")
+        if not host:
+            raise ConfigError(key, raw, f"needs a host: {example}")
+        if port_text == "":
+            if default_port is None:
+                raise ConfigError(key, raw, f"needs a port: {example}")
+            return cls(host, default_port)
+        if not port_text.isdigit() or int(port_text) > 65535:
+            raise ConfigError(key, raw, "the port must be a number from 0 to 65535")
+        return cls(host, int(port_text))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_endpoints(endpoints: typing.Sequence[str], key: str = "etcd.endpoints") -> list[tuple[str, int]]:
+    """(host, port) of each ``http://host:port`` (or bare ``host:port``) etcd endpoint."""
+    parsed = []
+    for endpoint in endpoints:
+        text = endpoint.strip()
+        if not text:
+            continue
+        url = urlsplit(text if "://" in text else f"http://{text}")
+        if url.scheme not in ("http", "https"):
+            raise ConfigError(key, endpoint, "must be http://host:port or https://host:port")
+        try:
+            port = url.port or 2379
+        except ValueError:
+            raise ConfigError(key, endpoint, "bad port") from None
+        if not url.hostname:
+            raise ConfigError(key, endpoint, "missing host")
+        if url.path not in ("", "/") or url.query:
+            raise ConfigError(key, endpoint, "must be http://host:port, without a path")
+        parsed.append((url.hostname, port))
+    if not parsed:
+        raise ConfigError(key, list(endpoints), "at least one endpoint is needed")
+    return parsed
 
 
 def _opt(default: Any = dataclasses.MISSING, *, min: float | None = None, max: float | None = None,
-         **kw: Any) -> Any:
-    meta = {"min": min, "max": max}
-    if isinstance(default, (dict, tuple, list)) or dataclasses.is_dataclass(default):
-        value = default
-        return field(default_factory=lambda: value, metadata=meta, **kw)
+         restart: bool = False, **kw: Any) -> Any:
+    # restart: read once at start; a change at run time is reported as "needs restart".
+    meta = {"min": min, "max": max, "restart": restart}
+    if isinstance(default, Mapping):
+        items = dict(default)
+        return field(default_factory=lambda: MappingProxyType(dict(items)), metadata=meta, **kw)
+    if dataclasses.is_dataclass(default):
+        # A fresh section per instance (every nested default is the section's own defaults).
+        section: Any = type(default)
+        assert default == section(), "nested defaults are default-constructed sections"
+        return field(default_factory=section, metadata=meta, **kw)
+    if isinstance(default, list):
+        default = tuple(default)
     return field(default=default, metadata=meta, **kw)
 
 
 @dataclass(frozen=True)
 class EtcdSettings:
-    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
-    prefix: str = ""
-    dial_timeout: Duration = _opt(5.0, min=0.1)
-    request_timeout: Duration = _opt(5.0, min=0.1)
-    username: str = ""
-    password: str = ""
+    endpoints: Endpoints = _opt(("http://127.0.0.1:2379",), restart=True)
+    prefix: str = _opt("", restart=True)
+    dial_timeout: Duration = _opt(5.0, min=0.1, restart=True)
+    request_timeout: Duration = _opt(5.0, min=0.1, restart=True)
+    # How often the member list is read to dial added members and drop removed ones (0: never).
+    auto_sync_interval: Duration = _opt(30.0, min=0.0, restart=True)
+    username: str = _opt("", restart=True)
+    password: str = _opt("", restart=True)
+    # TLS (https:// endpoints): the CA that signed etcd's certificate (empty: the system's roots),
+    # and a client certificate and key when etcd asks for one (--client-cert-auth).
+    ca_file: str = _opt("", restart=True)
+    cert_file: str = _opt("", restart=True)
+    key_file: str = _opt("", restart=True)
+
+    def __post_init__(self) -> None:
+        schemes = {urlsplit(e if "://" in e else f"http://{e}").scheme for e in self.endpoints}
+        if len(schemes) > 1:
+            raise ConfigError("etcd.endpoints", list(self.endpoints), "mixes http:// and https://")
+        tls = schemes == {"https"}
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, key)
+            if value and not tls:
+                raise ConfigError(f"etcd.{key}", value, "needs https:// endpoints")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("etcd.key_file" if self.cert_file else "etcd.cert_file", "",
+                              "a client certificate needs both cert_file and key_file")
+        if bool(self.username) != bool(self.password):
+            raise ConfigError("etcd.password" if self.username else "etcd.username", "",
+                              "etcd authentication needs both username and password")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the endpoints are https://."""
+        return any(e.startswith("https://") for e in self.endpoints)
 
 
 @dataclass(frozen=True)
@@ -46,6 +159,11 @@ class RegistrySettings:
     default_ttl: Duration = _opt(10.0, min=2.0)
     # 0 means a third of each lease's TTL.
     refresh_interval: Duration = _opt(0.0, min=0.0)
+
+    def __post_init__(self) -> None:
+        if self.refresh_interval and self.refresh_interval >= self.default_ttl:
+            raise ConfigError("registry.refresh_interval", self.refresh_interval,
+                              f"must be shorter than registry.default_ttl ({self.default_ttl:g}s)")
 
 
 @dataclass(frozen=True)
@@ -58,6 +176,11 @@ class OutlierSettings:
     max_ejection_time: Duration = _opt(300.0, min=0.1)
     # Never eject more than this share of one capability's agents.
     max_ejection_share: float = _opt(0.5, min=0.0, max=1.0)
+
+    def __post_init__(self) -> None:
+        if self.max_ejection_time < self.base_ejection_time:
+            raise ConfigError("health_check.outlier_detection.max_ejection_time", self.max_ejection_time,
+                              f"must be at least base_ejection_time ({self.base_ejection_time:g}s)")
 
 
 @dataclass(frozen=True)
@@ -81,6 +204,12 @@ class CircuitBreakerSettings:
     # Any 5xx, as Envoy's outlier detection and Linkerd's failure accrual count.
     failure_statuses: tuple[int, ...] = tuple(range(500, 600))
 
+    def __post_init__(self) -> None:
+        for status in self.failure_statuses:
+            if not 100 <= status <= 599:
+                raise ConfigError("load_balancer.circuit_breaker.failure_statuses", status,
+                                  "must be HTTP statuses (100-599)")
+
 
 @dataclass(frozen=True)
 class RetrySettings:
@@ -102,15 +231,20 @@ class LoadBalancerSettings:
     circuit_breaker: CircuitBreakerSettings = _opt(CircuitBreakerSettings())
     retries: RetrySettings = _opt(RetrySettings())
 
+    def __post_init__(self) -> None:
+        for capability in self.per_capability:
+            if not capability.strip():
+                raise ConfigError("load_balancer.per_capability", capability, "needs a capability name")
+
 
 @dataclass(frozen=True)
 class DnsSettings:
-    listen: Listen = "127.0.0.1:15053"
-    domain: str = "agents.local"
+    listen: Listen = _opt("127.0.0.1:15053", restart=True)
+    domain: str = _opt("agents.local", restart=True)
     ttl: int = _opt(5, min=0, max=86400)
     negative_ttl: int = _opt(5, min=0, max=86400)
     # Empty: the nameservers of /etc/resolv.conf; ("none",) turns forwarding off.
-    upstreams: tuple[str, ...] = ()
+    upstreams: Upstreams = ()
     upstream_timeout: Duration = _opt(2.0, min=0.05)
     a_mode: Literal["direct", "proxy"] = "direct"
     max_udp_payload: int = _opt(4096, min=512, max=65535)
@@ -122,11 +256,13 @@ class DnsSettings:
 
 @dataclass(frozen=True)
 class ProxySettings:
-    listen: Listen = "127.0.0.1:15001"
+    listen: Listen = _opt("127.0.0.1:15001", restart=True)
     passthrough: bool = True
     connect_timeout: Duration = _opt(2.0, min=0.01)
     # Per phase (time to response head, then idle time between body bytes); no total timeout.
     read_timeout: Duration = _opt(60.0, min=0.01)
+    # A text/event-stream response or an upgraded connection that sends nothing for this long is ended.
+    stream_idle_timeout: Duration = _opt(300.0, min=0.1)
     idle_timeout: Duration = _opt(60.0, min=0.1)
     max_header_bytes: int = _opt(65536, min=1024)
     max_concurrency: int = _opt(10000, min=1)
@@ -135,6 +271,22 @@ class ProxySettings:
     rate_burst: int = _opt(0, min=0)
     # One JSON line per proxied request on the "sidecar.access" logger.
     access_log: bool = False
+
+
+@dataclass(frozen=True)
+class A2aSettings:
+    """A2A-aware routing: agent cards in the registry, task and context affinity in the proxy."""
+
+    # JSON-RPC bodies up to this size are read for task/context ids; larger ones pass untouched.
+    max_body: int = _opt(1 << 20, min=1024)
+    # Cards larger than this are refused (logged and counted); the agent stays registered.
+    max_card_bytes: int = _opt(64 << 10, min=1024, max=16 << 20)
+    # How often the local agent's card is read again (a conditional GET); at least the check interval.
+    card_refresh: Duration = _opt(30.0, min=1.0)
+    # Task -> agent and context -> agent entries: forgotten after this idle time, at most this many each.
+    ttl: Duration = _opt(3600.0, min=1.0)
+    max_tasks: int = _opt(100_000, min=16)
+    max_contexts: int = _opt(100_000, min=16)
 
 
 @dataclass(frozen=True)
@@ -147,13 +299,13 @@ class StickySettings:
 
 @dataclass(frozen=True)
 class AdminSettings:
-    listen: Listen = "127.0.0.1:15000"
+    listen: Listen = _opt("127.0.0.1:15000", restart=True)
     token: str = ""
 
 
 @dataclass(frozen=True)
 class GrpcSettings:
-    listen: Listen = "127.0.0.1:15010"
+    listen: Listen = _opt("127.0.0.1:15010", restart=True)
 
 
 @dataclass(frozen=True)
@@ -165,6 +317,13 @@ class TracingSettings:
     sample_ratio: float = _opt(0.01, min=0.0, max=1.0)
     service_name: str = "sidecar"
     export_timeout: Duration = _opt(5.0, min=0.1)
+
+    def __post_init__(self) -> None:
+        if self.otlp_endpoint:
+            url = urlsplit(self.otlp_endpoint)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ConfigError("tracing.otlp_endpoint", self.otlp_endpoint,
+                                  "must be an OTLP/HTTP URL, e.g. http://127.0.0.1:4318/v1/traces")
 
 
 @dataclass(frozen=True)
@@ -190,6 +349,32 @@ class AgentSettings:
     card: str = ""
     health: AgentHealthSettings = _opt(AgentHealthSettings())
 
+    @property
+    def enabled(self) -> bool:
+        """Whether ``sidecar run`` has a local agent to register."""
+        return bool(self.name or self.port or self.card)
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        if not self.card and not self.port:
+            raise ConfigError("agent.port", self.port, "set the local agent's port (or --agent-card)")
+        if self.health.url:
+            url = urlsplit(self.health.url)
+            wanted = {"http": ("http", "https"), "grpc": ("grpc", "http", "")}.get(self.health.type)
+            if wanted is not None and url.scheme not in wanted:
+                raise ConfigError("agent.health.url", self.health.url,
+                                  f"a {self.health.type} check needs a {wanted[0]}:// URL")
+        try:
+            parse_agent({"name": self.name or "agent", "id": self.id or "check", "address": self.address or "127.0.0.1",
+                         "port": self.port or 1, "version": self.version, "protocol": self.protocol,
+                         "capabilities": list(self.capabilities), "tags": list(self.tags),
+                         "metadata": dict(self.metadata), "weight": self.weight, "zone": self.zone,
+                         "ttl": f"{self.ttl}s"}, strict=True)
+        except ValidationError as exc:
+            first = exc.errors[0]
+            raise ConfigError(f"agent.{first.field}", first.value, first.reason) from None
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -202,14 +387,56 @@ class Settings:
     dns: DnsSettings = _opt(DnsSettings())
     proxy: ProxySettings = _opt(ProxySettings())
     sticky: StickySettings = _opt(StickySettings())
+    a2a: A2aSettings = _opt(A2aSettings())
     admin: AdminSettings = _opt(AdminSettings())
     grpc: GrpcSettings = _opt(GrpcSettings())
-    agent: AgentSettings = _opt(AgentSettings())
-    tracing: TracingSettings = _opt(TracingSettings())
-    loop: Literal["uvloop", "asyncio"] = "uvloop"
+    agent: AgentSettings = _opt(AgentSettings(), restart=True)
+    tracing: TracingSettings = _opt(TracingSettings(), restart=True)
+    loop: Literal["uvloop", "asyncio"] = _opt("uvloop", restart=True)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # text: one human line per record; json: one JSON object per line (with trace_id when in a span).
-    log_format: Literal["text", "json"] = "text"
+    log_format: Literal["text", "json"] = _opt("text", restart=True)
+
+    def __post_init__(self) -> None:
+        if self.dns.a_mode == "proxy":
+            host = HostPort.parse(self.proxy.listen, "proxy.listen").host
+            if not _is_ip(host) or ipaddress.ip_address(host).is_unspecified:
+                raise ConfigError("dns.a_mode", "proxy", f"needs proxy.listen on a specific IP address (got {host})")
+        bound: dict[HostPort, str] = {}
+        for key, listen in (("admin.listen", self.admin.listen), ("proxy.listen", self.proxy.listen),
+                            ("grpc.listen", self.grpc.listen)):
+            address = HostPort.parse(listen, key)
+            if address.port and address in bound:
+                raise ConfigError(key, listen, f"is also {bound[address]}")
+            bound[address] = key
+
+
+def changes(old: Any, new: Any, path: str = "", restart: bool = False) -> Iterator[tuple[str, bool]]:
+    """(dotted key, needs restart) for every setting that differs between two settings objects."""
+    for f in dataclasses.fields(old):
+        before, after = getattr(old, f.name), getattr(new, f.name)
+        if before == after:
+            continue
+        key = f"{path}{f.name}"
+        needs_restart = restart or bool(f.metadata.get("restart"))
+        if dataclasses.is_dataclass(before):
+            yield from changes(before, after, key + ".", needs_restart)
+        else:
+            yield key, needs_restart
+
+
+def to_document(settings: Any) -> dict[str, Any]:
+    """A settings object as plain JSON-able data (the document layout: sections at top level)."""
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, Mapping):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return typing.cast(dict[str, Any], plain(settings))
 
 
 def build(cls: type[Any], data: Mapping[str, Any] | None, path: str = "") -> Any:
@@ -252,12 +479,14 @@ def _coerce(hint: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
             except ValueError as exc:
                 raise ConfigError(key, value, f"must be a duration like 5s or 500ms ({exc})") from None
             return _bounded(seconds, key, value, meta)
-        text = _coerce(base, value, key, meta)
+        coerced = _coerce(base, value, key, meta)
         if "listen" in marks:
-            host, sep, port = text.rpartition(":")
-            if not sep or not host or not port.isdigit() or int(port) > 65535:
-                raise ConfigError(key, value, "must be HOST:PORT, e.g. 127.0.0.1:15053")
-        return text
+            HostPort.parse(coerced, key)
+        elif "endpoints" in marks:
+            parse_endpoints(coerced, key)
+        elif "upstreams" in marks:
+            _check_upstreams(coerced, key)
+        return coerced
     if dataclasses.is_dataclass(hint):
         return build(typing.cast(type, hint), value, key + ".")
     if origin is Literal:
@@ -309,8 +538,19 @@ def _coerce(hint: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
             value = dict(p.split("=", 1) for p in pairs)
         if not isinstance(value, Mapping):
             raise ConfigError(key, value, "must be a mapping")
-        return {str(k): _coerce(item, v, f"{key}.{k}", {}) for k, v in value.items()}
+        return MappingProxyType({str(k): _coerce(item, v, f"{key}.{k}", {}) for k, v in value.items()})
     raise ConfigError(key, value, f"unsupported setting type {hint!r}")  # pragma: no cover
+
+
+def _check_upstreams(upstreams: tuple[str, ...], key: str) -> None:
+    if any(u.lower() == FORWARDING_OFF for u in upstreams):
+        if len(upstreams) != 1:
+            raise ConfigError(key, list(upstreams), f"{FORWARDING_OFF!r} turns forwarding off and stands alone")
+        return
+    for i, upstream in enumerate(upstreams):
+        host, _ = HostPort.parse(upstream, f"{key}[{i}]", default_port=53)
+        if not _is_ip(host):
+            raise ConfigError(f"{key}[{i}]", upstream, "must be an IP address (a resolver cannot be found by name)")
 
 
 def _duration(value: Any) -> float:

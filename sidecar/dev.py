@@ -16,9 +16,12 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .config import Settings, build
+from .cards import WELL_KNOWN, card_key, decode_card, merge_card
+from .config import HostPort, Settings, build
+from .demo_a2a import DemoA2AAgent
 from .errors import SidecarError
 from .model import parse_agent
+from .registry.lease import LeaseKeeper, Registration
 from .server import Server
 
 
@@ -100,6 +103,8 @@ DEMO_AGENTS = (
     DemoAgent("chat-2", "chat-agent", ("chat",), ("cpu",), zone="dev-b"),
     DemoAgent("summarizer-1", "summarizer", ("summarize", "translate"), ("batch",)),
 )
+# The A2A agent (built with the official SDK, sidecar/demo_a2a.py); its card gives its name and capability.
+A2A_DEMO_ID = "research-1"
 
 
 def demo_app(agent: DemoAgent) -> web.Application:
@@ -138,6 +143,7 @@ async def dev(stop: asyncio.Event, loop_name: str = "uvloop") -> int:
     """Run the embedded development setup until ``stop`` is set; clean up everything."""
     etcd = EmbeddedEtcd()
     runners: list[web.AppRunner] = []
+    a2a_agent = DemoA2AAgent(A2A_DEMO_ID)
     server: Server | None = None
     try:
         await asyncio.to_thread(etcd.start)
@@ -157,9 +163,12 @@ async def dev(stop: asyncio.Event, loop_name: str = "uvloop") -> int:
                 "version": "dev", "metadata": {"demo": "true"},
                 "health": {"type": "http", "url": f"http://127.0.0.1:{port}/health", "status": "healthy"},
             }))
-        # Print "what to try" only once this sidecar's own snapshot serves the demo agents.
+        await a2a_agent.start()
+        await register_a2a_demo(server.leases, a2a_agent)
+        # Print "what to try" only once this sidecar's own snapshot serves the demo agents (and the card).
         deadline = asyncio.get_running_loop().time() + 10
-        while not all(d.id in server.catalog.snapshot.by_id for d in DEMO_AGENTS):
+        while not (all(d.id in server.catalog.snapshot.by_id for d in DEMO_AGENTS)
+                   and server.cards.of(a2a_agent.name, A2A_DEMO_ID) is not None):
             if asyncio.get_running_loop().time() > deadline:
                 raise SidecarError("the demo agents did not reach the snapshot within 10 s")
             await asyncio.sleep(0.01)
@@ -172,14 +181,32 @@ async def dev(stop: asyncio.Event, loop_name: str = "uvloop") -> int:
             await server.stop()
         for runner in runners:
             await runner.cleanup()
+        await a2a_agent.stop()
         await asyncio.to_thread(etcd.cleanup)
 
 
+async def register_a2a_demo(leases: LeaseKeeper, agent: DemoA2AAgent, zone: str = "dev-a") -> Registration:
+    """Register a started SDK agent as a card-reading sidecar would: fields from its card, the card on its lease."""
+    card = decode_card(agent.card_bytes, agent.url + WELL_KNOWN[0])
+    fields = merge_card({
+        "id": agent.replica, "address": agent.host, "port": agent.port, "zone": zone,
+        "metadata": {"demo": "true"},
+        "health": {"type": "http", "url": agent.url + WELL_KNOWN[0], "status": "healthy"},
+    }, card, explicit=("port",))
+    registration = await leases.register(parse_agent(fields))
+    await registration.attach(card_key(leases.prefix, registration.agent.name, registration.agent.id), card.raw)
+    return registration
+
+
 def _banner(settings: Settings, etcd_endpoint: str) -> str:
-    dns_host, _, dns_port = settings.dns.listen.rpartition(":")
+    dns_host, dns_port = HostPort.parse(settings.dns.listen)
     proxy = settings.proxy.listen
     admin = settings.admin.listen
     agents = ", ".join(f"{d.id} ({'/'.join(d.capabilities)})" for d in DEMO_AGENTS)
+    send = ('{"jsonrpc":"2.0","id":1,"method":"SendMessage","params":{"message":'
+            '{"role":"ROLE_USER","messageId":"m1","parts":[{"text":"ping"}]}}}')
+    stream = ('{"jsonrpc":"2.0","id":2,"method":"message/stream","params":{"message":'
+              '{"kind":"message","role":"user","messageId":"m2","parts":[{"kind":"text","text":"what is etcd?"}]}}}')
     return f"""
 sidecar dev is running (Ctrl-C stops everything and removes the temporary etcd).
 
@@ -187,7 +214,9 @@ sidecar dev is running (Ctrl-C stops everything and removes the temporary etcd).
   admin     http://{admin}
   proxy     http://{proxy}
   dns       {settings.dns.listen} (UDP and TCP)
+  grpc      {settings.grpc.listen} (sidecar.v1.Discovery, health, reflection)
   agents    {agents}
+  a2a       {A2A_DEMO_ID} (research), an A2A agent built with the official SDK (a2a-sdk)
 
 Try:
   curl -s http://{admin}/v1/agents | python3 -m json.tool
@@ -197,6 +226,14 @@ Try:
   curl -s -H 'Host: chat.agents.local' http://{proxy}/hello
   curl -s -x http://{proxy} http://summarize.agents.local/v1/run
   curl -sN -x http://{proxy} http://chat.agents.local/stream
+  curl -s -x http://{proxy} http://research.agents.local/.well-known/agent-card.json
+  curl -s -x http://{proxy} http://research.agents.local/ -H 'A2A-Version: 1.0' -H 'Content-Type: application/json' \\
+       -d '{send}'
+  curl -sN -x http://{proxy} http://research.agents.local/ -H 'Content-Type: application/json' \\
+       -d '{stream}'
+  curl -s http://{admin}/v1/cards | python3 -m json.tool
   ETCD_ENDPOINTS={etcd_endpoint} sidecar agents
+  printf 'load_balancer: {{algorithm: round_robin}}\\n' | ETCD_ENDPOINTS={etcd_endpoint} sidecar config set -
+  curl -sN http://{admin}/v1/watch
   ETCD_ENDPOINTS={etcd_endpoint} sidecar register --name my-agent --address 127.0.0.1 --port 9000 --capability code
 """

@@ -17,6 +17,16 @@ class ConfigError(SidecarError):
         super().__init__(f"{key}: {reason} (got {value!r})")
 
 
+class ConfigConflict(SidecarError):
+    """A configuration write lost a compare-and-swap: someone else wrote a newer version first."""
+
+    def __init__(self, expected: int, current: int) -> None:
+        self.expected = expected
+        self.current = current
+        super().__init__(f"the configuration changed since version {expected} (now version {current}); "
+                         "read it again and retry")
+
+
 class FieldError(SidecarError):
     """One bad field of an agent record."""
 
@@ -52,6 +62,16 @@ class RegistryBusy(RegistryUnavailable):
 
 class LeaseNotFound(RegistryError):
     """The lease is gone (expired or revoked); the keys attached to it are gone too."""
+
+
+class AgentExists(RegistryError):
+    """Another owner (another lease) holds this agent id; it is not taken over."""
+
+    def __init__(self, key: str, lease: int) -> None:
+        self.key = key
+        self.lease = lease
+        super().__init__(f"{key} is registered by another owner (lease {lease:x}); deregister it first or "
+                         "wait for its lease to expire")
 
 
 class RevisionCompacted(RegistryError):
@@ -127,7 +147,8 @@ class CardError(SidecarError):
     def __init__(self, source: str, reason: str, *, kind: str = "invalid") -> None:
         self.source = source
         self.reason = reason
-        self.kind = kind  # "missing" (404, no file), "unreachable" (cannot fetch) or "invalid"
+        # "missing" (404, no file), "unreachable" (cannot fetch), "too_large" or "invalid"
+        self.kind = kind
         super().__init__(f"A2A agent card {source}: {reason}")
 
     @property

@@ -59,12 +59,15 @@ class DnsMetrics:
     """DNS counters as plain ints and dicts, bumped on the query path and turned into families at scrape time.
 
     A prometheus_client ``labels().inc()`` per query would cost more than the
-    cached answer itself, so the query path only does ``counter[key] += 1``;
-    the latency histogram is fed a sample of the queries (see ``LATENCY_SAMPLE``).
+    cached answer itself, so the query path only does ``counter[key] += 1``, and
+    the exact-message cache (the hottest path) only ``exact_hits[slot] += 1``
+    on a list whose slots stand for (qtype, rcode) pairs (``slot``); the
+    totals are summed at scrape time. The latency histogram is fed a sample of
+    the queries (see ``LATENCY_SAMPLE``).
     """
 
     LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 0.01, 0.05, 0.25, 1.0, 5.0)
-    # One query in LATENCY_SAMPLE (a power of two) is timed.
+    # Queries whose ID is a multiple of LATENCY_SAMPLE (a power of two) are timed: one in that many.
     LATENCY_SAMPLE = 64
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -75,7 +78,10 @@ class DnsMetrics:
         self.dropped: collections.Counter[str] = collections.Counter()  # messages not answered, by reason
         self.upstream_errors: collections.Counter[tuple[str, str]] = collections.Counter()  # (upstream, reason)
         self.forwarded: collections.Counter[str] = collections.Counter()  # by outcome
-        self.cache_hits = 0
+        # Queries answered from the exact-message cache, by slot (see ``slot``); not in ``queries``.
+        self.exact_hits: list[int] = []
+        self._slots: dict[tuple[str, str], int] = {}
+        self.cache_hits = 0  # answered by the normalised fast path (the exact cache's are in exact_hits)
         self.cache_misses = 0
         self.cache_invalidations = 0
         self.forward_cache_hits = 0  # forwarded questions answered from the forward cache
@@ -88,6 +94,26 @@ class DnsMetrics:
             "sidecar_dns_forward_duration_seconds", "Time to answer a forwarded query (all upstream attempts).",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=registry)
         registry.register(self)  # type: ignore[arg-type]
+
+    def slot(self, stat: tuple[str, str]) -> int:
+        """The index in ``exact_hits`` that counts queries answered with this (qtype, rcode)."""
+        index = self._slots.get(stat)
+        if index is None:
+            index = self._slots[stat] = len(self.exact_hits)
+            self.exact_hits.append(0)
+        return index
+
+    def query_totals(self) -> dict[tuple[str, str], int]:
+        """Queries answered so far by (qtype, rcode), from every path."""
+        totals = dict(self.queries)
+        for stat, index in self._slots.items():
+            if self.exact_hits[index]:
+                totals[stat] = totals.get(stat, 0) + self.exact_hits[index]
+        return totals
+
+    def cache_hit_total(self) -> int:
+        """Queries answered from a wire cache (the exact-message one or the normalised one)."""
+        return self.cache_hits + sum(self.exact_hits)
 
     def observe_latency(self, seconds: float) -> None:
         """Record one sampled in-zone query's processing time."""
@@ -119,7 +145,7 @@ class DnsMetrics:
                                 value=self.tcp_connections)
         return [
             counter("sidecar_dns_queries", "Queries answered, by qtype and rcode.", ["qtype", "rcode"],
-                    dict(self.queries)),
+                    self.query_totals()),
             counter("sidecar_dns_errors", "Error replies made here (formerr, notimp, refused, servfail...).",
                     ["reason"], dict(self.errors)),
             counter("sidecar_dns_dropped", "Messages dropped unanswered, by reason.", ["reason"], dict(self.dropped)),
@@ -128,7 +154,7 @@ class DnsMetrics:
             counter("sidecar_dns_upstream_errors", "Failed upstream attempts, by upstream and reason.",
                     ["upstream", "reason"], dict(self.upstream_errors)),
             CounterMetricFamily("sidecar_dns_cache_hits", "Queries answered from the wire cache.",
-                                value=self.cache_hits),
+                                value=self.cache_hit_total()),
             CounterMetricFamily("sidecar_dns_cache_misses", "In-zone queries answered by the general path.",
                                 value=self.cache_misses),
             CounterMetricFamily("sidecar_dns_cache_invalidations", "Wire caches dropped for a new snapshot.",
@@ -141,7 +167,7 @@ class DnsMetrics:
             tcp,
             HistogramMetricFamily(
                 "sidecar_dns_query_duration_seconds",
-                f"In-zone query processing time, one query in {self.LATENCY_SAMPLE} sampled.",
+                f"In-zone query processing time of queries whose ID is a multiple of {self.LATENCY_SAMPLE}.",
                 buckets=buckets, sum_value=self._latency_sum),
         ]
 
@@ -277,6 +303,31 @@ class HealthMetrics:
             registry=registry)
 
 
+class ConfigMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.version = Gauge(
+            "sidecar_config_version", "Version (etcd revision) of the dynamic configuration in force; 0: none.",
+            registry=registry)
+        self.applies = Counter(
+            "sidecar_config_applies", "Dynamic configuration versions taken, by result (applied, rejected).",
+            ["result"], registry=registry)
+        self.needs_restart = Gauge(
+            "sidecar_config_needs_restart", "Settings changed by the document that only take effect at a restart.",
+            registry=registry)
+
+
+class DiscoveryMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.subscribers = Gauge(
+            "sidecar_watch_subscribers", "Open watch subscriptions (SSE and gRPC).", registry=registry)
+        self.lagged = Counter(
+            "sidecar_watch_lagged", "Times a subscriber fell behind and was sent a fresh snapshot.",
+            registry=registry)
+        self.grpc_requests = Counter(
+            "sidecar_grpc_requests", "gRPC calls by method and status code.", ["method", "code"],
+            registry=registry)
+
+
 class Metrics:
     """All metric groups of one server, on one CollectorRegistry."""
 
@@ -286,6 +337,8 @@ class Metrics:
         self.dns = DnsMetrics(self.collector_registry)
         self.proxy = ProxyMetrics(self.collector_registry)
         self.health = HealthMetrics(self.collector_registry)
+        self.config = ConfigMetrics(self.collector_registry)
+        self.discovery = DiscoveryMetrics(self.collector_registry)
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every collector."""

@@ -14,16 +14,23 @@ from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from .admin import AdminApi
+from .cards import CardIndex
 from .catalog import Catalog
-from .config import Settings
+from .config import Settings, changes
+from .control import Control
+from .discovery import WatchHub
 from .dns import DnsServer
+from .dynamic import ConfigStore
+from .errors import RevisionCompacted
+from .grpc_api import GrpcApi
 from .health import agent as local_agent
 from .health.outliers import OutlierDetector
 from .metrics import Metrics
 from .proxy.server import ProxyServer
+from .registry.cards import CardSync
 from .registry.etcd import EtcdClient
 from .registry.lease import LeaseKeeper
-from .registry.sync import CatalogSync
+from .registry.sync import CatalogSync, services_prefix
 from .tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -44,14 +51,20 @@ class Server:
         self.settings = settings
         self.metrics = metrics or Metrics()
         etcd_settings = settings.etcd
-        self.etcd = EtcdClient(etcd_settings.endpoints, timeout=etcd_settings.request_timeout,
-                               username=etcd_settings.username, password=etcd_settings.password)
+        self.etcd = EtcdClient.from_settings(etcd_settings)
         self.catalog = Catalog()
         self.sync = CatalogSync(self.etcd, etcd_settings.prefix, self.catalog, self.metrics.registry)
         self.leases = LeaseKeeper(self.etcd, etcd_settings.prefix, self.metrics.registry,
                                   refresh_interval=settings.registry.refresh_interval)
-        self.admin = AdminApi(settings.admin, settings.registry, self.catalog, self.sync, self.leases, self.etcd,
-                              self.metrics, self.readiness)
+        discovery = self.metrics.discovery
+        self.hub = WatchHub(self.catalog, compacted=self._compacted, on_lag=discovery.lagged.inc)
+        discovery.subscribers.set_function(lambda: self.hub.subscribers)
+        self.control = Control(self.leases, self.etcd, self.catalog, settings.registry.default_ttl)
+        # Every agent's A2A card, watched like the agents themselves.
+        self.cards = CardIndex()
+        self.card_sync = CardSync(self.etcd, etcd_settings.prefix, self.cards, self.metrics.health,
+                                  settings.a2a.max_card_bytes)
+        self.config = ConfigStore(self.etcd, settings, self.apply, self.metrics.config)
         # Listeners and workers, started in this order after the sync task.
         self.components: list[Component] = []
         self.dns = DnsServer(settings.dns, self.catalog, self.metrics.dns, local_zone=settings.agent.zone,
@@ -65,15 +78,56 @@ class Server:
             observers=[lambda outcome: self.outliers.observe(outcome.agent_id, outcome.kind.value)],
             tracing=Tracing.build(settings.tracing))
         self.components.append(self.proxy)
-        self.admin.annotators.append(lambda agent: {"breaker": self.proxy.breaker_state(agent.id)})
+        self.admin = AdminApi(settings.admin, self.catalog, self.hub, self.control, self.leases, self.config,
+                              self.metrics, self.readiness, cards=self.cards,
+                              annotators=[lambda agent: {"breaker": self.proxy.breaker_state(agent.id)}])
+        self.grpc = GrpcApi(settings.grpc, settings.admin, self.catalog, self.hub, self.control, self.metrics,
+                            cards=self.cards)
+        self.components.append(self.grpc)
         # Last, so that it is stopped first: the agent drains while DNS and the proxy still serve.
         self.local_agent: local_agent.LocalAgent | None = None
-        if local_agent.enabled(settings.agent):
+        if settings.agent.enabled:
             self.local_agent = local_agent.LocalAgent(settings.agent, settings.health_check, self.leases,
-                                                      self.metrics.health)
+                                                      self.metrics.health, a2a_settings=settings.a2a)
             self.components.append(self.local_agent)
         self._started: list[Component] = []
         self._listening = False
+        self._member_sync: asyncio.Task[None] | None = None
+
+    async def _compacted(self, revision: int) -> bool:
+        """Whether etcd no longer holds ``revision`` (a watch resumed from it would miss changes)."""
+        try:
+            await self.etcd.get_at(services_prefix(self.settings.etcd.prefix), revision)
+        except RevisionCompacted:
+            return True
+        except Exception:  # etcd unreachable: what the hub holds in memory is all there is
+            return False
+        return False
+
+    def apply(self, old: Settings, new: Settings) -> None:
+        """Hand each component the sections of ``new`` that differ from ``old`` (live keys only)."""
+        changed = {key.split(".", 1)[0] for key, restart in changes(old, new) if not restart}
+        self.settings = new
+        if changed & {"load_balancer", "sticky", "proxy", "health_check"}:
+            self.proxy.update(new)
+        if changed & {"dns", "health_check"}:
+            self.dns.update(new.dns, panic=new.health_check.panic)
+        if "health_check" in changed:
+            self.outliers.update(new.health_check.outlier_detection)
+            if self.local_agent is not None:
+                self.local_agent.update(new.health_check)
+        if "registry" in changed:
+            self.control.default_ttl = new.registry.default_ttl
+            self.leases.update(new.registry.refresh_interval)
+        if "admin" in changed:
+            self.admin.update(new.admin)
+            self.grpc.update(new.admin)
+        if "a2a" in changed:
+            self.card_sync.max_card_bytes = new.a2a.max_card_bytes
+            if self.local_agent is not None:
+                self.local_agent.a2a = new.a2a
+        if "log_level" in changed:
+            logging.getLogger().setLevel(new.log_level.upper())
 
     def readiness(self) -> dict[str, Any]:
         """Ready once the first snapshot has synced and every listener is up."""
@@ -95,6 +149,11 @@ class Server:
 
     async def start(self) -> None:
         await self.sync.start()
+        await self.config.start()
+        await self.card_sync.start()
+        if self.settings.etcd.auto_sync_interval:
+            self._member_sync = asyncio.get_running_loop().create_task(
+                self.etcd.run_member_sync(self.settings.etcd.auto_sync_interval), name="etcd-member-sync")
         try:
             for component in (*self.components, self.admin):
                 await component.start()
@@ -113,6 +172,11 @@ class Server:
             await _bounded(component.stop(), f"stopping {type(component).__name__}", bound)
         self._started.clear()
         await _bounded(self.leases.close(), "revoking leases", bound)
+        self.hub.close()
+        if self._member_sync is not None:
+            self._member_sync.cancel()
+        await _bounded(self.config.stop(), "stopping the configuration watch", bound)
+        await _bounded(self.card_sync.stop(), "stopping the card watch", bound)
         await _bounded(self.sync.stop(), "stopping the etcd watch", bound)
         await _bounded(self.etcd.close(), "closing the etcd client", bound)
 

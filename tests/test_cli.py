@@ -45,7 +45,7 @@ def test_precedence_flag_over_env_over_file(tmp_path) -> None:
     [
         (["--dns-listen", "nowhere"], "dns.listen: must be HOST:PORT"),
         (["--dns-a-mode", "sideways"], "dns.a_mode: must be one of direct, proxy"),
-        (["--etcd-endpoints", "ftp://x"], "etcd.endpoints: must be http://host:port"),
+        (["--etcd-endpoints", "ftp://x"], "etcd.endpoints: must be http://host:port or https://host:port"),
         (["--agent-port", "99999"], "agent.port: must be at most 65535"),
     ],
 )
@@ -88,12 +88,12 @@ def _register_then_agents(process: subprocess.Popen, env: dict[str, str], prefix
         header, row = table.stdout.splitlines()
         assert header.split()[:5] == ["ID", "NAME", "ADDRESS", "PORT", "HEALTH"]
         assert row.split()[:5] == ["coder-1", "coder", "127.0.0.1", "9000", "healthy"]
-        lines = sidecar("agents", "--json", "--tag", "py", env=env).stdout.splitlines()
-        assert [json.loads(x)["metadata"] for x in lines] == [{"team": "ml"}]
+        document = json.loads(sidecar("agents", "--json", "--tag", "py", env=env).stdout)
+        assert [a["metadata"] for a in document["agents"]] == [{"team": "ml"}] and document["revision"] > 0
         assert sidecar("agents", "--tag", "nope", env=env).stdout.splitlines()[1:] == []
         process.send_signal(signal.SIGINT)
         assert process.wait(20) == 0
-        assert sidecar("agents", "--json", env=env).stdout == ""
+        assert json.loads(sidecar("agents", "--json", env=env).stdout)["agents"] == []
     finally:
         if process.poll() is None:
             process.kill()

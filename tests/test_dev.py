@@ -36,7 +36,19 @@ def test_dev_serves_demo_agents_and_cleans_up() -> None:
             assert etcd, text
             with urllib.request.urlopen("http://127.0.0.1:15000/v1/agents", timeout=5) as response:
                 agents = json.load(response)["agents"]
-            assert sorted(a["id"] for a in agents) == ["chat-1", "chat-2", "summarizer-1"]
+            assert sorted(a["id"] for a in agents) == ["chat-1", "chat-2", "research-1", "summarizer-1"]
+            with urllib.request.urlopen("http://127.0.0.1:15000/v1/cards?capability=research", timeout=5) as response:
+                assert [c["id"] for c in json.load(response)["cards"]] == ["research-1"]
+            # The SDK agent through the proxy, as the banner shows it: its card, then a JSON-RPC SendMessage.
+            proxy = urllib.request.build_opener(urllib.request.ProxyHandler({"http": "http://127.0.0.1:15001"}))
+            with proxy.open("http://research.agents.local/.well-known/agent-card.json", timeout=5) as response:
+                assert [s["id"] for s in json.load(response)["skills"]] == ["research"]
+            send = {"jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": {"message": {
+                "role": "ROLE_USER", "messageId": "m1", "parts": [{"text": "ping"}]}}}
+            request = urllib.request.Request("http://research.agents.local/", data=json.dumps(send).encode(),
+                                             headers={"Content-Type": "application/json", "A2A-Version": "1.0"})
+            with proxy.open(request, timeout=5) as response:
+                assert json.load(response)["result"]["message"]["parts"] == [{"text": "pong from research-1"}]
             answer = dns.query.udp(dns.message.make_query("chat.agents.local", "SRV"), "127.0.0.1", port=15053,
                                    timeout=5)
             assert len(answer.answer[0]) == 2

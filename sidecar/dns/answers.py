@@ -9,7 +9,14 @@ bits and the question's case (0x20). Both paths give the same bytes: the
 cached reply is what the slow path packs, and the slow path restores the
 question's case the same way.
 
-A snapshot change drops the whole cache (every negative answer carries the
+In front of that, UDP queries seen before are answered from an exact-message
+cache: the query's bytes after the ID (flags, question in its case, OPT) map
+to the replies after the ID, one per weighted order, so a repeated query costs
+one dict lookup and one concatenation, and is counted in a slot of
+``DnsMetrics`` that is summed at scrape time. Its entries are made from the
+replies the normalised fast path gives, so they are the same bytes.
+
+A snapshot change drops both caches (every negative answer carries the
 SOA serial, which is the revision), and entries are built again on demand.
 Replies that would not fit the client's UDP size are made by the slow path:
 first without the additional section, then with TC set and no records.
@@ -39,6 +46,9 @@ MAX_NAME = 255
 # Orders kept per name with several weighted records; queries take them in turn.
 VARIANTS = 16
 CACHE_ENTRIES = 100_000
+# Bytes of replies kept by the exact cache before it is emptied (clients that randomise the case
+# make a new message per query).
+EXACT_BYTES = 4 << 20
 
 _OPT = QTYPE.OPT
 _NO_EDNS, _EDNS, _EDNS_DO = 0, 1, 2
@@ -99,6 +109,17 @@ class _Entry:
         self.stat = stat
 
 
+class _Exact:
+    """The replies (after the ID) to one UDP query message, by weighted order, and its metrics slot."""
+
+    __slots__ = ("mask", "replies", "slot")
+
+    def __init__(self, count: int, slot: int) -> None:
+        self.replies: list[bytes | None] = [None] * count
+        self.mask = count - 1
+        self.slot = slot
+
+
 class Answers:
     """Replies for raw query messages: bytes to send, a Forward to do, or None to drop."""
 
@@ -113,6 +134,9 @@ class Answers:
         self._queries = metrics.queries
         self._cache: dict[bytes, _Entry] = {}
         self._cache_entries = cache_entries
+        self._exact: dict[bytes, _Exact] = {}
+        self._exact_bytes = 0
+        self._exact_hits = metrics.exact_hits
         self._forward_cache = forward_cache
 
     @property
@@ -123,12 +147,21 @@ class Answers:
         """Serve ``snapshot`` from now on; every cached reply is dropped."""
         self._snapshot = snapshot
         self._cache = {}
+        self._exact, self._exact_bytes = {}, 0
         self._metrics.cache_invalidations += 1
 
     # The fast path --------------------------------------------------------------------------------
 
     def fast(self, data: bytes, tcp: bool = False) -> bytes | None:
         """The cached reply to a plain query, or None when the slow path must answer it."""
+        if not tcp:
+            exact = self._exact.get(data[2:])
+            if exact is not None:
+                # The ID's low byte picks the weighted order, as below.
+                reply = exact.replies[data[1] & exact.mask]
+                if reply is not None:
+                    self._exact_hits[exact.slot] += 1
+                    return data[:2] + reply
         # QR=0 and OPCODE=0; one question, no answer or authority records, at most one additional.
         if data[2:3] >= b"\x08" or data[4:11] != _PLAIN_COUNTS:
             return None
@@ -175,8 +208,20 @@ class Answers:
             return None
         self._queries[entry.stat] += 1
         self._metrics.cache_hits += 1
-        return b"".join((data[:2], variant.flags[(data[2] & 1) | (data[3] >> 3 & 2)], variant.counts,
-                         data[12:end], variant.tail))
+        reply = b"".join((data[:2], variant.flags[(data[2] & 1) | (data[3] >> 3 & 2)], variant.counts,
+                          data[12:end], variant.tail))
+        if not tcp:
+            self._keep_exact(data, entry, reply)
+        return reply
+
+    def _keep_exact(self, data: bytes, entry: _Entry, reply: bytes) -> None:
+        if self._exact_bytes + len(reply) > EXACT_BYTES:
+            self._exact, self._exact_bytes = {}, 0
+        exact = self._exact.get(data[2:])
+        if exact is None:
+            exact = self._exact[data[2:]] = _Exact(entry.mask + 1, self._metrics.slot(entry.stat))
+        exact.replies[data[1] & exact.mask] = reply[2:]
+        self._exact_bytes += len(reply)
 
     def _cached_forward(self, data: bytes, key: bytes, end: int, limit: int, tcp: bool) -> bytes | None:
         assert self._forward_cache is not None

@@ -35,18 +35,6 @@ SOCKET_USES = 256
 SOCKET_SECONDS = 30.0
 
 
-def parse_hostport(text: str, default_port: int = DNS_PORT) -> tuple[str, int]:
-    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address -> (host, port)."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    if text.count(":") == 1:
-        host, port = text.split(":")
-        return host, int(port)
-    return text, default_port
-
-
 def resolv_conf_upstreams(listen: tuple[str, int], path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
     """The nameservers of resolv.conf, without the sidecar's own listening address (in a pod it is one)."""
     try:

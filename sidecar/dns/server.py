@@ -10,17 +10,16 @@ import socket
 from collections.abc import Callable, Sequence
 
 from ..catalog import Catalog, Event, Snapshot
-from ..config import DnsSettings
+from ..config import FORWARDING_OFF, DnsSettings, HostPort
 from ..metrics import DnsMetrics
 from .answers import Answers
-from .forward import Forwarder, parse_hostport, resolv_conf_upstreams
+from .forward import Forwarder, resolv_conf_upstreams
 from .forward_cache import ForwardCache
 from .resolver import IPAddress, Zone
 from .transport import Handler, TcpConnection, UdpServer
 
 log = logging.getLogger(__name__)
 
-FORWARDING_OFF = "none"
 # Attempts to find a port free for both UDP and TCP when listening on port 0.
 _PORT_ATTEMPTS = 20
 
@@ -39,7 +38,8 @@ def upstreams_from(settings: DnsSettings, listen: tuple[str, int],
     if tuple(u.lower() for u in settings.upstreams) == (FORWARDING_OFF,):
         return None
     if settings.upstreams:
-        return [parse_hostport(u) for u in settings.upstreams]
+        return [(a.host, a.port) for a in (HostPort.parse(u, "dns.upstreams", default_port=53)
+                                           for u in settings.upstreams)]
     return resolv_conf_upstreams(listen, resolv_conf)
 
 
@@ -48,34 +48,54 @@ class DnsServer:
 
     def __init__(self, settings: DnsSettings, catalog: Catalog, metrics: DnsMetrics, *, local_zone: str = "",
                  proxy_listen: str = "", resolv_conf: str = "/etc/resolv.conf", panic: bool = False) -> None:
-        self.settings = settings
         self.catalog = catalog
         self.metrics = metrics
-        self.host, self.port = parse_hostport(settings.listen)
-        upstreams = upstreams_from(settings, (self.host, self.port), resolv_conf)
+        self.host, self.port = HostPort.parse(settings.listen, "dns.listen")
+        self._local_zone = local_zone
+        self._proxy_listen = proxy_listen
+        self._resolv_conf = resolv_conf
+        self._panic = panic
+        self.handler = Handler(*self._build(settings), metrics)
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._connections: set[TcpConnection] = set()
+        self._unsubscribe: Callable[[], None] | None = None
+
+    def _build(self, settings: DnsSettings) -> tuple[Answers, Forwarder | None]:
+        self.settings = settings
+        upstreams = upstreams_from(settings, (self.host, self.port), self._resolv_conf)
         if upstreams == []:
             log.warning("no upstream DNS resolvers: names outside %s get REFUSED", settings.domain)
         self.upstreams: Sequence[tuple[str, int]] = upstreams or ()
         proxy_address = None
         if settings.a_mode == "proxy":
-            proxy_address = _ip_or_none(parse_hostport(proxy_listen)[0]) if proxy_listen else None
+            proxy_address = _ip_or_none(HostPort.parse(self._proxy_listen).host) if self._proxy_listen else None
             if proxy_address is None:
                 log.warning("dns.a_mode=proxy needs a proxy listen IP address (got %r); answering directly",
-                            proxy_listen)
+                            self._proxy_listen)
         self.zone = Zone(domain=settings.domain, ttl=settings.ttl, negative_ttl=settings.negative_ttl,
-                         local_zone=local_zone, proxy_address=proxy_address, ns_address=_ip_or_none(self.host),
-                         panic=panic)
+                         local_zone=self._local_zone, proxy_address=proxy_address,
+                         ns_address=_ip_or_none(self.host), panic=self._panic)
         forward_cache = None
         if self.upstreams and settings.cache_size:
             forward_cache = ForwardCache(settings.cache_size, settings.cache_max_ttl)
-        self.answers = Answers(self.zone, catalog.snapshot, metrics, forwarding=bool(self.upstreams),
+        self.answers = Answers(self.zone, self.catalog.snapshot, self.metrics, forwarding=bool(self.upstreams),
                                max_udp_payload=min(settings.max_udp_payload, 4096), forward_cache=forward_cache)
-        forwarder = Forwarder(self.upstreams, settings.upstream_timeout, metrics) if self.upstreams else None
-        self.handler = Handler(self.answers, forwarder, metrics)
-        self._udp: asyncio.DatagramTransport | None = None
-        self._tcp: asyncio.Server | None = None
-        self._connections: set[TcpConnection] = set()
-        self._unsubscribe: Callable[[], None] | None = None
+        forwarder = Forwarder(self.upstreams, settings.upstream_timeout, self.metrics) if self.upstreams else None
+        return self.answers, forwarder
+
+    def update(self, settings: DnsSettings, panic: bool | None = None) -> None:
+        """Hot-apply TTLs, a_mode, upstreams, forward cache and payload size (listen and domain need a restart).
+
+        The next query is answered with the new settings; forwards in flight finish on the old upstreams.
+        """
+        if panic is not None:
+            self._panic = panic
+        old = self.handler.forwarder
+        answers, forwarder = self._build(settings)
+        self.handler.answers, self.handler.forwarder = answers, forwarder
+        if old is not None:
+            asyncio.get_running_loop().call_later(settings.upstream_timeout + 1, old.close)
 
     @property
     def address(self) -> tuple[str, int]:

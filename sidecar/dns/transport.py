@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from ..metrics import DnsMetrics
 from .answers import Answers, Forward
@@ -29,6 +29,11 @@ TCP_MAX_PENDING = 64
 _SAMPLE_MASK = DnsMetrics.LATENCY_SAMPLE - 1
 
 
+def _timed(data: bytes) -> bool:
+    """Whether to time this query: its ID is a multiple of LATENCY_SAMPLE (one in that many, IDs being random)."""
+    return len(data) > 12 and not data[1] & _SAMPLE_MASK
+
+
 class Handler:
     """What both transports share: the answers, the forwarder and the forwarding tasks."""
 
@@ -37,18 +42,19 @@ class Handler:
         self.forwarder = forwarder
         self.metrics = metrics
         self.tasks: set[asyncio.Task[None]] = set()
-        self._count = 0
-
-    def sample(self) -> bool:
-        """Whether to time this query (one in DnsMetrics.LATENCY_SAMPLE)."""
-        self._count += 1
-        return not self._count & _SAMPLE_MASK
 
     def handle(self, data: bytes, tcp: bool, send: Callable[[bytes], None],
-               timed: bool = False) -> asyncio.Task[None] | None:
-        """Answer ``data`` through ``send`` now, or start (and return) the task that will."""
+               fast_tried: bool = False) -> asyncio.Task[None] | None:
+        """Answer ``data`` through ``send`` now, or start (and return) the task that will.
+
+        ``fast_tried``: the caller has had ``Answers.fast`` decline this message (it is not asked twice).
+        """
+        timed = _timed(data)
         started = time.perf_counter() if timed else 0.0
-        reply_or_forward = self.answers.fast(data, tcp) or self.answers.answer(data, tcp)
+        answers = self.answers
+        reply_or_forward: bytes | Forward | None = None if fast_tried else answers.fast(data, tcp)
+        if reply_or_forward is None:
+            reply_or_forward = answers.answer(data, tcp)
         if timed and not isinstance(reply_or_forward, Forward):
             self.metrics.observe_latency(time.perf_counter() - started)
         if reply_or_forward is None:
@@ -76,23 +82,23 @@ class UdpServer(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.DatagramTransport, transport)
+        self._sendto = self.transport.sendto
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        transport = self.transport
-        assert transport is not None
         handler = self.handler
-        timed = handler.sample()
-        if not timed:
+        # The hot path (not one of the timed queries, see _timed): answered from the caches and sent.
+        fast_tried = len(data) > 12 and data[1] & _SAMPLE_MASK != 0
+        if fast_tried:
             reply = handler.answers.fast(data)
             if reply is not None:
-                transport.sendto(reply, addr)
+                self._sendto(reply, addr)
                 return
         try:
-            handler.handle(data, False, lambda reply: transport.sendto(reply, addr), timed)
+            handler.handle(data, False, lambda reply: self._sendto(reply, addr), fast_tried)
         except Exception:
             # Never let one message stop the listener; the fuzz tests keep this branch empty.
-            self.handler.metrics.dropped["internal_error"] += 1
+            handler.metrics.dropped["internal_error"] += 1
             log.exception("DNS message from %s failed", addr)
 
     def error_received(self, exc: Exception) -> None:
@@ -157,7 +163,7 @@ class TcpConnection(asyncio.Protocol):
 
     def _handle(self, message: bytes) -> None:
         try:
-            task = self.handler.handle(message, True, self._send, self.handler.sample())
+            task = self.handler.handle(message, True, self._send)
         except Exception:
             self.handler.metrics.dropped["internal_error"] += 1
             log.exception("DNS TCP message failed")

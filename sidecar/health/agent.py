@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from ..config import AgentSettings, HealthCheckSettings
-from ..errors import CardError, ConfigError, RegistryUnavailable, ValidationError
+from ..cards import Card, card_key, merge_card
+from ..config import A2aSettings, AgentSettings, HealthCheckSettings
+from ..errors import AgentExists, CardError, RegistryUnavailable, ValidationError
 from ..metrics import HealthMetrics
 from ..model import HEALTHY, UNHEALTHY, Agent, new_agent_id, parse_agent
 from ..registry.lease import LeaseKeeper, Registration
@@ -43,24 +44,21 @@ def default_address(environ: Mapping[str, str]) -> str:
         return "127.0.0.1"
 
 
-def enabled(settings: AgentSettings) -> bool:
-    """Whether ``sidecar run`` has a local agent to register."""
-    return bool(settings.name or settings.port or settings.card)
-
-
 class LocalAgent:
     """Registers, checks and drains the agent next to this sidecar."""
 
     def __init__(self, settings: AgentSettings, checking: HealthCheckSettings, leases: LeaseKeeper,
-                 metrics: HealthMetrics, environ: Mapping[str, str] | None = None) -> None:
+                 metrics: HealthMetrics, environ: Mapping[str, str] | None = None,
+                 a2a_settings: A2aSettings | None = None) -> None:
         self.settings = settings
         self.checking = checking
+        self.a2a = a2a_settings or A2aSettings()
         self.leases = leases
         self.metrics = metrics
         self.environ = os.environ if environ is None else environ
         self.registration: Registration | None = None
         self.checker: ActiveChecker | None = None
-        self.card: a2a.Card | None = None
+        self.card: Card | None = None
         self.error = ""  # the last card or record problem, for readiness detail
         self._fields: dict[str, Any] = {}
         self._explicit: tuple[str, ...] = ()
@@ -79,21 +77,21 @@ class LocalAgent:
             out["error"] = self.error
         return out
 
+    def update(self, checking: HealthCheckSettings) -> None:
+        """Hot-apply interval, timeout, thresholds and drain period; the current verdict is kept."""
+        self.checking = checking
+        if self.checker is not None:
+            self.checker.update(checking)
+
     async def start(self) -> None:
-        """Validate the flags (a bad value stops the sidecar at start) and begin the lifecycle in the background."""
+        """Begin the lifecycle in the background (the settings were validated in config.py)."""
         s = self.settings
-        if not s.name and not s.card and not s.port:
-            raise ConfigError("agent.name", s.name, "the local agent needs a name, a port or a card")
-        if not s.card and not s.port:
-            raise ConfigError("agent.port", s.port, "set the local agent's port (or --agent-card)")
         fields: dict[str, Any] = {
             "name": s.name or "agent", "id": s.id, "address": s.address or default_address(self.environ),
             "port": s.port, "version": s.version, "protocol": s.protocol, "capabilities": list(s.capabilities),
             "tags": list(s.tags), "metadata": dict(s.metadata), "weight": s.weight, "zone": s.zone,
             "ttl": f"{s.ttl}s",
         }
-        # A bad flag value is a ValidationError now, at start, not a log line later.
-        parse_agent({**fields, "id": s.id or "check", "port": s.port or 1}, strict=True)
         self._fields = fields
         self._explicit = tuple(k for k, v in (("name", s.name), ("version", s.version), ("port", s.port),
                                               ("protocol", s.protocol != "http"), ("capabilities", s.capabilities))
@@ -157,9 +155,11 @@ class LocalAgent:
         # A card named by flag, or needed for the name, must be read; one found by itself is optional.
         if s.card or not s.name:
             self.card = await self._load_card_until_read()
-            fields = a2a.merge_card(fields, self.card, self._explicit)
+            if self.card is not None:
+                fields = merge_card(fields, self.card, self._explicit)
             if not fields["port"]:
-                self.error = f"agent.port: not set, and the card's URL {self.card.url!r} names no port"
+                named = repr(self.card.url) if self.card is not None else "(none read)"
+                self.error = f"agent.port: not set, and the card's URL {named} names no port"
                 log.error("local agent: %s", self.error)
                 return
         kind = s.health.type
@@ -178,8 +178,9 @@ class LocalAgent:
         await self._passed.wait()
         if self.card is None and not s.capabilities:
             try:
-                self.card = await a2a.discover_card(fields["port"], self.checking.timeout * 2)
-                fields = a2a.merge_card(fields, self.card, self._explicit)
+                self.card = await a2a.discover_card(fields["port"], self.checking.timeout * 2,
+                                                    limit=self.a2a.max_card_bytes)
+                fields = merge_card(fields, self.card, self._explicit)
                 log.info("read the local agent's A2A card: capabilities %s", ",".join(self.card.capabilities()))
             except CardError as exc:
                 self.metrics.card_errors.labels(exc.kind).inc()
@@ -198,21 +199,72 @@ class LocalAgent:
             log.error("%s; not registering it", self.error)
             return
         await self._register(agent)
+        if self.card is not None:
+            await self._publish_card(self.card)
+            if self.card.source.startswith(("http://", "https://")):
+                self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_card(), name="local-card"))
 
-    async def _load_card_until_read(self) -> a2a.Card:
+    async def _publish_card(self, card: Card) -> None:
+        """Store the card beside the agent, on its lease (kept and rewritten by the lease keeper)."""
+        registration = self.registration
+        if registration is None or not card.raw:
+            return
+        try:
+            await registration.attach(card_key(self.leases.prefix, registration.agent.name, registration.agent.id),
+                                      card.raw)
+        except RegistryUnavailable as exc:
+            log.warning("could not store the local agent's card now (%s); it is written when etcd is back", exc)
+
+    async def _refresh_card(self) -> None:
+        """Read the card again now and then (a conditional GET); store it and the record when it changed."""
+        while True:
+            await asyncio.sleep(max(self.a2a.card_refresh, self.checking.interval))
+            card = self.card
+            assert card is not None
+            try:
+                fresh = await a2a.load_card(card.source, self.checking.timeout * 2, limit=self.a2a.max_card_bytes,
+                                            etag=card.etag)
+            except CardError as exc:
+                self.metrics.card_errors.labels(exc.kind).inc()
+                log.warning("could not read the local agent's card again: %s; keeping the last one", exc)
+                continue
+            if fresh is None or fresh.raw == card.raw:
+                continue
+            self.card = fresh
+            log.info("the local agent's card changed; storing it")
+            await self._publish_card(fresh)
+            async with self._writing:
+                registration = self.registration
+                if registration is None:
+                    continue
+                fields = merge_card(self._fields, fresh, self._explicit)
+                record = replace(registration.agent, capabilities=tuple(fields["capabilities"]),
+                                 tags=tuple(fields["tags"]), metadata={**registration.agent.metadata,
+                                                                       **fresh.metadata()})
+                if record != registration.agent:
+                    try:
+                        await registration.update(record)
+                    except RegistryUnavailable as exc:
+                        log.warning("could not store the local agent's new capabilities now (%s)", exc)
+
+    async def _load_card_until_read(self) -> Card | None:
         source = self.settings.card
+        limit = self.a2a.max_card_bytes
         last = ""
         while True:
             try:
                 if source:
-                    card = await a2a.load_card(source, self.checking.timeout * 2)
+                    card = await a2a.read_card(source, self.checking.timeout * 2, limit=limit)
                 else:
-                    card = await a2a.discover_card(self.settings.port, self.checking.timeout * 2)
+                    card = await a2a.discover_card(self.settings.port, self.checking.timeout * 2, limit=limit)
                 self.error = ""
                 return card
             except CardError as exc:
                 self.metrics.card_errors.labels(exc.kind).inc()
                 self.error = str(exc)
+                if exc.kind == "too_large" and self.settings.name:
+                    log.error("%s; registering the local agent from the flags, without its card", exc)
+                    return None
                 if self.error != last:
                     log.error("%s; the local agent is not registered until it can be read (retrying)", exc)
                     last = self.error
@@ -229,7 +281,8 @@ class LocalAgent:
                     log.info("registered the local agent %s (%s:%d, %s)", record.id, record.address, record.port,
                              record.health.status)
                     return
-                except RegistryUnavailable as exc:
+                except (RegistryUnavailable, AgentExists) as exc:
+                    # AgentExists: a crashed predecessor's record (same id) stands until its lease expires.
                     if not warned:
                         log.warning("cannot register the local agent yet: %s (retrying)", exc)
                         warned = True

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
-from ..catalog import Catalog, Event, Snapshot
+from ..catalog import Catalog, Snapshot
+from ..discovery import Query, Update, WatchHub
 from ..metrics import Metrics
-from ..model import Agent, label, new_agent_id, parse_agent
+from ..model import Agent, new_agent_id, parse_agent
 from .etcd import EtcdClient
 from .lease import LeaseKeeper, Registration
 from .sync import CatalogSync
@@ -24,12 +24,14 @@ class Registry:
     """
 
     def __init__(self, endpoints: Sequence[str] = ("http://127.0.0.1:2379",), *, prefix: str = "",
-                 timeout: float = 5.0, metrics: Metrics | None = None) -> None:
+                 timeout: float = 5.0, metrics: Metrics | None = None, client: EtcdClient | None = None) -> None:
         self.metrics = metrics or Metrics()
-        self.etcd = EtcdClient(endpoints, timeout=timeout)
+        # ``client``: one built from full settings (auth, TLS); else plaintext to ``endpoints``.
+        self.etcd = client or EtcdClient(endpoints, timeout=timeout)
         self.catalog = Catalog()
         self.leases = LeaseKeeper(self.etcd, prefix, self.metrics.registry)
         self.sync = CatalogSync(self.etcd, prefix, self.catalog, self.metrics.registry)
+        self.hub = WatchHub(self.catalog)
         self._started = False
 
     async def __aenter__(self) -> Registry:
@@ -57,26 +59,26 @@ class Registry:
                        *, healthy: bool | None = True) -> tuple[Agent, ...]:
         """Agents with the capability (and every tag, and the name), healthy ones by default."""
         snapshot = await self.snapshot()
-        return snapshot.select(
-            capability=label(capability) if capability else None,
-            tags=[label(t) for t in tags],
-            name=label(name) if name else None,
-            healthy=healthy,
-        )
+        return Query.of(capability, tags, name, healthy=healthy).select(snapshot)
 
-    async def watch(self) -> AsyncIterator[tuple[Snapshot, Sequence[Event]]]:
-        """Each new snapshot with the events that made it, starting after the first sync."""
-        queue: asyncio.Queue[tuple[Snapshot, Sequence[Event]]] = asyncio.Queue()
-        unsubscribe = self.catalog.subscribe(lambda s, e: queue.put_nowait((s, e)))
+    async def watch(self, capability: str | None = None, tags: Iterable[str] = (), name: str | None = None,
+                    *, from_revision: int | None = None) -> AsyncIterator[Update]:
+        """A SNAPSHOT of the matching agents after the first sync, then each UPSERT/DELETE, in order.
+
+        With ``from_revision`` it starts with the changes after it instead (or RELIST, then a
+        SNAPSHOT, when that revision is gone); a watcher that falls behind gets a fresh SNAPSHOT.
+        """
+        await self.snapshot()
+        subscription = await self.hub.subscribe(Query.of(capability, tags, name), from_revision)
         try:
-            await self.snapshot()
-            while True:
-                yield await queue.get()
+            async for update in subscription:
+                yield update
         finally:
-            unsubscribe()
+            subscription.close()
 
     async def close(self) -> None:
         """Deregister every agent this client registered and disconnect."""
         await self.leases.close()
+        self.hub.close()
         await self.sync.stop()
         await self.etcd.close()

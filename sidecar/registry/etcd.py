@@ -14,17 +14,19 @@ import ipaddress
 import logging
 import random
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc
+import aetcd.watcher
 import grpc
+import grpc.aio
 
-from ..errors import ConfigError, LeaseNotFound, RegistryBusy, RegistryUnavailable, RevisionCompacted
+from ..config import EtcdSettings, parse_endpoints
+from ..errors import AgentExists, ConfigError, LeaseNotFound, RegistryBusy, RegistryUnavailable, RevisionCompacted
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,6 +43,9 @@ _CHANNEL_OPTIONS = {
     # The sidecar's own etcd traffic never goes through an HTTP_PROXY from the environment.
     "grpc.enable_http_proxy": 0,
     "grpc.initial_reconnect_backoff_ms": 200,
+    # A DNS name (a Kubernetes headless service) is resolved again within a second of a failure,
+    # e.g. at pod start, before the pod's own DNS (this sidecar) answers.
+    "grpc.dns_min_time_between_resolutions_ms": 1000,
     "grpc.max_reconnect_backoff_ms": 2000,
     "grpc.max_receive_message_length": 64 * 1024 * 1024,
 }
@@ -62,30 +67,6 @@ class WatchEvent:
     key: str
     value: bytes
     revision: int
-
-
-def parse_endpoints(endpoints: Sequence[str]) -> list[tuple[str, int]]:
-    """(host, port) of each ``http://host:port`` (or bare ``host:port``) etcd endpoint."""
-    parsed = []
-    for endpoint in endpoints:
-        text = endpoint.strip()
-        if not text:
-            continue
-        url = urlsplit(text if "://" in text else f"http://{text}")
-        if url.scheme not in ("http", "https"):
-            raise ConfigError("etcd.endpoints", endpoint, "must be http://host:port")
-        if url.scheme == "https":
-            raise ConfigError("etcd.endpoints", endpoint, "TLS to etcd is not supported yet; use http://")
-        try:
-            port = url.port or 2379
-        except ValueError:
-            raise ConfigError("etcd.endpoints", endpoint, "bad port") from None
-        if not url.hostname:
-            raise ConfigError("etcd.endpoints", endpoint, "missing host")
-        parsed.append((url.hostname, port))
-    if not parsed:
-        raise ConfigError("etcd.endpoints", list(endpoints), "at least one endpoint is needed")
-    return parsed
 
 
 def grpc_target(endpoints: Sequence[tuple[str, int]]) -> str:
@@ -118,26 +99,156 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files for TLS to etcd: the CA (empty: the system's roots) and an optional client pair."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str) -> bytes | None:
+            if not path:
+                return None
+            try:
+                with open(path, "rb") as handle:
+                    return handle.read()
+            except OSError as exc:
+                raise ConfigError("etcd TLS file", path, f"cannot read: {exc.strerror}") from None
+
+        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
+
+
+class _Client(aetcd.Client):
+    """aetcd's client over a TLS channel when given credentials (aetcd itself only dials plaintext)."""
+
+    def __init__(self, *, credentials: grpc.ChannelCredentials | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._credentials is None or self._connected.is_set() or getattr(self, "_is_connecting", False):
+            await super().connect()
+            return
+        # The same steps as aetcd's connect, on a secure channel.
+        self._is_connecting = True
+        try:
+            self.channel = grpc.aio.secure_channel(f"{self._host}:{self._port}", self._credentials,
+                                                   options=list(self._options.items()))
+            if self._username is not None and self._password is not None:
+                self.auth_stub = aetcd.rpc.AuthStub(self.channel)
+                request = aetcd.rpc.AuthenticateRequest(name=self._username, password=self._password)
+                response = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+                self.metadata = (("token", response.token),)
+            self.kvstub = aetcd.rpc.KVStub(self.channel)
+            self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
+            self.leasestub = aetcd.rpc.LeaseStub(self.channel)
+            self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(aetcd.rpc.WatchStub(self.channel), timeout=self._timeout,
+                                                  metadata=self.metadata)
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
 class EtcdClient:
     """Async etcd v3 access with timeouts, typed errors and a shared keepalive stream."""
 
+    @classmethod
+    def from_settings(cls, settings: EtcdSettings) -> EtcdClient:
+        """A client for the ``etcd`` section of the settings (endpoints, timeouts, auth, TLS)."""
+        tls = TlsFiles(settings.ca_file, settings.cert_file, settings.key_file) if settings.tls else None
+        return cls(settings.endpoints, timeout=settings.request_timeout, username=settings.username,
+                   password=settings.password, dial_timeout=settings.dial_timeout, tls=tls)
+
     def __init__(self, endpoints: Sequence[str], *, timeout: float = 5.0,
-                 username: str = "", password: str = "", max_inflight: int = 256) -> None:
+                 username: str = "", password: str = "", max_inflight: int = 256,
+                 dial_timeout: float | None = None, tls: TlsFiles | None = None) -> None:
         self.endpoints = list(endpoints)
         self.timeout = timeout
-        target = grpc_target(parse_endpoints(endpoints))
-        # aetcd builds its target as f"{host}:{port}"; split ours at the last colon.
-        host, _, port = target.rpartition(":")
-        self._client = aetcd.Client(
-            host=host, port=int(port), username=username or None, password=password or None,
-            timeout=timeout, options=dict(_CHANNEL_OPTIONS), connect_wait_timeout=int(max(timeout, 1)),
-        )
+        self._credentials = tls.credentials() if tls is not None else None
+        self._auth = (username or None, password or None)
+        self._connect_wait = int(max(dial_timeout or timeout, 1))
+        self._client = self._dial(grpc_target(parse_endpoints(endpoints)), parse_endpoints(endpoints)[0][0])
+        # One DNS name (a Kubernetes headless service) is followed by gRPC's resolver; a list is synced.
+        self._named = grpc_target(parse_endpoints(endpoints)).startswith("dns:")
+        self._retired: set[asyncio.Task[None]] = set()
+        self._attempt_timeout = max(0.5, timeout / 3)
         self._keepalive: _KeepAliveStream | None = None
         # Bounded in-flight unary calls: a burst of thousands of registrations is queued here
         # instead of pushing etcd into "too many requests".
         self._inflight = asyncio.Semaphore(max_inflight)
 
+    def _dial(self, target: str, tls_name: str) -> _Client:
+        # aetcd builds its target as f"{host}:{port}"; split ours at the last colon.
+        host, _, port = target.rpartition(":")
+        options = dict(_CHANNEL_OPTIONS)
+        if self._credentials is not None:
+            # Several endpoints become one target: the certificates must be valid for this name.
+            options["grpc.ssl_target_name_override"] = tls_name
+        return _Client(host=host, port=int(port), username=self._auth[0], password=self._auth[1],
+                       timeout=self.timeout, options=options, connect_wait_timeout=self._connect_wait,
+                       credentials=self._credentials)
+
+    async def sync_members(self) -> bool:
+        """Dial the cluster's current members from now on (etcd clientv3's AutoSync); whether that changed.
+
+        Members added since start are learnt, removed ones dropped, so that a sidecar
+        outlives every member it was started with. Calls in flight on the old channel
+        finish (or are retried on the new one); watches and keepalives move over by
+        their own retry.
+        """
+        if self._named:
+            return False
+
+        async def member_list() -> Any:
+            await self._client.connect()
+            return await self._client.clusterstub.MemberList(aetcd.rpc.MemberListRequest(), timeout=self.timeout,
+                                                             metadata=self._client.metadata)
+
+        response = await self._call(member_list)
+        voters = [m for m in response.members if not m.isLearner]
+        if any(not m.clientURLs for m in voters):
+            return False  # a member still joining has not published its URLs: ask again next time
+        urls = sorted({url for m in voters for url in m.clientURLs})
+        if not urls or urls == sorted(self.endpoints):
+            return False
+        loop = asyncio.get_running_loop()
+        # Resolved off the event loop (a member may advertise a host name).
+        target = await loop.run_in_executor(None, grpc_target, parse_endpoints(urls))
+        old, self._client = self._client, self._dial(target, parse_endpoints(urls)[0][0])
+        log.info("etcd members now %s (were %s)", ", ".join(urls), ", ".join(self.endpoints))
+        self.endpoints = urls
+        if self._keepalive is not None:
+            keepalive, self._keepalive = self._keepalive, None
+            await keepalive.close()
+        # Let calls in flight on the old channel finish before closing it.
+        task = loop.create_task(self._close_later(old, self.timeout))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+        return True
+
+    @staticmethod
+    async def _close_later(client: _Client, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            await client.close()
+        except Exception:
+            log.debug("closing a retired etcd channel failed", exc_info=True)
+
+    async def run_member_sync(self, interval: float) -> None:
+        """``sync_members`` every ``interval`` seconds, forever (a failed sync is tried again next time)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sync_members()
+            except RegistryUnavailable as exc:
+                log.debug("etcd member sync failed: %s", exc)
+
     async def close(self) -> None:
+        for task in list(self._retired):
+            task.cancel()
         if self._keepalive is not None:
             await self._keepalive.close()
             self._keepalive = None
@@ -146,21 +257,45 @@ class EtcdClient:
         except Exception:  # closing a broken channel must not mask the caller's error
             log.debug("etcd client close failed", exc_info=True)
 
-    async def _call(self, method: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        """One unary call: bounded in flight, retried while etcd sheds load, errors typed."""
+    async def _reconnect(self) -> None:
+        try:
+            await self._client.close()
+        except Exception:
+            log.debug("etcd client close before re-authentication failed", exc_info=True)
+        if self._keepalive is not None:
+            await self._keepalive.close()
+            self._keepalive = None
+
+    async def _call(self, method: str | Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+        """One unary call, retried until it succeeds or ``timeout`` runs out; errors typed.
+
+        ``method`` is an aetcd client method name, or a function that uses ``self._client``.
+        Each attempt gets a third of the deadline, so a member that died with the call
+        in flight (or a follower waiting out an election) costs one attempt, not the
+        whole deadline; the round-robin channel sends the next attempt to another member.
+        Every caller is safe to retry: reads, puts of a whole value and deletes are
+        idempotent; leases are granted under an id chosen here (a retry of a grant that
+        did land says "lease already exists"), and a compare-and-swap that landed is
+        recognised by its value (``put_if``).
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-        delay = 0.01
+        delay = 0.02
         while True:
+            attempt = max(0.05, min(deadline - loop.time(), self._attempt_timeout))
             async with self._inflight:
+                # A method name is looked up per attempt: the member sync may have replaced the client.
+                call = getattr(self._client, method) if isinstance(method, str) else method
                 try:
-                    return await method(*args, **kwargs)
+                    return await asyncio.wait_for(call(*args, **kwargs), attempt)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     cause, error = exc, _translate(exc)
-            # "etcdserver: too many requests": apply has fallen behind commit; back off and retry.
-            if isinstance(error, RegistryBusy) and loop.time() + delay < deadline:
+            if "invalid auth token" in str(error).lower():
+                # etcd's simple tokens expire: authenticate again on a fresh channel.
+                await self._reconnect()
+            if _retryable(error) and loop.time() + delay < deadline:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 0.5)
                 continue
@@ -170,34 +305,116 @@ class EtcdClient:
 
     async def get_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
         """Every key under ``prefix`` and the store revision they were read at."""
-        result = await self._call(self._client.get_prefix, prefix.encode())
+        result = await self._call("get_prefix", prefix.encode())
         return result.header.revision, [
             KeyValue(kv.key.decode(errors="replace"), kv.value, kv.mod_revision, kv.lease) for kv in result.kvs
         ]
 
     async def get(self, key: str) -> KeyValue | None:
-        result = await self._call(self._client.get, key.encode())
+        result = await self._call("get", key.encode())
         if result is None:
             return None
         return KeyValue(key, result.value, result.mod_revision, result.lease)
 
+    async def get_at(self, key: str, revision: int = 0) -> KeyValue | None:
+        """``key`` as it was at ``revision`` (0: now); raises RevisionCompacted when that is gone."""
+        async def read() -> Any:
+            await self._client.connect()
+            request = aetcd.rpc.RangeRequest(key=key.encode(), revision=revision)
+            return await self._client.kvstub.Range(request, timeout=self.timeout, metadata=self._client.metadata)
+
+        response = await self._call(read)
+        if not response.kvs:
+            return None
+        kv = response.kvs[0]
+        return KeyValue(key, kv.value, kv.mod_revision, kv.lease)
+
+    async def history(self, key: str, limit: int = 50) -> list[KeyValue]:
+        """The stored versions of ``key``, newest first, back to its creation or etcd's compaction point."""
+        versions: list[KeyValue] = []
+        current = await self.get_at(key)
+        while current is not None and len(versions) < limit:
+            versions.append(current)
+            if current.mod_revision <= 1:
+                break
+            try:
+                current = await self.get_at(key, current.mod_revision - 1)
+            except RevisionCompacted:
+                break
+        return versions
+
+    async def put_if(self, key: str, value: bytes, mod_revision: int) -> int | None:
+        """Write ``key`` only if its mod revision is still ``mod_revision`` (0: the key must not exist).
+
+        Returns the new revision, or None when someone else wrote it first.
+        """
+        transactions = self._client.transactions
+        succeeded, responses = await self._call("transaction",
+                                                compare=[transactions.mod(key.encode()) == mod_revision],
+                                                success=[transactions.put(key.encode(), value)], failure=[])
+        if succeeded:
+            return int(responses[0].response_put.header.revision)
+        # Lost the compare, or an earlier attempt of this very call landed: the value tells which.
+        current = await self.get_at(key)
+        if current is not None and current.value == value and current.mod_revision > mod_revision:
+            return current.mod_revision
+        return None
+
+    async def put_owned(self, key: str, value: bytes, lease: int, mine: Collection[int]) -> int:
+        """Write ``key`` under ``lease`` if it is absent or held by one of the leases in ``mine``.
+
+        Raises AgentExists when another owner's lease holds it (a compare-and-swap on
+        create, so one agent id cannot be taken over); returns the revision.
+        """
+        transactions = self._client.transactions
+        for _ in range(8):
+            created, responses = await self._call(
+                "transaction", compare=[transactions.create(key.encode()) == 0],
+                success=[transactions.put(key.encode(), value, lease=lease)], failure=[transactions.get(key.encode())])
+            if created:
+                return int(responses[0].response_put.header.revision)
+            found = responses[0]
+            if not found:
+                continue  # deleted in between: try creating again
+            existing = found[0][1]
+            if existing.lease != lease and existing.lease not in mine:
+                raise AgentExists(key, existing.lease)
+            replaced, responses = await self._call(
+                "transaction", compare=[transactions.mod(key.encode()) == existing.mod_revision],
+                success=[transactions.put(key.encode(), value, lease=lease)], failure=[])
+            if replaced:
+                return int(responses[0].response_put.header.revision)
+        raise RegistryUnavailable(f"etcd: {key} kept changing while it was being written")
+
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
         """Write ``key``; with ``lease`` the key dies with the lease. Returns the revision."""
-        result = await self._call(self._client.put, key.encode(), value, lease=lease or None)
+        result = await self._call("put", key.encode(), value, lease=lease or None)
         return int(result.header.revision)
 
     async def delete(self, key: str) -> bool:
-        return await self._call(self._client.delete, key.encode()) is not None
+        return await self._call("delete", key.encode()) is not None
 
     async def grant(self, ttl: int) -> int:
-        """A new lease of ``ttl`` seconds; returns its id."""
-        lease = await self._call(self._client.lease, ttl)
-        return int(lease.id)
+        """A new lease of ``ttl`` seconds; returns its id.
+
+        The id is chosen here, so that a retried grant whose first attempt landed
+        finds its own lease ("already exists") instead of leaving an orphan behind.
+        """
+        lease_id = random.getrandbits(62) + 1
+
+        async def grant_once() -> int:
+            try:
+                lease = await self._client.lease(ttl, lease_id)
+            except aetcd.exceptions.DuplicateLeaseError:
+                return lease_id
+            return int(lease.id)
+
+        return await self._call(grant_once)
 
     async def revoke(self, lease_id: int) -> None:
         """Revoke a lease (its keys are deleted); a lease already gone is not an error."""
         try:
-            await self._call(self._client.revoke_lease, lease_id)
+            await self._call("revoke_lease", lease_id)
         except LeaseNotFound:
             pass
 
@@ -213,7 +430,7 @@ class EtcdClient:
         Iterating it yields batches of changes; it raises RevisionCompacted when
         that revision is gone and RegistryUnavailable when the stream breaks.
         """
-        watch = await self._call(self._client.watch, prefix.encode(),
+        watch = await self._call("watch", prefix.encode(),
                                  range_end=aetcd.utils.prefix_range_end(prefix.encode()),
                                  start_revision=start_revision, progress_notify=True)
         return WatchStream(watch)
@@ -268,10 +485,19 @@ class WatchStream:
             pass
 
 
+def _retryable(error: BaseException) -> bool:
+    if not isinstance(error, RegistryUnavailable):
+        return False
+    text = str(error).lower()
+    return not any(word in text for word in ("permission denied", "authentication failed", "user name is empty"))
+
+
 def _translate(exc: BaseException) -> BaseException:
     if isinstance(exc, aetcd.exceptions.RevisionCompactedError):
         return RevisionCompacted(exc.compacted_revision)
     text = str(exc).lower()
+    if "required revision has been compacted" in text:
+        return RevisionCompacted(0)
     if "too many requests" in text:
         return RegistryBusy(f"etcd: {exc}")
     if "lease not found" in text or "requested lease not found" in text:

@@ -15,7 +15,7 @@ import random
 import time
 from dataclasses import replace
 
-from ..errors import LeaseNotFound, RegistryUnavailable
+from ..errors import AgentExists, LeaseNotFound, RegistryUnavailable
 from ..metrics import RegistryMetrics
 from ..model import Agent, now_rfc3339
 from .etcd import EtcdClient
@@ -32,8 +32,23 @@ class Registration:
         self.key = key
         self.lease_id = lease_id
         self.registered = True
+        # Other keys that live and die with the agent (its A2A card), written under the same lease.
+        self.attachments: dict[str, bytes] = {}
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+
+    async def attach(self, key: str, value: bytes | None) -> None:
+        """Store ``key`` under this registration's lease (None removes it); rewritten after a lease loss."""
+        if value is None:
+            if self.attachments.pop(key, None) is not None:
+                await self._keeper.etcd.delete(key)
+            return
+        self.attachments[key] = value
+        try:
+            await self._keeper.etcd.put(key, value, self.lease_id)
+        except RegistryUnavailable:
+            self.registered = False
+            raise
 
     async def update(self, agent: Agent) -> None:
         """Write a changed record (e.g. a health status) under the same lease.
@@ -85,6 +100,10 @@ class LeaseKeeper:
         self._refresh_interval = refresh_interval
         self._registrations: dict[str, Registration] = {}
 
+    def update(self, refresh_interval: float) -> None:
+        """A new keepalive interval (0: a third of each TTL), used from each lease's next refresh."""
+        self._refresh_interval = refresh_interval
+
     @property
     def registrations(self) -> dict[str, Registration]:
         """Owned registrations by etcd key."""
@@ -102,7 +121,7 @@ class LeaseKeeper:
         started = time.perf_counter()
         try:
             lease_id = await self._write(agent, key)
-        except RegistryUnavailable:
+        except (RegistryUnavailable, AgentExists):
             self._metrics.registrations.labels("error").inc()
             raise
         self._metrics.registration_seconds.observe(time.perf_counter() - started)
@@ -139,12 +158,18 @@ class LeaseKeeper:
 
     async def _write(self, agent: Agent, key: str) -> int:
         lease_id = await self.etcd.grant(max(2, math.ceil(agent.ttl)))
+        # Ours to replace: a record under a lease this keeper holds; anyone else's is refused.
+        mine = {r.lease_id for r in self._registrations.values()}
         try:
-            await self.etcd.put(key, agent.to_bytes(), lease_id)
+            await self.etcd.put_owned(key, agent.to_bytes(), lease_id, mine)
         except BaseException:
             await self._revoke_quietly(lease_id)
             raise
         return lease_id
+
+    async def _write_attachments(self, registration: Registration) -> None:
+        for key, value in list(registration.attachments.items()):
+            await self.etcd.put(key, value, registration.lease_id)
 
     async def _revoke_quietly(self, lease_id: int) -> None:
         try:
@@ -165,6 +190,7 @@ class LeaseKeeper:
                 if not registration.registered:
                     # A write failed while etcd was down: write the current record again.
                     await self.etcd.put(registration.key, registration.agent.to_bytes(), registration.lease_id)
+                    await self._write_attachments(registration)
                     registration.registered = True
                 await asyncio.sleep(interval)
                 continue
@@ -180,13 +206,15 @@ class LeaseKeeper:
                 continue
             try:
                 registration.lease_id = await self._write(registration.agent, registration.key)
+                await self._write_attachments(registration)
                 registration.registered = True
                 self._metrics.reregistrations.inc()
                 log.info("registered %s again under lease %x", registration.key, registration.lease_id)
-            except (TimeoutError, RegistryUnavailable, LeaseNotFound) as exc:
+            except (TimeoutError, RegistryUnavailable, LeaseNotFound, AgentExists) as exc:
                 self._metrics.keepalive_failures.inc()
                 registration.registered = False
-                log.debug("re-registration of %s failed: %s", registration.key, exc)
+                log.log(logging.WARNING if isinstance(exc, AgentExists) else logging.DEBUG,
+                        "re-registration of %s failed: %s", registration.key, exc)
                 await asyncio.sleep(min(interval, 1.0) * random.uniform(0.5, 1.0))
                 continue
             await asyncio.sleep(interval)

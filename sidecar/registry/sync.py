@@ -1,4 +1,4 @@
-"""etcd watch -> catalog: list, watch from the next revision, resume, relist on compaction.
+"""etcd -> catalog: the agents under ``{prefix}/services/``, through one PrefixWatch.
 
 While etcd is unreachable the catalog keeps its last snapshot; ``stale_since``
 and the metrics say since when it may be out of date.
@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import time
+from collections.abc import Sequence
 
 from ..catalog import Catalog, Delete, Event, Reset, Upsert
-from ..errors import RegistryUnavailable, RevisionCompacted, ValidationError
+from ..errors import ValidationError
 from ..metrics import RegistryMetrics
 from ..model import Agent, decode_agent
-from .etcd import EtcdClient, WatchEvent
+from .etcd import EtcdClient
+from .watch import Change, Gone, Listed, PrefixWatch, WatchCounters
 
 log = logging.getLogger(__name__)
 
@@ -30,118 +30,47 @@ class CatalogSync:
 
     def __init__(self, etcd: EtcdClient, prefix: str, catalog: Catalog, metrics: RegistryMetrics,
                  *, max_backoff: float = 2.0) -> None:
-        self._etcd = etcd
-        self._prefix = services_prefix(prefix)
         self._catalog = catalog
         self._metrics = metrics
-        self._max_backoff = max_backoff
-        self._revision = 0
-        self._task: asyncio.Task[None] | None = None
-        self.connected = False
-        # Wall-clock time since which the snapshot may be stale (None while the watch is up).
-        self.stale_since: float | None = time.time()
-        self.synced = asyncio.Event()
-        metrics.stale_seconds.set_function(self.stale_seconds)
+        counters = WatchCounters(events=metrics.watch_events, restarts=metrics.watch_restarts,
+                                 relists=metrics.relists, up=metrics.etcd_up)
+        self.watch: PrefixWatch[Agent] = PrefixWatch(etcd, services_prefix(prefix), self._decode, self._apply,
+                                                     name="agents", counters=counters, max_backoff=max_backoff)
+        metrics.stale_seconds.set_function(self.watch.stale_seconds)
         # Counted when scraped, not on every event (an O(agents) walk).
         metrics.snapshot_healthy_agents.set_function(
             lambda: sum(1 for a in self._catalog.snapshot.agents.values() if a.healthy))
 
-    async def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="catalog-sync")
+    @property
+    def synced(self) -> asyncio.Event:
+        return self.watch.synced
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+    @property
+    def connected(self) -> bool:
+        return self.watch.connected
+
+    @property
+    def stale_since(self) -> float | None:
+        return self.watch.stale_since
 
     def stale_seconds(self) -> float:
-        """Seconds since the snapshot was last known current; 0 while the watch is up."""
-        return 0.0 if self.stale_since is None else max(0.0, time.time() - self.stale_since)
+        return self.watch.stale_seconds()
 
-    async def _run(self) -> None:
-        backoff = 0.05
-        while True:
-            try:
-                if self._revision == 0:
-                    await self._relist()
-                await self._watch()
-            except asyncio.CancelledError:
-                raise
-            except RevisionCompacted as exc:
-                log.warning("watch from revision %d compacted (now %d); relisting",
-                            self._revision + 1, exc.compact_revision)
-                self._metrics.watch_restarts.labels("compacted").inc()
-                self._revision = 0
-                continue
-            except RegistryUnavailable as exc:
-                self._down(str(exc))
-                self._metrics.watch_restarts.labels("unavailable").inc()
-            except Exception:
-                log.exception("catalog sync failed; retrying")
-                self._down("internal error")
-                self._metrics.watch_restarts.labels("error").inc()
-            await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, self._max_backoff)
-            if self.connected:
-                backoff = 0.05
+    async def start(self) -> None:
+        await self.watch.start()
 
-    def _down(self, reason: str) -> None:
-        if self.connected or self.stale_since is None:
-            log.warning("lost the etcd watch (%s); serving the last snapshot (revision %d)",
-                        reason, self._catalog.snapshot.revision)
-        self.connected = False
-        if self.stale_since is None:
-            self.stale_since = time.time()
-        self._metrics.etcd_up.set(0)
+    async def stop(self) -> None:
+        await self.watch.stop()
 
-    def _up(self) -> None:
-        if not self.connected:
-            log.info("etcd watch established at revision %d", self._revision)
-        self.connected = True
-        self.stale_since = None
-        self._metrics.etcd_up.set(1)
-
-    async def _relist(self) -> None:
-        revision, kvs = await self._etcd.get_prefix(self._prefix)
-        agents: dict[str, Agent] = {}
-        for kv in kvs:
-            agent = self._decode(kv.key, kv.value)
-            if agent is not None:
-                agents[kv.key] = agent
-        self._metrics.relists.inc()
-        self._revision = revision
-        self._publish([Reset(revision, agents)])
-
-    async def _watch(self) -> None:
-        stream = await self._etcd.watch_prefix(self._prefix, self._revision + 1)
-        try:
-            self._up()
-            self.synced.set()
-            async for batch in stream:
-                self._publish(self._events(batch))
-        finally:
-            await stream.close()
-
-    def _events(self, batch: list[WatchEvent]) -> list[Event]:
+    def _apply(self, changes: Sequence[Change[Agent]]) -> None:
         events: list[Event] = []
-        for change in batch:
-            self._revision = max(self._revision, change.revision)
-            if change.deleted:
+        for change in changes:
+            if isinstance(change, Listed):
+                events.append(Reset(change.revision, change.items))
+            elif isinstance(change, Gone):
                 events.append(Delete(change.key, change.revision))
-                self._metrics.watch_events.labels("delete").inc()
-                continue
-            agent = self._decode(change.key, change.value)
-            self._metrics.watch_events.labels("put").inc()
-            # A value that no longer parses is dropped rather than served stale.
-            events.append(Delete(change.key, change.revision) if agent is None
-                          else Upsert(change.key, agent, change.revision))
-        return events
-
-    def _publish(self, events: list[Event]) -> None:
+            else:
+                events.append(Upsert(change.key, change.value, change.revision))
         snapshot = self._catalog.apply(events)
         self._metrics.snapshot_revision.set(snapshot.revision)
         self._metrics.snapshot_agents.set(len(snapshot.agents))
@@ -153,4 +82,3 @@ class CatalogSync:
             log.warning("skipping %s: value does not parse: %s", key, exc)
             self._metrics.invalid_values.inc()
             return None
-

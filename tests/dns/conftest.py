@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 import pytest
@@ -109,10 +110,19 @@ class FakeUpstream:
                 upstream._writers.discard(writer)
                 writer.close()
 
-        self._udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=("127.0.0.1", 0))
-        self.port = self._udp.get_extra_info("sockname")[1]
-        self._tcp = await asyncio.start_server(tcp, "127.0.0.1", self.port)
-        return self
+        # The UDP port chosen by the kernel may be taken for TCP (by another process's connection).
+        attempts = 20
+        while True:
+            self._udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=("127.0.0.1", 0))
+            self.port = self._udp.get_extra_info("sockname")[1]
+            try:
+                self._tcp = await asyncio.start_server(tcp, "127.0.0.1", self.port)
+                return self
+            except OSError as exc:
+                self._udp.close()
+                attempts -= 1
+                if exc.errno != errno.EADDRINUSE or not attempts:
+                    raise
 
     async def stop(self) -> None:
         self._udp.close()

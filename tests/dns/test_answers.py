@@ -185,6 +185,28 @@ def test_first_query_fills_the_cache(snapshot: Snapshot) -> None:
     assert answers.fast(plain) is not None
 
 
+def test_exact_cache_answers_repeats_and_is_emptied_when_full(snapshot: Snapshot,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    metrics = Metrics().dns
+    answers = Answers(ZONE, snapshot, metrics)
+    first, second = query("chat.agents.local", qid=0x0101), query("vision.agents.local", qid=0x0101)
+    for data in (first, second):
+        answers.answer(data)
+
+    def hits() -> tuple[int, int]:
+        """(answered by the normalised fast path, answered from the exact cache)."""
+        return metrics.cache_hits, sum(metrics.exact_hits)
+
+    reply = answers.fast(first)
+    assert reply is not None and hits() == (1, 0)
+    assert answers.fast(first) == reply and hits() == (1, 1)
+    # Room for one reply only: keeping the second empties the cache, so the first is parsed again.
+    monkeypatch.setattr("sidecar.dns.answers.EXACT_BYTES", len(reply))
+    assert answers.fast(second) is not None and hits() == (2, 1)
+    assert answers.fast(first) == reply and hits() == (3, 1)
+    assert answers.fast(first) == reply and hits() == (3, 2)
+
+
 # Property tests ------------------------------------------------------------------------------------
 
 KNOWN = ["chat", "gpu.chat", "_chat._tcp", "alpha.service", "a1.id", "b1.id", "vision", "dead", "far",
@@ -236,6 +258,11 @@ def test_fast_path_is_byte_identical_to_the_slow_path(pair: tuple[bytes, bytes])
         assert DNSRecord.parse(slow).header.tc or len(slow) < len(cached.answer(warm, tcp=True))  # type: ignore
     else:
         assert fast == slow
+        # Asked again, with another ID high byte (the same weighted order): the exact-message cache.
+        again = bytes((asked[0] ^ 0xFF,)) + asked[1:]
+        assert cached.fast(asked) == slow
+        assert cached.fast(again) == again[:2] + slow[2:]
+        assert cached.fast(asked, tcp=True) == slow
 
 
 def check_reply(data: bytes, raw: bytes | Forward | None) -> None:

@@ -11,9 +11,9 @@ import pytest
 import pytest_asyncio
 from dnslib import DNSRecord
 
-from sidecar.config import DnsSettings
+from sidecar.config import DnsSettings, HostPort
 from sidecar.dns import forward
-from sidecar.dns.forward import Forwarder, parse_hostport, resolv_conf_upstreams
+from sidecar.dns.forward import Forwarder, resolv_conf_upstreams
 from sidecar.dns.server import upstreams_from
 from sidecar.metrics import DnsMetrics, Metrics
 
@@ -159,11 +159,14 @@ async def test_idle_sockets_too_old_are_closed_when_replaced(upstream: MakeUpstr
     assert fwd._sockets[("127.0.0.1", fake.port)] != [first]
 
 
-def test_parse_hostport() -> None:
-    assert parse_hostport("10.0.0.1") == ("10.0.0.1", 53)
-    assert parse_hostport("10.0.0.1:5353") == ("10.0.0.1", 5353)
-    assert parse_hostport("[::1]:5353") == ("::1", 5353)
-    assert parse_hostport("::1") == ("::1", 53)
+def test_upstream_addresses() -> None:
+    def parse(text: str) -> tuple[str, int]:
+        return tuple(HostPort.parse(text, "dns.upstreams", default_port=53))
+
+    assert parse("10.0.0.1") == ("10.0.0.1", 53)
+    assert parse("10.0.0.1:5353") == ("10.0.0.1", 5353)
+    assert parse("[::1]:5353") == ("::1", 5353)
+    assert parse("::1") == ("::1", 53)
 
 
 def test_resolv_conf_excludes_our_own_listener(tmp_path: Path) -> None:

@@ -198,9 +198,15 @@ async def test_forwarding_failure_is_servfail(make_dns: MakeDns) -> None:
 
 async def test_metrics_count_queries_and_hits(make_dns: MakeDns) -> None:
     server = await make_dns()
+    query = dns.message.make_query("chat.agents.local", "A")
+    query.id = 0x0101  # the same message three times: general path, normalised cache, exact cache
     for _ in range(3):
-        await udp(server, "chat.agents.local")
+        await dns.asyncquery.udp(query, "127.0.0.1", port=server.port, timeout=5)
     await udp(server, "nope.agents.local")
     metrics = server.metrics
-    assert metrics.queries[("A", "NOERROR")] == 3 and metrics.queries[("A", "NXDOMAIN")] == 1
-    assert metrics.cache_hits + metrics.cache_misses == 4 and metrics.cache_hits >= 1
+    assert metrics.query_totals() == {("A", "NOERROR"): 3, ("A", "NXDOMAIN"): 1}
+    assert (metrics.cache_misses, metrics.cache_hits, sum(metrics.exact_hits)) == (2, 1, 1)
+    scraped = {(family.name, tuple(sample.labels.values())): sample.value
+               for family in metrics.collect() for sample in family.samples}  # type: ignore[attr-defined]
+    assert scraped[("sidecar_dns_queries", ("A", "NOERROR"))] == 3
+    assert scraped[("sidecar_dns_cache_hits", ())] == 2

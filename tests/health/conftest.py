@@ -4,6 +4,8 @@ with an optional A2A card, and helpers to run ``sidecar run`` as a process.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -26,6 +28,8 @@ class HttpAgent:
         self.status = 200
         self.cards: dict[str, Any] = {}  # path -> JSON object, or bytes served as is
         self.checks = 0
+        # (path, If-None-Match sent, status answered) of every card request.
+        self.card_requests: list[tuple[str, str, int]] = []
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -35,11 +39,17 @@ class HttpAgent:
 
     async def _card(self, request: web.Request) -> web.Response:
         card = self.cards.get(request.path)
+        asked = request.headers.get("If-None-Match", "")
         if card is None:
+            self.card_requests.append((request.path, asked, 404))
             raise web.HTTPNotFound()
-        if isinstance(card, bytes):
-            return web.Response(body=card, content_type="application/json")
-        return web.json_response(card)
+        body = card if isinstance(card, bytes) else json.dumps(card).encode()
+        etag = f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+        status = 304 if asked == etag else 200
+        self.card_requests.append((request.path, asked, status))
+        if status == 304:
+            return web.Response(status=304, headers={"ETag": etag})
+        return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
 
     async def start(self, port: int = 0) -> HttpAgent:
         app = web.Application()

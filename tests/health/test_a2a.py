@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from sidecar import cards
 from sidecar.errors import CardError
 from sidecar.health import a2a
 from sidecar.model import HEALTHY, parse_agent
@@ -45,7 +46,7 @@ V03 = {
 
 
 def test_v1_card() -> None:
-    card = a2a.parse_card(V1, "test")
+    card = cards.parse_card(V1, "test")
     assert (card.shape, card.url, card.binding, card.port) == ("1.0", "http://127.0.0.1:9999/a2a/v1", "JSONRPC", 9999)
     assert card.capabilities() == ("plan_trip", "book-hotel")
     assert card.tag_labels() == ("travel", "multi-step", "hotels---stays")
@@ -58,7 +59,7 @@ def test_v1_card() -> None:
 
 
 def test_v03_card() -> None:
-    card = a2a.parse_card(V03, "test")
+    card = cards.parse_card(V03, "test")
     assert (card.shape, card.url, card.port, card.protocol_version) == ("0.3", "http://localhost:7000/", 7000, "0.3.0")
     assert card.capabilities() == ("forecast",)
 
@@ -66,13 +67,13 @@ def test_v03_card() -> None:
 def test_merge_keeps_flags_and_makes_a_valid_agent() -> None:
     base = {"name": "", "id": "tp-1", "address": "127.0.0.1", "port": 0, "version": "", "protocol": "http",
             "capabilities": [], "tags": ["mine"], "metadata": {"team": "x", "a2a.name": "flag wins"}}
-    merged = a2a.merge_card(base, a2a.parse_card(V1, "t"), explicit=())
+    merged = cards.merge_card(base, cards.parse_card(V1, "t"), explicit=())
     agent = parse_agent(merged, strict=True)
     assert (agent.name, agent.port, agent.version) == ("travel-planner", 9999, "2.1.0")
     assert agent.capabilities == ("plan_trip", "book-hotel")
     assert agent.tags == ("mine", "travel", "multi-step", "hotels---stays")
     assert agent.metadata["team"] == "x" and agent.metadata["a2a.name"] == "flag wins"
-    kept = a2a.merge_card({**base, "name": "tp", "port": 80, "capabilities": ["chat"]}, a2a.parse_card(V1, "t"),
+    kept = cards.merge_card({**base, "name": "tp", "port": 80, "capabilities": ["chat"]}, cards.parse_card(V1, "t"),
                           explicit=("name", "port", "capabilities"))
     assert (kept["name"], kept["port"], kept["capabilities"]) == ("tp", 80, ["chat"])
 
@@ -91,7 +92,7 @@ def test_merge_keeps_flags_and_makes_a_valid_agent() -> None:
 ])
 def test_malformed_cards_name_the_field(card: Any, reason: str) -> None:
     with pytest.raises(CardError) as caught:
-        a2a.parse_card(card, "card.json")
+        cards.parse_card(card, "card.json")
     assert reason in str(caught.value) and "card.json" in str(caught.value)
 
 
@@ -106,7 +107,7 @@ async def test_files_missing_and_not_json(tmp_path: Path) -> None:
         await a2a.load_card(str(bad), 1.0)
     good = tmp_path / "card.json"
     good.write_text(json.dumps(V03))
-    assert (await a2a.load_card(f"file://{good}", 1.0)).name == "weather"
+    assert (await a2a.read_card(f"file://{good}", 1.0)).name == "weather"
 
 
 @pytest.mark.asyncio

@@ -207,7 +207,7 @@ async def test_an_unexpected_failure_restarts_the_lifecycle(make_server: Callabl
 
     calls = []
 
-    async def flaky_discovery(port: int, timeout: float, host: str = "127.0.0.1") -> Any:
+    async def flaky_discovery(port: int, timeout: float, host: str = "127.0.0.1", **_: Any) -> Any:
         calls.append(port)
         if len(calls) == 1:
             raise RuntimeError("a bug that escaped")

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from sidecar.catalog import Catalog, Upsert
+from sidecar.catalog import Catalog
+from sidecar.discovery import Kind
 from sidecar.errors import LeaseNotFound, RegistryUnavailable
 from sidecar.metrics import Metrics
 from sidecar.model import parse_agent
@@ -193,21 +194,23 @@ async def test_thousand_concurrent_registrations(etcd: EtcdProcess, prefix: str)
 
 async def test_python_api_discover_and_watch(etcd: EtcdProcess, prefix: str) -> None:
     async with Registry([etcd.endpoint], prefix=prefix) as registry:
-        changes = registry.watch()
-        first = asyncio.ensure_future(anext(changes))
-        await asyncio.sleep(0)
+        changes = registry.watch("code")
+        first = await asyncio.wait_for(anext(changes), 20)
+        assert first.kind is Kind.SNAPSHOT and first.agents == ()
         handle = await registry.register(name="coder", address="127.0.0.1", port=9000, capabilities=["Code"],
                                          tags=["py"], ttl="5s")
-        snapshot, events = await asyncio.wait_for(first, 20)
-        while "code" not in snapshot.by_capability:
-            snapshot, events = await asyncio.wait_for(anext(changes), 20)
-        assert any(isinstance(e, Upsert) and e.agent.id == handle.agent.id for e in events)
+        update = await asyncio.wait_for(anext(changes), 20)
+        assert update.kind is Kind.UPSERT and [a.id for _, a in update.agents] == [handle.agent.id]
         assert [a.id for a in await registry.discover("code", tags=["PY"])] == [handle.agent.id]
         assert await registry.discover("code", tags=["go"]) == ()
         assert [a.name for a in await registry.discover(name="coder")] == ["coder"]
         await handle.close()
-        while "code" in snapshot.by_capability:
-            snapshot, _ = await asyncio.wait_for(anext(changes), 20)
+        update = await asyncio.wait_for(anext(changes), 20)
+        assert update.kind is Kind.DELETE and update.agents[0][0] == handle.key
+        resumed = registry.watch("code", from_revision=first.revision)
+        replayed = [await asyncio.wait_for(anext(resumed), 20) for _ in range(2)]
+        assert [u.kind for u in replayed] == [Kind.UPSERT, Kind.DELETE], "the changes after that revision, again"
+        await resumed.aclose()
         await changes.aclose()
 
 

@@ -1,0 +1,1 @@
+"""Kubernetes: sidecar injection (``inject``, pure) and the mutating admission webhook (``webhook``)."""

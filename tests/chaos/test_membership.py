@@ -1,0 +1,72 @@
+"""Members added and removed while a sidecar runs: it learns the member list by itself and outlives the old ones."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+
+import pytest
+
+from sidecar.registry.etcd import EtcdClient
+
+from ..etcd_cluster import EtcdCluster, Member
+
+pytestmark = [pytest.mark.etcd, pytest.mark.chaos, pytest.mark.asyncio]
+
+
+def member_id(cluster: EtcdCluster, name: str) -> str:
+    members = json.loads(cluster.ctl("member", "list", "-w", "json"))["members"]
+    return next(format(m["ID"], "x") for m in members if m.get("name") == name)
+
+
+def reconfigure(cluster: EtcdCluster, *args: str) -> None:
+    """A member add/remove; etcd refuses one until every member has been connected a few seconds."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            cluster.ctl("member", *args)
+            return
+        except subprocess.CalledProcessError as exc:
+            if b"unhealthy cluster" not in exc.stderr or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def add_member(cluster: EtcdCluster, name: str) -> Member:
+    member = Member(name, cluster.dir)
+    reconfigure(cluster, "add", name, f"--peer-urls={member.peer_url}")
+    running = [m for m in cluster.members if m.running]
+    member.start(cluster.initial_cluster([*running, member]), state="existing")
+    cluster.members.append(member)
+    return member
+
+
+async def test_the_client_follows_the_member_list(cluster: EtcdCluster) -> None:
+    client = EtcdClient([cluster.members[0].endpoint], timeout=5)
+    try:
+        await client.put("/m/k", b"0")
+        for _ in range(100):
+            if await client.sync_members():
+                break
+            await asyncio.sleep(0.1)
+        assert sorted(client.endpoints) == sorted(cluster.endpoints), "the members it was not given are learnt"
+        new = add_member(cluster, "m3")
+        for _ in range(100):
+            if await client.sync_members() or new.endpoint in client.endpoints:
+                break
+            await asyncio.sleep(0.1)
+        assert new.endpoint in client.endpoints
+        # Remove every original member; the client keeps working through the ones it learnt.
+        for gone in ("m0", "m1"):
+            reconfigure(cluster, "remove", member_id(cluster, gone))
+            next(m for m in cluster.members if m.name == gone).kill()
+            cluster.wait_for_leader()
+            await client.sync_members()
+        assert sorted(client.endpoints) == sorted(m.endpoint for m in cluster.members if m.running)
+        await client.put("/m/k", b"1")
+        stored = await client.get_at("/m/k")
+        assert stored is not None and stored.value == b"1"
+    finally:
+        await client.close()

@@ -99,6 +99,10 @@ class ProxyError(SidecarError):
         super().__init__(detail or type(self).__name__)
 
 
+class TaskOwnerUnavailable(ProxyError):
+    """An A2A call names a task or context whose agent is gone or not servable; no other agent knows it."""
+
+
 class BadRequest(ProxyError):
     """The client sent a request that is not valid HTTP/1 (bad request line, smuggling)."""
 

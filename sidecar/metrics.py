@@ -213,6 +213,8 @@ class ProxyMetrics:
         # Read at scrape time by ``collect``.
         self.requests: collections.Counter[tuple[str, str]] = collections.Counter()  # (kind, outcome)
         self.attempts: collections.Counter[str] = collections.Counter()  # by outcome kind
+        # A2A calls that name a task or context: owner found (hit), not known (miss), owner gone; cards served.
+        self.a2a: collections.Counter[str] = collections.Counter()
         self.durations = Buckets(self.DURATION_BUCKETS)
         self.connections = 0
         self.upstream_connections = 0
@@ -252,7 +254,13 @@ class ProxyMetrics:
                                        labels=["outcome"])
         for outcome, count in sorted(self.attempts.items()):
             attempts.add_metric([outcome], count)
+        a2a = CounterMetricFamily("sidecar_proxy_a2a", "A2A routing: calls naming a task or context (outcome hit, "
+                                  "miss or owner_gone) and cards answered from the registry (card_served).",
+                                  labels=["outcome"])
+        for outcome, count in sorted(self.a2a.items()):
+            a2a.add_metric([outcome], count)
         return [
+            a2a,
             requests,
             self.durations.family("sidecar_proxy_request_duration_seconds",
                                   "Time from request head to response head sent."),

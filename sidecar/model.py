@@ -68,6 +68,25 @@ def parse_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
         return None
 
 
+LOAD_KEY = "load"
+
+
+def parse_load(text: str) -> float:
+    """An agent's published load: a share of capacity (``0.7``) or in-flight/capacity (``3/8``), clamped
+    to 0..1; anything else is 0 (no signal)."""
+    try:
+        if "/" in text:
+            used, _, capacity = text.partition("/")
+            value = float(used) / float(capacity)
+        else:
+            value = float(text) if text else 0.0
+    except (ValueError, ZeroDivisionError):
+        return 0.0
+    if value != value:  # NaN
+        return 0.0
+    return min(1.0, max(0.0, value))
+
+
 def parse_duration(value: object) -> float:
     """Seconds from Go's integer nanoseconds or a Go duration string ("1m30s", "500ms").
 
@@ -159,6 +178,8 @@ class Agent:
     capability_labels: tuple[str, ...] = field(init=False, compare=False, repr=False)
     tag_labels: frozenset[str] = field(init=False, compare=False, repr=False)
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = field(init=False, compare=False, repr=False)
+    # metadata["load"] as a share of capacity in use, 0..1 (0 when absent or unreadable).
+    load: float = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         setattr_ = object.__setattr__
@@ -167,6 +188,7 @@ class Agent:
         setattr_(self, "capability_labels", _labels(self.capabilities))
         setattr_(self, "tag_labels", _label_set(self.tags))
         setattr_(self, "ip", parse_ip(self.address))
+        setattr_(self, "load", parse_load(self.metadata.get(LOAD_KEY, "")))
 
     @property
     def healthy(self) -> bool:

@@ -76,7 +76,7 @@ class Server:
         self.proxy = ProxyServer(
             settings, self.catalog, self.metrics.proxy, admitted=self.outliers.admitted,
             observers=[lambda outcome: self.outliers.observe(outcome.agent_id, outcome.kind.value)],
-            tracing=Tracing.build(settings.tracing))
+            tracing=Tracing.build(settings.tracing), cards=self.cards)
         self.components.append(self.proxy)
         self.admin = AdminApi(settings.admin, self.catalog, self.hub, self.control, self.leases, self.config,
                               self.metrics, self.readiness, cards=self.cards,

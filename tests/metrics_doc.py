@@ -138,6 +138,10 @@ async def busy_sidecar(make_server: Callable[..., object]) -> AsyncIterator[Serv
                 async with http.get(f"http://{proxy_host}:{proxy_port}/health",
                                     headers={"Host": "echo.agents.local"}) as response:
                     assert response.status == 200, await response.text()
+            # An A2A call naming a task nobody is known to hold: counted as a miss, relayed as usual.
+            async with http.post(f"http://{proxy_host}:{proxy_port}/health", headers={"Host": "echo.agents.local"},
+                                 json={"jsonrpc": "2.0", "id": 1, "method": "tasks/get", "params": {"id": "t"}}):
+                pass
         yield server
     finally:
         await backend.stop()

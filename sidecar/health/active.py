@@ -32,6 +32,11 @@ class Verdict:
     status: str = UNKNOWN
     loaded: bool = False
     detail: str = ""
+    load: float | None = None  # the agent's reported load, published as metadata["load"]
+
+
+# A reported load is published again when it moved by at least this much.
+LOAD_STEP = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +110,11 @@ class Tracker:
             loaded = old.loaded
         if loaded != old.loaded:
             self.loaded_streak = 0
-        self.verdict = Verdict(status, loaded, result.detail)
-        return (status, loaded) != (old.status, old.loaded)
+        load = old.load
+        if result.load is None or old.load is None or abs(result.load - old.load) >= LOAD_STEP:
+            load = result.load  # smaller moves are not worth an etcd write
+        self.verdict = Verdict(status, loaded, result.detail, load)
+        return (status, loaded, load) != (old.status, old.loaded, old.load)
 
 
 class ActiveChecker:

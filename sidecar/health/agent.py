@@ -21,7 +21,7 @@ from ..cards import Card, card_key, merge_card
 from ..config import A2aSettings, AgentSettings, HealthCheckSettings
 from ..errors import AgentExists, CardError, RegistryUnavailable, ValidationError
 from ..metrics import HealthMetrics
-from ..model import HEALTHY, UNHEALTHY, Agent, new_agent_id, parse_agent
+from ..model import HEALTHY, LOAD_KEY, UNHEALTHY, Agent, new_agent_id, parse_agent
 from ..registry.lease import LeaseKeeper, Registration
 from . import a2a
 from .active import ActiveChecker, Verdict
@@ -309,5 +309,7 @@ def _with_verdict(agent: Agent, verdict: Verdict) -> Agent:
     metadata = {k: v for k, v in agent.metadata.items() if k != LOADED_KEY}
     if verdict.loaded:
         metadata[LOADED_KEY] = "true"
+    if verdict.load is not None:
+        metadata[LOAD_KEY] = f"{verdict.load:.2f}"
     return replace(agent, metadata=metadata, health=replace(agent.health, status=verdict.status))
 

@@ -235,3 +235,72 @@ def rewrite_card(raw: bytes, authority: str, scheme: str = "http") -> bytes:
                     interface["url"] = point(interface["url"])
     card.pop("signatures", None)
     return json.dumps(card, separators=(",", ":")).encode()
+
+
+class Learner:
+    """Reads one A2A response as it is relayed and tells ``owners`` which task and context ``agent_id`` holds.
+
+    An event stream is scanned line by line; a JSON body is kept up to ``limit``
+    bytes and read at its end. Nothing is held back from the client.
+    """
+
+    __slots__ = ("_agent_id", "_body", "_limit", "_owners", "_scanner")
+
+    def __init__(self, owners: Owners, agent_id: str, limit: int, content_type: bytes) -> None:
+        self._owners = owners
+        self._agent_id = agent_id
+        self._limit = limit
+        self._scanner = EventScanner(limit) if b"text/event-stream" in content_type.lower() else None
+        self._body: bytearray | None = None if self._scanner is not None else bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        scanner = self._scanner
+        if scanner is not None:
+            for task_id, context_id in scanner.feed(chunk):
+                self._owners.learn(task_id, context_id, self._agent_id)
+        elif self._body is not None:
+            self._body += chunk
+            if len(self._body) > self._limit:
+                self._body = None
+
+    def close(self) -> None:
+        """The response ended: read the JSON body."""
+        if self._body:
+            task_id, context_id = ids_in_body(bytes(self._body))
+            self._owners.learn(task_id, context_id, self._agent_id)
+        self._body = None
+
+
+CARD_PATHS = frozenset((b"/.well-known/agent-card.json", b"/.well-known/agent.json"))
+
+
+class A2aRouting:
+    """What the relay needs for A2A: task/context owners, the registry's cards and the limits (live)."""
+
+    __slots__ = ("cards", "max_body", "owners", "stream_idle_timeout")
+
+    def __init__(self, owners: Owners, cards: Any, max_body: int, stream_idle_timeout: float) -> None:
+        self.owners = owners
+        self.cards = cards  # a CardIndex
+        self.max_body = max_body
+        self.stream_idle_timeout = stream_idle_timeout
+
+    def update(self, settings: Any, stream_idle_timeout: float) -> None:
+        """New ``a2a`` settings (an A2aSettings) and stream idle timeout; learnt owners are kept."""
+        self.max_body = settings.max_body
+        self.owners.update(settings.max_tasks, settings.max_contexts, settings.ttl)
+        self.stream_idle_timeout = stream_idle_timeout
+
+    def candidate(self, method: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Whether a request may be an A2A call to read before choosing: a POST of JSON within ``max_body``."""
+        if method != b"POST":
+            return False
+        length = -1
+        json_body = False
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                length = int(value) if value.strip().isdigit() else -1
+            elif lower == b"content-type":
+                json_body = b"json" in value.lower()
+        return json_body and 0 < length <= self.max_body

@@ -33,8 +33,8 @@ PIPELINE_LIMIT = 16
 class Request:
     """One client request: head, and a body that is streamed to the attached upstream."""
 
-    __slots__ = ("body_done", "chunked", "client", "error", "headers", "keep_alive", "method", "pending",
-                 "pending_size", "replay", "replay_size", "sink", "trace", "upgrade", "url", "version")
+    __slots__ = ("body_done", "chunked", "client", "done_waiter", "error", "headers", "held", "keep_alive", "method",
+                 "pending", "pending_size", "replay", "replay_size", "sink", "trace", "upgrade", "url", "version")
 
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
@@ -53,8 +53,14 @@ class Request:
         self.replay_size = 0
         self.sink: Upstream | None = None
         self.trace: Trace | None = None  # only while the access log or tracing is on
+        # An A2A call's body, kept whole (up to a2a.max_body) to read what it names before an agent is chosen.
+        self.held: bytearray | None = None
+        self.done_waiter: asyncio.Future[None] | None = None
 
     def feed(self, chunk: bytes) -> None:
+        held = self.held
+        if held is not None:
+            held += chunk
         if self.replay is not None:
             self.replay_size += len(chunk)
             if self.replay_size <= REPLAY_LIMIT:
@@ -67,11 +73,22 @@ class Request:
         else:
             self.pending.append(chunk)
             self.pending_size += len(chunk)
-            if self.pending_size > PENDING_LIMIT:
+            if self.pending_size > PENDING_LIMIT and held is None:
                 self.client.pause_reading("pending")
+
+    async def whole(self) -> bytes:
+        """The whole body (the caller made it ``held``, bounded by its Content-Length)."""
+        if not self.body_done:
+            self.done_waiter = self.client.loop.create_future()
+            self.client.resume_reading("pending")
+            await self.done_waiter
+        return bytes(self.held or b"")
 
     def finish(self) -> None:
         self.body_done = True
+        waiter = self.done_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         if self.sink is not None and self.chunked:
             self.sink.write_raw(b"0\r\n\r\n")
 
@@ -207,6 +224,9 @@ class ClientConnection:
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
         request.upgrade = parser.should_upgrade()
+        a2a = self.relay.a2a
+        if a2a is not None and a2a.candidate(request.method, request.headers):
+            request.held = bytearray()  # an A2A call's body is read before an agent is chosen
         if not self.busy and not self.queue and self.relay.begin(self, request):
             return
         self.queue.append(request)

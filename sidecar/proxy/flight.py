@@ -15,6 +15,7 @@ import typing
 
 from ..errors import ProxyError
 from . import routing, tunnel
+from .a2a import Call
 from .client import ClientConnection, Request
 from .heads import Keys
 from .load import OutcomeKind
@@ -47,8 +48,8 @@ class AttemptFailed(Exception):
 class Flight:
     """One request forwarded to agents, across its attempts."""
 
-    __slots__ = ("attempt_started", "choice", "client", "head", "keep", "keys", "last_agent", "last_error", "relay",
-                 "released", "request", "route", "started", "tried", "waiter")
+    __slots__ = ("attempt_started", "call", "choice", "client", "head", "keep", "keys", "last_agent", "last_error",
+                 "pinned", "relay", "released", "request", "route", "started", "tried", "waiter")
 
     def __init__(self, relay: Relay, client: ClientConnection, request: Request, route: routing.Route, head: bytes,
                  keys: Keys, started: float) -> None:
@@ -66,6 +67,8 @@ class Flight:
         self.last_agent = ""
         self.keep = True  # keep the client connection after this response
         self.released = False  # the target's concurrency slot is given back
+        self.call: Call | None = None  # an A2A call: its answer is read for task and context owners
+        self.pinned: str | None = None  # the agent holding the call's task or context: it or nobody
         # Set while the connection's task waits in ``Relay.fly`` for the step the callbacks are taking.
         self.waiter: asyncio.Future[tuple[str, object]] | None = None
 
@@ -115,6 +118,8 @@ class Flight:
                                                         choice.set_cookie if choice is not None else None,
                                                         request.keep_alive)
         relay.relayed(request, exchange, self.route.kind, agent_id, self.started)
+        if relay.a2a is not None:
+            relay.a2a_commit(self, exchange, agent_id)
         exchange.commit(head, frame_chunked)
         return keep
 

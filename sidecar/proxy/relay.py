@@ -13,11 +13,20 @@ from collections.abc import Awaitable, Callable
 
 from ..catalog import Catalog
 from ..config import ProxySettings
-from ..errors import BadRequest, PassthroughDisabled, ProxyError, UpstreamError, UpstreamTimeout
+from ..errors import (
+    BadRequest,
+    NoHealthyAgent,
+    PassthroughDisabled,
+    ProxyError,
+    TaskOwnerUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from ..metrics import ProxyMetrics
 from ..model import Agent
 from ..tracing import Tracing, sampled_parent
 from . import routing, tunnel
+from .a2a import CARD_PATHS, A2aRouting, Call, Learner, read_call, rewrite_card
 from .client import ClientConnection, Request
 from .flight import GONE, RETRY, UPGRADE, AttemptFailed, ClientGone, Flight
 from .heads import Keys, request_head, response_head, retry_after
@@ -36,9 +45,10 @@ class Relay:
 
     def __init__(self, settings: ProxySettings, zone: str, catalog: Catalog, policy: Policy,
                  metrics: ProxyMetrics, loop: asyncio.AbstractEventLoop | None = None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, a2a: A2aRouting | None = None) -> None:
         self.settings = settings
         self.tracing = tracing
+        self.a2a = a2a
         # Requests get a Trace record only while something reads it: every request while the
         # access log is on, else only those traced (decided when the request head is built).
         self.access_log = settings.access_log
@@ -114,6 +124,11 @@ class Relay:
             if route.kind == "external":
                 if not self.settings.passthrough:
                     raise PassthroughDisabled(route.host, f"{route.host} is outside {self.zone} and passthrough is off")
+            elif self.a2a is not None:
+                if request.method == b"GET" and path in CARD_PATHS and self._serve_card(client, request, route):
+                    return request.keep_alive
+                if request.held is not None:
+                    return await self._forward(client, request, route, path, read_call(await request.whole()))
             return await self._forward(client, request, route, path)
         except ProxyError as err:
             return self.answer(client, request, kind, err)
@@ -206,8 +221,11 @@ class Relay:
         head, keys = self._request_head(request, route, path)
         return Flight(self, client, request, route, head, keys, started)
 
-    async def _forward(self, client: ClientConnection, request: Request, route: routing.Route, path: bytes) -> bool:
+    async def _forward(self, client: ClientConnection, request: Request, route: routing.Route, path: bytes,
+                       call: Call | None = None) -> bool:
         flight = self._flight(client, request, route, path)
+        if call is not None:
+            self._a2a_call(flight, call)
         if route.kind == "external":
             flight.released = True  # passthrough: no agent, no admission
         else:
@@ -286,6 +304,8 @@ class Relay:
             self.policy.done(flight.route)
 
     def _choose(self, flight: Flight) -> Choice:
+        if flight.pinned is not None:
+            return self._owner(flight, flight.pinned)
         try:
             return self.policy.choose(flight.route, self.catalog.snapshot, flight.keys, flight.tried)
         except ProxyError:
@@ -360,6 +380,8 @@ class Relay:
             return False
         if route.kind == "external":
             return False
+        if self.a2a is not None and (request.held is not None or path in CARD_PATHS):
+            return False  # read the call (or answer the card) before choosing, in the task
         if self.access_log:
             request.trace = Trace(request.method, client.peer, self.loop.time())
             request.trace.target(route.kind, route.host, path, route.capability)
@@ -420,8 +442,8 @@ class Relay:
     def _may_retry(self, flight: Flight, sent: bool) -> bool:
         """Whether a failed attempt may go to another agent: one is left, it is safe, the budget allows it."""
         request = flight.request
-        if len(flight.tried) > self.policy.retry_attempts:
-            return False
+        if len(flight.tried) > self.policy.retry_attempts or flight.pinned is not None:
+            return False  # a task's calls go to its owner or nowhere
         if not safe_to_retry(request.method, sent, request.replayable and request.body_done):
             return False
         if not self.policy.has_another(flight.route, self.catalog.snapshot, flight.tried):
@@ -451,6 +473,82 @@ class Relay:
             trace.finish(self.loop.time(), body, self.settings.access_log)
         except Exception:
             log.exception("telling how a proxy request went failed")
+
+    # -- A2A (docs/a2a.md): cards answered from the registry, calls kept on the agent holding their task
+
+    def _serve_card(self, client: ClientConnection, request: Request, route: routing.Route) -> bool:
+        """Answer a card read from the registry, rewritten to the name the client used; False when
+        the picked agent published none (the request is then forwarded)."""
+        a2a = self.a2a
+        assert a2a is not None
+        policy = self.policy
+        policy.admit(route)
+        try:
+            choice = policy.choose(route, self.catalog.snapshot, Keys(), ())
+        except ProxyError:
+            policy.done(route)
+            raise
+        try:
+            agent = choice.agent
+            stored = a2a.cards.of(agent.name, agent.id)
+            if stored is None:
+                return False
+            body = rewrite_card(stored.card.raw, route.host)
+        finally:
+            self._abandon(choice)
+            policy.done(route)
+        a2a_count = self.metrics.a2a
+        a2a_count["card_served"] += 1
+        self.count(route.kind, "ok")
+        client.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                     b"x-sidecar-agent: %s\r\n%s\r\n%s" % (len(body), agent.id.encode(),
+                                                           b"" if request.keep_alive else b"connection: close\r\n",
+                                                           body))
+        return True
+
+    def _a2a_call(self, flight: Flight, call: Call) -> None:
+        """Route a call naming a known task or context to the agent holding it; learn from its answer."""
+        flight.call = call
+        if not call.routed:
+            return
+        assert self.a2a is not None
+        owner = self.a2a.owners.owner(call)
+        self.metrics.a2a["hit" if owner is not None else "miss"] += 1
+        flight.pinned = owner
+
+    def _owner(self, flight: Flight, agent_id: str) -> Choice:
+        """The agent holding the flight's task or context, or TaskOwnerUnavailable (never another agent)."""
+        route = flight.route
+        snapshot = self.catalog.snapshot
+        others = [a.id for a in self.policy.agents(route, snapshot) if a.id != agent_id]
+        try:
+            if agent_id in flight.tried or len(others) == len(self.policy.agents(route, snapshot)):
+                raise NoHealthyAgent(route.host, "gone")
+            return self.policy.choose(route, snapshot, flight.keys, others)
+        except ProxyError as exc:
+            self.metrics.a2a["owner_gone"] += 1
+            raise TaskOwnerUnavailable(route.host, f"agent {agent_id}, which holds this task or context, cannot "
+                                                   f"take it ({exc}); no other agent knows it") from None
+
+    def a2a_commit(self, flight: Flight, exchange: Exchange, agent_id: str) -> None:
+        """The response head is going to the client: a stream gets the stream idle timeout, an A2A call's
+        answer is read for the task and context it names."""
+        a2a = self.a2a
+        assert a2a is not None
+        content_type = b""
+        for name, value in exchange.headers:
+            if len(name) == 12 and name.lower() == b"content-type":
+                content_type = value
+                break
+        if b"event-stream" in content_type:
+            exchange.timeout = a2a.stream_idle_timeout
+        if flight.call is None or not agent_id:
+            return
+        tap = exchange.tap = Learner(a2a.owners, agent_id, a2a.max_body, content_type)
+        for chunk in exchange.body:
+            tap.feed(chunk)
+        if exchange.complete:
+            tap.close()
 
     def close(self) -> None:
         """Close every client connection and pooled upstream connection."""

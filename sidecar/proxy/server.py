@@ -9,11 +9,13 @@ import time
 import typing
 from collections.abc import Callable, Iterable, Sequence
 
+from ..cards import CardIndex
 from ..catalog import Catalog, Event, Snapshot
-from ..config import Settings
+from ..config import HostPort, Settings
 from ..metrics import ProxyMetrics
 from ..model import Agent
 from ..tracing import Tracing
+from .a2a import A2aRouting, Owners
 from .breaker import State
 from .load import Observer
 from .policy import Policy
@@ -24,19 +26,13 @@ log = logging.getLogger(__name__)
 _STATE_VALUES = {"closed": 0, "open": 1, "half_open": 2}
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``host:port`` (IPv6 in brackets) -> (host, port)."""
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 class ProxyServer:
     """``async start()`` / ``async stop()``; settings swap live with ``update``."""
 
     def __init__(self, settings: Settings, catalog: Catalog, metrics: ProxyMetrics, *,
                  admitted: Callable[[Agent], bool] | None = None, observers: Iterable[Observer] = (),
-                 tracing: Tracing | None = None, clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None) -> None:
+                 tracing: Tracing | None = None, cards: CardIndex | None = None,
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
         """``admitted``: a local filter on servable agents (passive health's outlier ejections);
         ``observers``: called with every upstream attempt's Outcome; ``tracing``: spans, or None."""
         self.settings = settings
@@ -48,6 +44,10 @@ class ProxyServer:
                              panic=settings.health_check.panic)
         for observer in observers:
             self.policy.loads.add_observer(observer)
+        a2a = settings.a2a
+        # A2A routing: who holds each task and context, and the registry's cards to answer from.
+        self.a2a = A2aRouting(Owners(a2a.max_tasks, a2a.max_contexts, a2a.ttl, clock), cards or CardIndex(),
+                              a2a.max_body, settings.proxy.stream_idle_timeout)
         self._relay: Relay | None = None
         self._server: asyncio.Server | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -71,8 +71,8 @@ class ProxyServer:
         """Listen on ``proxy.listen``."""
         loop = asyncio.get_running_loop()
         relay = self._relay = Relay(self.settings.proxy, self.settings.dns.domain, self.catalog, self.policy,
-                                    self.metrics, loop, self.tracing)
-        host, port = parse_listen(self.settings.proxy.listen)
+                                    self.metrics, loop, self.tracing, self.a2a)
+        host, port = HostPort.parse(self.settings.proxy.listen, "proxy.listen")
         # ClientConnection is an asyncio protocol by its methods, not its base class (see there).
         factory = typing.cast("Callable[[], asyncio.BaseProtocol]", relay.protocol)
         self._server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
@@ -100,6 +100,7 @@ class ProxyServer:
         """Hot-apply the balancer, breaker, retry, sticky and proxy settings (not the listener)."""
         self.settings = settings
         self.policy.update(settings.load_balancer, settings.sticky, settings.proxy, panic=settings.health_check.panic)
+        self.a2a.update(settings.a2a, settings.proxy.stream_idle_timeout)
         if self._relay is not None:
             self._relay.zone = settings.dns.domain
             self._relay.update(settings.proxy)

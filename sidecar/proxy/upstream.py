@@ -12,6 +12,7 @@ import httptools
 from ..errors import ProxyError, UpstreamError, UpstreamTimeout
 
 if typing.TYPE_CHECKING:
+    from .a2a import Learner
     from .client import ClientConnection
     from .flight import Flight
     from .relay import Relay
@@ -152,7 +153,7 @@ class Exchange:
 
     __slots__ = ("active", "body", "client", "committed", "complete", "conn", "failure", "flight", "frame_chunked",
                  "headed", "headers", "keep_alive", "landing", "last", "loop", "no_body", "reason", "status",
-                 "timeout", "upgraded")
+                 "tap", "timeout", "upgraded")
 
     def __init__(self, client: ClientConnection, conn: Upstream, timeout: float, no_body: bool,
                  active: set[Exchange], flight: Flight) -> None:
@@ -176,6 +177,8 @@ class Exchange:
         self.complete = False
         self.frame_chunked = False
         self.upgraded: bytes | None = None
+        # An A2A response's reader (task and context owners), set by the relay when the head lands.
+        self.tap: Learner | None = None
         self.timeout = timeout
         self.last = self.loop.time()
         # Watched by the relay's sweeper (one timer for all exchanges, not one each).
@@ -248,6 +251,8 @@ class Exchange:
     def on_body(self, chunk: bytes) -> None:
         if self.no_body:
             return
+        if self.tap is not None:
+            self.tap.feed(chunk)
         if self.committed:
             if self.frame_chunked:
                 self.client.transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))  # type: ignore[union-attr]
@@ -295,6 +300,8 @@ class Exchange:
             return
         self.complete = True
         self.stop_timer()
+        if self.tap is not None:
+            self.tap.close()
         if self.committed:
             if self.frame_chunked:
                 self.client.write(b"0\r\n\r\n")

@@ -26,6 +26,7 @@ class HttpAgent:
 
     def __init__(self) -> None:
         self.status = 200
+        self.load = ""  # sent as x-agent-load when set
         self.cards: dict[str, Any] = {}  # path -> JSON object, or bytes served as is
         self.checks = 0
         # (path, If-None-Match sent, status answered) of every card request.
@@ -35,7 +36,8 @@ class HttpAgent:
 
     async def _health(self, request: web.Request) -> web.Response:
         self.checks += 1
-        return web.Response(status=self.status, text="ok" if self.status < 300 else "not ok")
+        headers = {"x-agent-load": self.load} if self.load else {}
+        return web.Response(status=self.status, text="ok" if self.status < 300 else "not ok", headers=headers)
 
     async def _card(self, request: web.Request) -> web.Response:
         card = self.cards.get(request.path)

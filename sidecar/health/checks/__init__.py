@@ -18,6 +18,8 @@ class Result:
     healthy: bool
     loaded: bool = False
     detail: str = ""
+    # The share of capacity in use the agent reported (HTTP check: an ``x-agent-load`` header), or None.
+    load: float | None = None
 
 
 class HealthCheck(Protocol):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 
+from ...model import parse_load
 from . import Result
 
 LOADED = 429
@@ -26,14 +27,16 @@ class Http:
             async with self._session.get(self.url, allow_redirects=False) as response:
                 await response.read()
                 status = response.status
+                reported = response.headers.get("x-agent-load")
         except TimeoutError:
             return Result(False, detail=f"no answer within {self.timeout:g}s")
         except aiohttp.ClientError as exc:
             return Result(False, detail=f"{type(exc).__name__}: {exc}")
+        load = parse_load(reported) if reported is not None else None
         if 200 <= status < 300:
-            return Result(True, detail=f"HTTP {status}")
+            return Result(True, detail=f"HTTP {status}", load=load)
         if status == LOADED:
-            return Result(True, loaded=True, detail="HTTP 429")
+            return Result(True, loaded=True, detail="HTTP 429", load=load)
         return Result(False, detail=f"HTTP {status}")
 
     async def close(self) -> None:

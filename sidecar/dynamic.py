@@ -11,7 +11,6 @@ and value named, and the last good configuration stays in force.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -284,15 +283,6 @@ class ConfigStore:
 
     async def history(self) -> list[dict[str, Any]]:
         return await document_history(self._etcd, self.prefix)
-
-    async def wait_version(self, version: int, timeout: float) -> bool:
-        """Whether ``version`` (or a newer one) got applied or rejected within ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.version >= version or (self.error and self.error["version"] >= version):
-                return True
-            await asyncio.sleep(0.01)
-        return False
 
 
 def _jsonable(value: object) -> object:

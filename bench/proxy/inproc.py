@@ -4,7 +4,7 @@ Upstream protocols fed a request and a response through fake transports, on the 
 (four syscalls and the wake-ups they cause) is not in this number.
 
     python bench/proxy/inproc.py [--algorithm weighted_random] [--no-sticky] [--session] [--requests 100000]
-        [--access-log] [--tracing RATIO] [--profile]
+        [--access-log] [--tracing RATIO] [--no-a2a] [--profile]
 
 The defaults are the daemon's: weighted_random, sticky sessions on, and (as with wrk) a
 client that never sends the affinity cookie back, so every response sets it.
@@ -74,7 +74,9 @@ async def main(args: argparse.Namespace) -> None:
                                 "tracing": {"otlp_endpoint": endpoint, "sample_ratio": args.tracing or 0.0}})
     tracing = Tracing.build(settings.tracing)
     proxy = ProxyServer(settings, catalog, Metrics().proxy, tracing=tracing)
-    relay = Relay(settings.proxy, settings.dns.domain, catalog, proxy.policy, proxy.metrics, tracing=tracing)
+    # As the daemon builds it: A2A routing on (--no-a2a measures the relay without it).
+    relay = Relay(settings.proxy, settings.dns.domain, catalog, proxy.policy, proxy.metrics, tracing=tracing,
+                  a2a=proxy.a2a if args.a2a else None)
     for agent in agents.values():
         conn = Upstream(relay, (agent.address, agent.port))
         conn.connection_made(Transport())  # type: ignore[arg-type]
@@ -125,6 +127,7 @@ if __name__ == "__main__":
     parser.add_argument("--session", action="store_true", help="every request carries X-Session-Id: bench")
     parser.add_argument("--access-log", action="store_true", help="proxy.access_log on (to a NullHandler)")
     parser.add_argument("--tracing", type=float, help="tracing on with this sample ratio")
+    parser.add_argument("--no-a2a", dest="a2a", action="store_false", help="the relay without A2A routing")
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--profile", action="store_true")
     import uvloop  # what the daemon runs on (``loop: uvloop``)

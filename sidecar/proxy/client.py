@@ -225,7 +225,7 @@ class ClientConnection:
         request.keep_alive = parser.should_keep_alive()
         request.upgrade = parser.should_upgrade()
         a2a = self.relay.a2a
-        if a2a is not None and a2a.candidate(request.method, request.headers):
+        if a2a is not None and request.method == b"POST" and a2a.candidate(request.method, request.headers):
             request.held = bytearray()  # an A2A call's body is read before an agent is chosen
         if not self.busy and not self.queue and self.relay.begin(self, request):
             return

@@ -1,0 +1,43 @@
+"""The chaos scenarios in CI mode (FAST): small loads, short TTLs, every answer checked."""
+
+from __future__ import annotations
+
+import pytest
+
+from ..etcd_cluster import EtcdCluster
+from . import scenarios
+from .rig import FAST
+
+pytestmark = [pytest.mark.etcd, pytest.mark.chaos, pytest.mark.asyncio]
+
+
+async def test_leader_sigkill_under_load_loses_nothing(cluster: EtcdCluster, prefix: str) -> None:
+    outcome = await scenarios.leader_kill(cluster, prefix, FAST)
+    print(outcome.summary())
+    assert outcome.dns.failed == 0 and outcome.dns.ok > 0, outcome.summary()
+    assert outcome.proxy.failed == 0 and outcome.proxy.ok > 0, outcome.summary()
+    assert outcome.registry.failed == 0, outcome.summary()
+
+
+async def test_quorum_loss_serves_the_last_snapshot_and_converges_after(cluster: EtcdCluster, prefix: str) -> None:
+    outcome = await scenarios.quorum_loss(cluster, prefix, FAST)
+    print(outcome.summary())
+    assert outcome.dns.failed == 0 and outcome.dns.ok > 0, outcome.summary()
+    assert outcome.proxy.failed == 0 and outcome.proxy.ok > 0, outcome.summary()
+    assert outcome.figures["sidecars alive"], outcome.summary()
+    assert outcome.figures["refused registrations that appeared anyway"] == [], outcome.summary()
+
+
+async def test_compaction_while_events_flow_relists_without_stale_or_missing_agents(
+        cluster: EtcdCluster, prefix: str) -> None:
+    outcome = await scenarios.compaction(cluster, prefix, FAST)
+    print(outcome.summary())
+    assert outcome.figures["relists of the frozen sidecar"] >= 1, outcome.summary()
+    assert outcome.dns.failed == 0 and outcome.proxy.failed == 0, outcome.summary()
+
+
+async def test_hanging_and_resetting_agents_leave_clients_served(cluster: EtcdCluster, prefix: str) -> None:
+    outcome = await scenarios.bad_agents(cluster, prefix, FAST)
+    print(outcome.summary())
+    assert outcome.dns.failed == 0, outcome.summary()
+    assert outcome.proxy.ok / outcome.proxy.total >= 0.99, outcome.summary()

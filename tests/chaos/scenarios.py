@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import time
 import urllib.request
 
-from ..etcd_cluster import EtcdCluster
+from ..etcd_cluster import EtcdCluster, Member
 from .fleet import Backend, SidecarProcess, agent_body, register
 from .rig import Outcome, Rig, Scale
 
@@ -168,3 +169,61 @@ def _metric(sidecar: SidecarProcess, name: str) -> float:
         text = response.read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(name) and not line.startswith("#"))
+
+
+async def membership(cluster: EtcdCluster, prefix: str, scale: Scale) -> Outcome:
+    """Replace every original member (add one, remove one) under sidecars that know only the originals."""
+    outcome = Outcome("membership changes")
+    originals = list(cluster.members)
+    async with Rig([m.endpoint for m in originals], prefix, scale) as rig:
+        rig.start_load()
+        assert rig.http is not None
+        for step, old in enumerate(originals):
+            new = Member(f"n{step}", cluster.dir)
+            await _reconfigure(cluster, "add", new.name, f"--peer-urls={new.peer_url}")
+            cluster.members.append(new)
+            current = [m for m in cluster.members if m.running or m is new]
+            new.start(cluster.initial_cluster(current), state="existing")
+            await asyncio.to_thread(_wait_healthy, cluster, new)
+            listed = json.loads(await asyncio.to_thread(cluster.ctl, "member", "list", "-w", "json"))
+            member_id = next(m["ID"] for m in listed["members"] if m.get("name") == old.name)
+            await _reconfigure(cluster, "remove", f"{member_id:x}", endpoints=[new.endpoint])
+            old.kill()
+            cluster.members.remove(old)
+            await asyncio.to_thread(cluster.wait_for_leader)
+            started = time.monotonic()
+            status, text = await register(rig.http, rig.sidecars[0].admin,
+                                          agent_body(f"moved-{step}", "moved", rig.backends[0].port, scale.ttl),
+                                          timeout=15)
+            outcome.figures[f"registration after removing {old.name}"] = \
+                f"{status} after {time.monotonic() - started:.2f}s"
+            assert status == 201, f"after removing {old.name}: {status} {text}"
+            await rig.converged(rig.sidecars[1], "moved", {f"moved-{i}" for i in range(step + 1)})
+        await asyncio.sleep(scale.settle / 2)
+        await rig.stop_load(outcome)
+        await rig.check_churn(outcome)
+    return outcome
+
+
+async def _reconfigure(cluster: EtcdCluster, *args: str, endpoints: list[str] | None = None,
+                       timeout: float = 30) -> None:
+    # etcd refuses a reconfiguration until every member has been connected for 5 s (strict-reconfig-check).
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await asyncio.to_thread(cluster.ctl, "member", *args, endpoints=endpoints)
+            return
+        except subprocess.CalledProcessError as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"member {' '.join(args)}: {exc.stderr.decode()}") from None
+            await asyncio.sleep(0.5)
+
+
+def _wait_healthy(cluster: EtcdCluster, member: Member, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = member.status()
+        if status and int(status.get("leader", 0)):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"new member {member.name} not in the cluster within {timeout:g}s; logs in {cluster.dir}")

@@ -27,10 +27,14 @@ class Scale:
     outage: float = 6.0          # quorum loss, partition
     ttl: str = "3s"              # leases of the test agents
     stable_agents: int = 3
+    full_dns_qps: int = 1500     # the resource-limit scenario's load, on one sidecar
+    full_proxy_rps: int = 100
+    limited: float = 8.0         # how long it runs
 
 
 FAST = Scale()
-LONG = Scale(dns_qps=6000, proxy_rps=200, churn_per_second=10.0, settle=20.0, outage=60.0, ttl="5s")
+LONG = Scale(dns_qps=6000, proxy_rps=200, churn_per_second=10.0, settle=20.0, outage=60.0, ttl="5s",
+             full_dns_qps=5000, full_proxy_rps=500, limited=60.0)
 
 
 @dataclass
@@ -59,10 +63,10 @@ class Rig:
     """``count`` sidecars on ``endpoints``; stable agents (owned by the first) behind healthy backends."""
 
     def __init__(self, endpoints: Sequence[str], prefix: str, scale: Scale, count: int = 2,
-                 **sections: dict[str, Any]) -> None:
+                 wrap: Sequence[str] = (), **sections: dict[str, Any]) -> None:
         self.scale = scale
         self.prefix = prefix
-        self.sidecars = [SidecarProcess(endpoints, prefix, **sections) for _ in range(count)]
+        self.sidecars = [SidecarProcess(endpoints, prefix, wrap=wrap, **sections) for _ in range(count)]
         self.backends: list[Backend] = []
         self.stable: set[str] = set()
         self.http: aiohttp.ClientSession | None = None
@@ -111,16 +115,18 @@ class Rig:
                                      f"missing {sorted(missing)}, extra {extra}")
             await asyncio.sleep(0.02)
 
-    def start_load(self, proxy_capability: str = "stable", churn: bool = True) -> None:
+    def start_load(self, proxy_capability: str = "stable", churn: bool = True, full: bool = False) -> None:
         """DNS on every sidecar, proxy requests through the last one, churn through the first."""
         self._stop.clear()
         loop = asyncio.get_running_loop()
-        share = max(1, self.scale.dns_qps // len(self.sidecars))
+        dns_qps = self.scale.full_dns_qps if full else self.scale.dns_qps
+        share = max(1, dns_qps // len(self.sidecars))
         for sidecar in self.sidecars:
             dns = DnsLoad(sidecar.host, sidecar.dns_port, "stable.agents.local", len(self.stable), share)
             self._loads.append(("dns", loop.create_task(dns.run(self._stop))))
         last = self.sidecars[-1]
-        proxy = ProxyLoad(last.host, last.proxy_port, proxy_capability, self.scale.proxy_rps)
+        proxy = ProxyLoad(last.host, last.proxy_port, proxy_capability,
+                          self.scale.full_proxy_rps if full else self.scale.proxy_rps)
         self._loads.append(("proxy", loop.create_task(proxy.run(self._stop))))
         if churn:
             self.churn = self.churn or Churn(self.sidecars[0].admin, "churn", self.backends[0].port,

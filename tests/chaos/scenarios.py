@@ -17,6 +17,7 @@ import urllib.request
 
 from ..etcd_cluster import EtcdCluster, Member
 from .fleet import Backend, SidecarProcess, agent_body, register
+from .isolation import MemoryCgroup, rss
 from .rig import Outcome, Rig, Scale
 
 
@@ -227,3 +228,33 @@ def _wait_healthy(cluster: EtcdCluster, member: Member, timeout: float = 30) -> 
             return
         time.sleep(0.1)
     raise AssertionError(f"new member {member.name} not in the cluster within {timeout:g}s; logs in {cluster.dir}")
+
+
+async def resource_limits(cluster: EtcdCluster, prefix: str, scale: Scale, limit: int = 128 << 20) -> Outcome:
+    """One sidecar in a 128 MiB memory cgroup, pinned to one CPU, at full DNS + proxy load: RSS sampled."""
+    outcome = Outcome("128 MiB, one CPU")
+    cgroup = MemoryCgroup(limit).create()
+    try:
+        async with Rig(cluster.endpoints, prefix, scale, count=1,
+                       wrap=[*cgroup.wrap(), "taskset", "-c", "0"]) as rig:
+            process = rig.sidecars[0].process
+            assert process is not None
+            samples = [rss(process.pid)]
+            rig.start_load(full=True, churn=False)
+            ends = time.monotonic() + scale.limited
+            while time.monotonic() < ends:
+                await asyncio.sleep(0.5)
+                samples.append(rss(process.pid))
+            await rig.stop_load(outcome)
+            outcome.figures["alive"] = rig.sidecars[0].alive()
+            mib = [round(s / 2**20, 1) for s in samples]
+            quarter = max(1, len(mib) // 4)
+            outcome.figures["RSS MiB before load / after warm-up / peak / end"] = \
+                (mib[0], mib[quarter], max(mib), mib[-1])
+            outcome.figures["RSS growth after warm-up MiB"] = round(mib[-1] - mib[quarter], 1)
+            outcome.figures["cgroup peak MiB"] = round(cgroup.peak() / 2**20, 1)
+            outcome.figures["oom kills"] = cgroup.oom_kills()
+            outcome.figures["load qps / rps"] = (scale.full_dns_qps, scale.full_proxy_rps)
+    finally:
+        cgroup.cleanup()
+    return outcome

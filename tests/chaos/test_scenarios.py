@@ -6,6 +6,7 @@ import pytest
 
 from ..etcd_cluster import EtcdCluster
 from . import scenarios
+from .isolation import MemoryCgroup
 from .rig import FAST
 
 pytestmark = [pytest.mark.etcd, pytest.mark.chaos, pytest.mark.asyncio]
@@ -50,3 +51,16 @@ async def test_membership_changes_are_followed_without_a_restart(cluster: EtcdCl
     print(outcome.summary())
     assert outcome.dns.failed == 0 and outcome.proxy.failed == 0, outcome.summary()
     assert outcome.registry.failed == 0, outcome.summary()
+
+
+async def test_a_sidecar_in_128_mib_and_one_cpu_keeps_answering_without_growing(
+        cluster: EtcdCluster, prefix: str) -> None:
+    reason = MemoryCgroup.unavailable()
+    if reason:
+        pytest.skip(reason)
+    outcome = await scenarios.resource_limits(cluster, prefix, FAST)
+    print(outcome.summary())
+    assert outcome.figures["alive"] and outcome.figures["oom kills"] == 0, outcome.summary()
+    assert outcome.dns.failed == 0 and outcome.proxy.failed == 0, outcome.summary()
+    # Not a speed figure: a leak at this load would add megabytes a second.
+    assert outcome.figures["RSS growth after warm-up MiB"] < 16, outcome.summary()

@@ -6,7 +6,8 @@ import pytest
 
 from ..etcd_cluster import EtcdCluster
 from . import scenarios
-from .isolation import MemoryCgroup
+from .isolation import MemoryCgroup, NetnsPair
+from .partition import partition
 from .rig import FAST
 
 pytestmark = [pytest.mark.etcd, pytest.mark.chaos, pytest.mark.asyncio]
@@ -64,3 +65,14 @@ async def test_a_sidecar_in_128_mib_and_one_cpu_keeps_answering_without_growing(
     assert outcome.dns.failed == 0 and outcome.proxy.failed == 0, outcome.summary()
     # Not a speed figure: a leak at this load would add megabytes a second.
     assert outcome.figures["RSS growth after warm-up MiB"] < 16, outcome.summary()
+
+
+async def test_a_partitioned_sidecar_serves_stale_then_converges_after_heal(prefix: str) -> None:
+    reason = NetnsPair.unavailable()
+    if reason:
+        pytest.skip(reason)
+    outcome = await partition(prefix, FAST)
+    print(outcome.summary())
+    assert outcome.figures["stale view during the cut"] == [], outcome.summary()
+    assert outcome.dns.failed == 0 and outcome.proxy.failed == 0, outcome.summary()
+    assert outcome.figures["converged after heal s"] <= 5, outcome.summary()

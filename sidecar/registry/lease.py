@@ -184,7 +184,9 @@ class LeaseKeeper:
         await asyncio.sleep(interval * random.uniform(0.5, 1.0))
         while True:
             try:
-                await self.etcd.refresh(registration.lease_id)
+                # A healthy refresh takes milliseconds; waiting longer than half an interval
+                # on a stuck member would spend the lease's remaining TTL.
+                await self.etcd.refresh(registration.lease_id, timeout=max(0.2, interval / 2))
                 if not registration.registered:
                     # A write failed while etcd was down: write the current record again.
                     await self.etcd.put(registration.key, registration.agent.to_bytes(), registration.lease_id)
@@ -200,7 +202,8 @@ class LeaseKeeper:
                 self._metrics.keepalive_failures.inc()
                 log.debug("keepalive of %s failed: %s", registration.key, exc)
                 registration.registered = False
-                await asyncio.sleep(min(interval, 1.0) * random.uniform(0.5, 1.0))
+                # Soon: the lease still runs, and the next stream goes to another member.
+                await asyncio.sleep(min(interval, 1.0) * random.uniform(0.1, 0.3))
                 continue
             try:
                 registration.lease_id = await self._write(registration.agent, registration.key)

@@ -31,7 +31,7 @@ class SidecarProcess:
     """One `sidecar run` child on free ports of ``host``."""
 
     def __init__(self, endpoints: Sequence[str], prefix: str, *, host: str = "127.0.0.1",
-                 wrap: Sequence[str] = (), request_timeout: float = 3.0, **sections: dict[str, Any]) -> None:
+                 wrap: Sequence[str] = (), request_timeout: float = 5.0, **sections: dict[str, Any]) -> None:
         self.host = host
         self.admin_port, self.dns_port, self.proxy_port = free_port(), free_port(), free_port()
         document: dict[str, Any] = {

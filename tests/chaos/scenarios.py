@@ -255,6 +255,32 @@ async def resource_limits(cluster: EtcdCluster, prefix: str, scale: Scale, limit
             outcome.figures["cgroup peak MiB"] = round(cgroup.peak() / 2**20, 1)
             outcome.figures["oom kills"] = cgroup.oom_kills()
             outcome.figures["load qps / rps"] = (scale.full_dns_qps, scale.full_proxy_rps)
+            outcome.figures["DNS queries the sidecar counted"] = _metric(rig.sidecars[0], "sidecar_dns_queries_total")
     finally:
         cgroup.cleanup()
+    return outcome
+
+
+async def frozen_member(cluster: EtcdCluster, prefix: str, scale: Scale) -> Outcome:
+    """Each member in turn SIGSTOPped for two lease TTLs under load (whichever one carries the keepalive stream)."""
+    outcome = Outcome("member SIGSTOP")
+    ttl = float(scale.ttl.rstrip("s"))
+    async with Rig(cluster.endpoints, prefix, scale) as rig:
+        rig.start_load()
+        owner = rig.sidecars[0]
+        for member in cluster.members:
+            assert member.process is not None
+            member.process.send_signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(2 * ttl)
+            finally:
+                member.process.send_signal(signal.SIGCONT)
+            await asyncio.to_thread(cluster.wait_for_leader)
+        await rig.stop_load(outcome)
+        outcome.figures["re-registrations (a lease was lost)"] = \
+            _metric(owner, "sidecar_registry_reregistrations_total")
+        outcome.figures["keepalive failures"] = _metric(owner, "sidecar_registry_keepalive_failures_total")
+        assert rig.churn is not None
+        outcome.figures["refused registrations"] = sorted(rig.churn.pending.items())
+        await rig.check_churn(outcome)
     return outcome

@@ -82,6 +82,13 @@ class SidecarProcess:
             time.sleep(0.05)
         raise AssertionError(f"sidecar not ready within {timeout:g}s: {self.tail()}")
 
+    def metric(self, name: str) -> float:
+        """The sum of a metric's samples on /metrics (0 when absent)."""
+        with urllib.request.urlopen(self.admin + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name) and not line.startswith("#"))
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 

@@ -8,6 +8,7 @@ of failing half-built.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import uuid
 from collections.abc import Sequence
@@ -34,6 +35,9 @@ class NetnsPair:
         """Why namespaces cannot be used here ('' when they can)."""
         if os.geteuid() != 0:
             return "network namespaces need root"
+        missing = [tool for tool in ("ip", "curl", "dig") if shutil.which(tool) is None]
+        if missing:
+            return f"not installed: {', '.join(missing)} (iproute2, curl, dnsutils)"
         probe = f"chaos-probe-{uuid.uuid4().hex[:6]}"
         try:
             _ip("netns", "add", probe)
@@ -87,7 +91,7 @@ class MemoryCgroup:
 
     @staticmethod
     def unavailable() -> str:
-        """Why no memory cgroup can be made here ('' when one can)."""
+        """Why no memory cgroup can be made (or taskset run) here ('' when both can)."""
         unified = "/sys/fs/cgroup"
         if "memory" in _read(os.path.join(unified, "cgroup.controllers")).split():
             parent = unified
@@ -95,6 +99,8 @@ class MemoryCgroup:
             parent = os.path.join(unified, "memory")
         else:
             return "no cgroup memory controller is mounted (neither v2 nor v1)"
+        if shutil.which("taskset") is None:
+            return "taskset (util-linux) is not installed"
         if not os.access(parent, os.W_OK):
             return f"{parent} is not writable (a container without cgroup delegation)"
         return ""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+import re
+import signal
 import struct
 import time
 from dataclasses import dataclass, field
@@ -208,4 +210,46 @@ class Churn:
             while not stop.is_set():
                 await self.step(http)
                 await asyncio.sleep(1 / self.per_second)
+        return self.tally
+
+
+class DnsperfLoad:
+    """``qps`` A queries from dnsperf (C, so a rate a Python client cannot reach); good = NOERROR.
+
+    dnsperf checks the response code only; DnsLoad, at a lower rate beside it, checks the answers.
+    Queries still in flight when it is stopped are left out of the tally.
+    """
+
+    def __init__(self, host: str, port: int, name: str, qps: int, directory: str) -> None:
+        self.command = ["dnsperf", "-s", host, "-p", str(port), "-d", "", "-Q", str(qps), "-q", "500",
+                        "-l", "100000", "-t", "2"]
+        self.queries = f"{directory}/dnsperf-{port}.txt"
+        self.name = name
+        self.tally = Tally()
+        self.output = ""
+
+    async def run(self, stop: asyncio.Event) -> Tally:
+        with open(self.queries, "w") as handle:  # noqa: ASYNC230 -- one short line
+            handle.write(f"{self.name} A\n")
+        self.command[self.command.index("-d") + 1] = self.queries
+        process = await asyncio.create_subprocess_exec(*self.command, stdout=asyncio.subprocess.PIPE,
+                                                       stderr=asyncio.subprocess.STDOUT)
+        assert process.stdout is not None
+        reader = asyncio.get_running_loop().create_task(process.stdout.read())
+        await stop.wait()
+        process.send_signal(signal.SIGINT)
+        self.output = (await reader).decode(errors="replace")
+        await process.wait()
+        stats = self.output[self.output.find("Statistics:"):]
+        lost = int(re.search(r"Queries lost:\s+(\d+)", stats).group(1)) if "Queries lost" in stats else 0
+        codes = dict(re.findall(r"([A-Z]+) (\d+) \(", stats.split("Response codes:", 1)[-1].split("\n", 1)[0]))
+        self.tally.ok = int(codes.pop("NOERROR", 0))
+        for code, count in codes.items():
+            self.tally.failed += int(count)
+            self.tally.reasons[f"dnsperf {code}"] += int(count)
+        if lost:
+            self.tally.failed += lost
+            self.tally.reasons["dnsperf lost"] += lost
+        if "Statistics:" not in self.output:
+            self.tally.bad("dnsperf printed no statistics")
         return self.tally

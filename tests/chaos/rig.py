@@ -7,6 +7,8 @@ TTLs) and the long mode (bench/chaos/run.py, the issue's loads and durations).
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from .fleet import Backend, SidecarProcess, agent_body, agent_ids, register
-from .load import Churn, DnsLoad, ProxyLoad, Tally
+from .load import Churn, DnsLoad, DnsperfLoad, ProxyLoad, Tally
 
 
 @dataclass(frozen=True)
@@ -30,10 +32,11 @@ class Scale:
     full_dns_qps: int = 1500     # the resource-limit scenario's load, on one sidecar
     full_proxy_rps: int = 100
     limited: float = 8.0         # how long it runs
+    dnsperf_qps: int = 0         # besides dns_qps: rcode-checked queries from dnsperf, over all sidecars
 
 
 FAST = Scale()
-LONG = Scale(dns_qps=6000, proxy_rps=200, churn_per_second=10.0, settle=20.0, outage=60.0, ttl="5s",
+LONG = Scale(dns_qps=1000, dnsperf_qps=5000, proxy_rps=200, churn_per_second=10.0, settle=20.0, outage=60.0, ttl="5s",
              full_dns_qps=5000, full_proxy_rps=500, limited=60.0)
 
 
@@ -119,11 +122,19 @@ class Rig:
         """DNS on every sidecar, proxy requests through the last one, churn through the first."""
         self._stop.clear()
         loop = asyncio.get_running_loop()
-        dns_qps = self.scale.full_dns_qps if full else self.scale.dns_qps
+        # With dnsperf (long mode) it sends the bulk and the Python checker stays at dns_qps.
+        perf_qps = 0
+        if self.scale.dnsperf_qps and shutil.which("dnsperf"):
+            perf_qps = self.scale.full_dns_qps if full else self.scale.dnsperf_qps
+        dns_qps = self.scale.full_dns_qps if full and not perf_qps else self.scale.dns_qps
         share = max(1, dns_qps // len(self.sidecars))
         for sidecar in self.sidecars:
             dns = DnsLoad(sidecar.host, sidecar.dns_port, "stable.agents.local", len(self.stable), share)
             self._loads.append(("dns", loop.create_task(dns.run(self._stop))))
+            if perf_qps:
+                perf = DnsperfLoad(sidecar.host, sidecar.dns_port, "stable.agents.local",
+                                   max(1, perf_qps // len(self.sidecars)), tempfile.gettempdir())
+                self._loads.append(("dns", loop.create_task(perf.run(self._stop))))
         last = self.sidecars[-1]
         proxy = ProxyLoad(last.host, last.proxy_port, proxy_capability,
                           self.scale.full_proxy_rps if full else self.scale.proxy_rps)
@@ -139,6 +150,8 @@ class Rig:
             tally = await task
             setattr(outcome, kind, getattr(outcome, kind).merge(tally))
         self._loads.clear()
+        counted = sum(s.metric("sidecar_dns_queries_total") for s in self.sidecars if s.alive())
+        outcome.figures["DNS queries the sidecars counted (cumulative)"] = int(counted)
         return outcome
 
     async def check_churn(self, outcome: Outcome, timeout: float = 5.0) -> None:
@@ -146,6 +159,8 @@ class Rig:
         assert self.churn is not None
         waits = [await self.converged(s, "churn", self.churn.expected, timeout) for s in self.sidecars]
         outcome.figures["churn agents checked"] = len(self.churn.expected)
+        if self.churn.pending:
+            outcome.figures["churn calls without success"] = sorted(self.churn.pending.items())[:5]
         outcome.figures["churn convergence s"] = round(max(waits), 3)
 
     async def __aexit__(self, *exc: object) -> None:

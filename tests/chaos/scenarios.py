@@ -13,7 +13,6 @@ import json
 import signal
 import subprocess
 import time
-import urllib.request
 
 from ..etcd_cluster import EtcdCluster, Member
 from .fleet import Backend, SidecarProcess, agent_body, register
@@ -34,6 +33,8 @@ async def leader_kill(cluster: EtcdCluster, prefix: str, scale: Scale) -> Outcom
         outcome.figures["new leader after s"] = round(time.monotonic() - killed, 2)
         await asyncio.sleep(scale.settle)
         await rig.stop_load(outcome)
+        outcome.figures["first DNS failures, s after the kill"] = \
+            [round(at - killed, 2) for at, _ in outcome.dns.first_failures[:5]]
         await rig.check_churn(outcome)
         for sidecar in rig.sidecars:
             await rig.converged(sidecar, "stable", rig.stable)
@@ -166,10 +167,7 @@ def _revision(cluster: EtcdCluster) -> int:
 
 
 def _metric(sidecar: SidecarProcess, name: str) -> float:
-    with urllib.request.urlopen(sidecar.admin + "/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
+    return sidecar.metric(name)
 
 
 async def membership(cluster: EtcdCluster, prefix: str, scale: Scale) -> Outcome:

@@ -182,6 +182,9 @@ class LeaseKeeper:
         interval = self._interval(registration.agent)
         # Spread the refreshes of agents registered in one burst.
         await asyncio.sleep(interval * random.uniform(0.5, 1.0))
+        # Retries after a failed refresh: soon at first (the lease still runs, and the next
+        # stream goes to another member), then doubling to about a second during an outage.
+        backoff = 0.2
         while True:
             try:
                 # A healthy refresh takes milliseconds; waiting longer than half an interval
@@ -192,6 +195,7 @@ class LeaseKeeper:
                     await self.etcd.put(registration.key, registration.agent.to_bytes(), registration.lease_id)
                     await self._write_attachments(registration)
                     registration.registered = True
+                backoff = 0.2
                 await asyncio.sleep(interval)
                 continue
             except asyncio.CancelledError:
@@ -202,8 +206,8 @@ class LeaseKeeper:
                 self._metrics.keepalive_failures.inc()
                 log.debug("keepalive of %s failed: %s", registration.key, exc)
                 registration.registered = False
-                # Soon: the lease still runs, and the next stream goes to another member.
-                await asyncio.sleep(min(interval, 1.0) * random.uniform(0.1, 0.3))
+                await asyncio.sleep(min(interval, 1.0) * backoff * random.uniform(0.5, 1.0))
+                backoff = min(1.0, backoff * 2)
                 continue
             try:
                 registration.lease_id = await self._write(registration.agent, registration.key)

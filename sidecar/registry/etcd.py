@@ -418,11 +418,26 @@ class EtcdClient:
         except LeaseNotFound:
             pass
 
-    async def refresh(self, lease_id: int) -> int:
-        """Keep a lease alive; returns the granted TTL, raises LeaseNotFound if it is gone."""
+    async def refresh(self, lease_id: int, timeout: float | None = None) -> int:
+        """Keep a lease alive; returns the granted TTL, raises LeaseNotFound if it is gone.
+
+        An answer that does not come within ``timeout`` (at most one attempt's timeout)
+        closes the shared stream: it is stuck on a member that stopped answering
+        (frozen, partitioned), which gRPC's own keepalive notices only after ~8 s, long
+        enough for short leases to expire. The next refresh opens a stream that the
+        round-robin channel places on another member.
+        """
         if self._keepalive is None or self._keepalive.closed:
             self._keepalive = _KeepAliveStream(self._client)
-        return await asyncio.wait_for(self._keepalive.refresh(lease_id), self.timeout)
+        stream = self._keepalive
+        limit = min(timeout or self._attempt_timeout, self._attempt_timeout)
+        try:
+            return await asyncio.wait_for(stream.refresh(lease_id), limit)
+        except TimeoutError:
+            if self._keepalive is stream:
+                self._keepalive = None
+            await stream.close()
+            raise RegistryUnavailable(f"etcd keepalive of lease {lease_id:x}: no answer within {limit:g}s") from None
 
     async def watch_prefix(self, prefix: str, start_revision: int) -> WatchStream:
         """An established watch on ``prefix`` from ``start_revision`` on.

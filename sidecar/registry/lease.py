@@ -184,14 +184,20 @@ class LeaseKeeper:
         interval = self._interval(registration.agent)
         # Spread the refreshes of agents registered in one burst.
         await asyncio.sleep(interval * random.uniform(0.5, 1.0))
+        # Retries after a failed refresh: soon at first (the lease still runs, and the next
+        # stream goes to another member), then doubling to about a second during an outage.
+        backoff = 0.2
         while True:
             try:
-                await self.etcd.refresh(registration.lease_id)
+                # A healthy refresh takes milliseconds; waiting longer than half an interval
+                # on a stuck member would spend the lease's remaining TTL.
+                await self.etcd.refresh(registration.lease_id, timeout=max(0.2, interval / 2))
                 if not registration.registered:
                     # A write failed while etcd was down: write the current record again.
                     await self.etcd.put(registration.key, registration.agent.to_bytes(), registration.lease_id)
                     await self._write_attachments(registration)
                     registration.registered = True
+                backoff = 0.2
                 await asyncio.sleep(interval)
                 continue
             except asyncio.CancelledError:
@@ -202,7 +208,8 @@ class LeaseKeeper:
                 self._metrics.keepalive_failures.inc()
                 log.debug("keepalive of %s failed: %s", registration.key, exc)
                 registration.registered = False
-                await asyncio.sleep(min(interval, 1.0) * random.uniform(0.5, 1.0))
+                await asyncio.sleep(min(interval, 1.0) * backoff * random.uniform(0.5, 1.0))
+                backoff = min(1.0, backoff * 2)
                 continue
             try:
                 registration.lease_id = await self._write(registration.agent, registration.key)

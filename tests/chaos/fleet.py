@@ -35,8 +35,9 @@ class SidecarProcess:
         self.host = host
         self.admin_port, self.dns_port, self.proxy_port = free_port(), free_port(), free_port()
         document: dict[str, Any] = {
+            # Members are learnt every second (the default is 30 s) so membership changes are followed in time.
             "etcd": {"endpoints": list(endpoints), "prefix": prefix, "request_timeout": request_timeout,
-                     "dial_timeout": 2},
+                     "dial_timeout": 2, "auto_sync_interval": 1},
             "admin": {"listen": f"{host}:{self.admin_port}"},
             "dns": {"listen": f"{host}:{self.dns_port}", "upstreams": ["none"]},
             "proxy": {"listen": f"{host}:{self.proxy_port}"},

@@ -45,8 +45,6 @@ async def test_hanging_and_resetting_agents_leave_clients_served(cluster: EtcdCl
     assert outcome.proxy.ok / outcome.proxy.total >= 0.99, outcome.summary()
 
 
-@pytest.mark.xfail(strict=True, reason="the sidecar does not learn etcd's member list (no MemberList sync yet): "
-                                       "with every original member removed it has no endpoint left")
 async def test_membership_changes_are_followed_without_a_restart(cluster: EtcdCluster, prefix: str) -> None:
     outcome = await scenarios.membership(cluster, prefix, FAST)
     print(outcome.summary())

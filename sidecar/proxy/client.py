@@ -165,6 +165,10 @@ class ClientConnection:
             self.idle_timer.cancel()
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
+        # A task waiting for the rest of an A2A call's body: there is none coming.
+        current = self.current
+        if current is not None and current.done_waiter is not None and not current.done_waiter.done():
+            current.done_waiter.set_result(None)
         upstream = self.upstream
         if upstream is not None:
             upstream.client_gone()

@@ -128,7 +128,10 @@ class Relay:
                 if request.method == b"GET" and path in CARD_PATHS and self._serve_card(client, request, route):
                     return request.keep_alive
                 if request.held is not None:
-                    return await self._forward(client, request, route, path, read_call(await request.whole()))
+                    body = await request.whole()
+                    if not request.body_done:
+                        raise ClientGone  # the client left before sending the whole call
+                    return await self._forward(client, request, route, path, read_call(body))
             return await self._forward(client, request, route, path)
         except ProxyError as err:
             return self.answer(client, request, kind, err)

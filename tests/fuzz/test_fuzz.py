@@ -13,7 +13,7 @@ pytest.importorskip("atheris", reason="atheris (the test extra) runs the fuzz ha
 HERE = Path(__file__).parent
 
 
-@pytest.mark.parametrize("harness", ["fuzz_dns.py"])
+@pytest.mark.parametrize("harness", ["fuzz_dns.py", "fuzz_http.py"])
 def test_the_harness_runs_clean(harness: str, tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     smoke = {**os.environ, "FUZZ_SMOKE": "1"}

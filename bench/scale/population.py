@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+
+# The benchmarks fork `sidecar run` children while their own aetcd (gRPC aio) clients are open; with
+# gRPC's fork handlers on, a client made before the children stalled. The children get it unset.
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
 import subprocess
 import sys
 import time
@@ -85,13 +89,16 @@ class Sidecar:
     process: subprocess.Popen[bytes] | None = None
     ready_s: float = 0.0
     extra: tuple[str, ...] = ()
+    # What runs `sidecar run` (bench/soak/subject.py replaces it); the listener flags are appended.
+    command: tuple[str, ...] = (sys.executable, "-m", "sidecar", "run")
 
     def start(self, wait: bool = True) -> Sidecar:
         env = dict(os.environ)
         env.pop("HTTP_PROXY", None)
+        env.pop("GRPC_ENABLE_FORK_SUPPORT", None)
         self._started = time.perf_counter()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run", "--etcd-endpoints", self.endpoint,
+            [*self.command, "--etcd-endpoints", self.endpoint,
              "--admin-listen", f"127.0.0.1:{self.admin}", "--dns-listen", f"127.0.0.1:{self.dns}",
              "--proxy-listen", f"127.0.0.1:{self.proxy}", "--grpc-listen", f"127.0.0.1:{free_port()}",
              "--upstream-dns", "none", "--log-level", "warning", *self.extra],

@@ -26,7 +26,7 @@ import sys
 import time
 
 import aetcd
-from population import cpu_seconds, etcd_client, machine, pct, phase, rss_mb  # type: ignore[import-not-found]
+from population import cpu_seconds, etcd_client, etcd_watches, machine, pct, phase, rss_mb  # type: ignore[import-not-found]
 from watchers import GrpcProxy  # type: ignore[import-not-found]
 
 from sidecar.dev import EmbeddedEtcd
@@ -57,16 +57,21 @@ async def worker(endpoint: str, count: int) -> None:
     print(json.dumps(arrivals), flush=True)
 
 
+def spawn(endpoint: str, per_worker: int, count: int) -> list[subprocess.Popen[str]]:
+    return [subprocess.Popen([sys.executable, __file__, "--worker", endpoint, "--count", str(per_worker)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(count)]
+
+
 async def measure(endpoint: str, etcd_pid: int, proxy_pid: int | None, args: argparse.Namespace) -> dict[str, float]:
     per_worker = args.watchers // args.workers
-    workers = [subprocess.Popen([sys.executable, __file__, "--worker", endpoint, "--count", str(per_worker)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(args.workers)]
+    workers = spawn(endpoint, per_worker, args.workers)
     try:
         for process in workers:
             assert process.stdout is not None
             if process.stdout.readline().strip() != "ready":
                 raise RuntimeError("a worker did not start")
         rss = sum(rss_mb(p.pid) for p in workers)
+        watches = etcd_watches(args.etcd)
         acknowledged: dict[str, float] = {}
         async with etcd_client(args.etcd) as client:
             for n in range(args.puts):
@@ -108,7 +113,7 @@ async def measure(endpoint: str, etcd_pid: int, proxy_pid: int | None, args: arg
     return {"watchers": per_worker * args.workers, "missing_deliveries": missing,
             "each_p50_ms": round(pct(each, 0.5) * 1e3, 1), "each_p99_ms": round(pct(each, 0.99) * 1e3, 1),
             "all_p50_ms": round(pct(alls, 0.5) * 1e3, 1), "all_max_ms": round(max(alls) * 1e3, 1),
-            "changes_per_s": round(sent / wall, 1), **cpu, "workers_rss_mb": round(rss, 1)}
+            "changes_per_s": round(sent / wall, 1), **cpu, **watches, "workers_rss_mb": round(rss, 1)}
 
 
 async def main() -> None:

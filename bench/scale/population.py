@@ -107,7 +107,9 @@ class Sidecar:
             self.wait_ready()
         return self
 
-    def wait_ready(self, timeout: float = 300.0) -> float:
+    def wait_ready(self, timeout: float = 300.0, attempts: int = 3) -> float:
+        """Wait for /readyz; a child that exits at start (a free port taken meanwhile) is started again on
+        new ports, ``attempts`` times in all."""
         deadline = time.monotonic() + timeout
         assert self.process is not None
         while True:
@@ -118,6 +120,10 @@ class Sidecar:
                         return self.ready_s
             except OSError:
                 if self.process.poll() is not None:
+                    if attempts > 1:
+                        self.admin, self.dns, self.proxy = free_port(), free_port(), free_port()
+                        self.start(wait=False)
+                        return self.wait_ready(timeout, attempts - 1)
                     raise RuntimeError(f"sidecar exited with {self.process.returncode}") from None
                 if time.monotonic() > deadline:
                     raise RuntimeError("sidecar did not become ready") from None
@@ -136,6 +142,16 @@ class Sidecar:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def etcd_watches(endpoint: str) -> dict[str, int]:
+    """etcd's own count of watch streams and watchers (its /metrics), i.e. what the watchers cost it."""
+    with urllib.request.urlopen(f"{endpoint}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    wanted = {"etcd_debugging_mvcc_watch_stream_total": "etcd_watch_streams",
+              "etcd_debugging_mvcc_watcher_total": "etcd_watchers"}
+    return {wanted[name]: int(float(value)) for name, _, value in
+            (line.partition(" ") for line in text.splitlines()) if name in wanted}
 
 
 def rss_mb(pid: int) -> float:

@@ -25,7 +25,19 @@ import subprocess
 import tempfile
 import time
 
-from population import Sidecar, agent, cpu_seconds, etcd_client, grant_leases, load, machine, pct, phase, rss_mb  # type: ignore[import-not-found]
+from population import (  # type: ignore[import-not-found]
+    Sidecar,
+    agent,
+    cpu_seconds,
+    etcd_client,
+    etcd_watches,
+    grant_leases,
+    load,
+    machine,
+    pct,
+    phase,
+    rss_mb,
+)
 
 from sidecar.dev import EmbeddedEtcd, free_port
 
@@ -107,7 +119,8 @@ async def _fanout(client, streams: list[Stream], puts: int, total: int, generati
         each.extend(arrivals)
         alls.append(max(arrivals))
         await asyncio.sleep(0.2)
-    return {"missed_10s": missed, "each_p50_ms": round(pct(each, 0.5) * 1e3, 1), "each_p99_ms": round(pct(each, 0.99) * 1e3, 1),
+    return {"missed_10s": missed, "each_p50_ms": round(pct(each, 0.5) * 1e3, 1),
+            "each_p99_ms": round(pct(each, 0.99) * 1e3, 1),
             "all_p50_ms": round(pct(alls, 0.5) * 1e3, 1), "all_max_ms": round(max(alls) * 1e3, 1)}
 
 
@@ -175,6 +188,7 @@ async def main() -> None:
                 row.update(await churn_cpu(etcd.endpoint, pids, args.agents, args.rate, args.seconds))
                 row["sidecar_rss_mb_each"] = round(sum(rss_mb(s.pid) for s in sidecars) / count, 1)
                 row["etcd_rss_mb"] = round(rss_mb(etcd.process.pid), 1)
+                row.update(etcd_watches(etcd.endpoint))
                 phase(str(row))
                 results["rows"].append(row)  # type: ignore[attr-defined]
             for stream in streams:

@@ -164,7 +164,7 @@ def plot(samples: list[dict[str, float]], path: str, title: str) -> None:
     figure.savefig(path, dpi=80)
 
 
-async def main() -> None:
+async def main() -> tuple[argparse.Namespace, list[dict[str, float]]]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--dns-qps", type=float, default=200.0)
@@ -209,8 +209,11 @@ async def main() -> None:
         for runner in runners:
             await runner.cleanup()
         etcd.cleanup()
-        if os.path.exists(tasks_file):
-            os.unlink(tasks_file)
+        Path(tasks_file).unlink(missing_ok=True)  # noqa: ASYNC240 (a tmpfs file, at the end)
+    return args, samples
+
+
+def report(args: argparse.Namespace, samples: list[dict[str, float]]) -> None:
     result = {"machine": machine(), "minutes": args.minutes, "dns_qps": args.dns_qps, "proxy_rps": args.proxy_rps,
               "churn_per_s": args.churn_per_s, "samples": samples}
     with open(args.out, "w") as out:
@@ -222,4 +225,4 @@ async def main() -> None:
 
 if __name__ == "__main__":
     os.environ.pop("HTTP_PROXY", None)
-    asyncio.run(main())
+    report(*asyncio.run(main()))

@@ -101,6 +101,10 @@ class Catalog:
         self._snapshot = Snapshot()
         self._agents: dict[str, Agent] = {}
         self._indexes: dict[str, dict[str, dict[str, Agent]]] = {"capability": {}, "name": {}, "id": {}}
+        # The plain dicts behind the current snapshot's views: never mutated once published, and
+        # copied (a C-level dict copy) for the next one. Copying the read-only proxy instead goes
+        # key by key through the mapping protocol: ~3.5x slower, ~100 ms per change at 100,000 ids.
+        self._views: dict[str, dict[str, tuple[Agent, ...]]] = {"capability": {}, "name": {}, "id": {}}
         self._subscribers: list[Subscriber] = []
         self.synced = False
 
@@ -170,20 +174,21 @@ class Catalog:
             self._add(key, agent, scratch)
 
     def _build(self, revision: int, dirty: dict[str, set[str]] | None) -> Snapshot:
-        old = self._snapshot
         views = {}
-        for kind, previous in (("capability", old.by_capability), ("name", old.by_name), ("id", old.by_id)):
-            index = self._indexes[kind]
+        for kind, index in self._indexes.items():
             if dirty is None:
                 view = {lab: _ordered(members) for lab, members in index.items()}
+            elif not dirty[kind]:
+                view = self._views[kind]
             else:
-                view = dict(previous)
+                view = self._views[kind].copy()
                 for lab in dirty[kind]:
                     members = index.get(lab)
                     if members:
                         view[lab] = _ordered(members)
                     else:
                         view.pop(lab, None)
+            self._views[kind] = view
             views[kind] = MappingProxyType(view)
         return Snapshot(
             revision=revision,

@@ -70,3 +70,16 @@ def test_a_reset_replaces_everything() -> None:
     catalog.apply([Reset(1, {"/k/a": agent("a", ["x"])})])
     snap = catalog.apply([Reset(5, {"/k/b": agent("b", ["y"])})])
     assert set(snap.by_capability) == {"y"} and list(snap.agents) == ["/k/b"]
+
+
+def test_views_shared_by_a_batch_that_changes_no_label_stay_frozen() -> None:
+    # A batch touching no label reuses the previous views; the next change must copy, not mutate them.
+    catalog = Catalog()
+    first = catalog.apply([Reset(1, {"/k/a": agent("a", ["chat"], name="one")})])
+    unchanged = catalog.apply([Delete("/k/missing", 2)])
+    catalog.apply([Upsert("/k/b", agent("b", ["chat"], name="two"), 3), Delete("/k/a", 4)])
+    for snap in (first, unchanged):
+        assert sorted(snap.by_id) == ["a"] and sorted(snap.by_name) == ["one"]
+        assert [a.id for a in snap.by_capability["chat"]] == ["a"]
+    assert unchanged.revision == 2 and catalog.snapshot.revision == 4
+    assert sorted(catalog.snapshot.by_id) == ["b"] and sorted(catalog.snapshot.by_name) == ["two"]

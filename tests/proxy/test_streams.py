@@ -92,3 +92,22 @@ async def test_a_client_that_leaves_ends_the_upstream_stream(make_server) -> Non
         await asyncio.wait_for(agent.disconnected.wait(), 10)
     finally:
         await agent.stop()
+
+
+async def test_a_client_that_leaves_in_the_middle_of_an_a2a_call_leaves_nothing_behind(make_server) -> None:
+    """Found by tests/fuzz/fuzz_http.py: the connection's task waited forever for the rest of the body."""
+    server = await make_server()
+    host, port = server.proxy.address
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"POST / HTTP/1.1\r\nHost: sse.agents.local\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"jsonrpc\": ")
+    await writer.drain()
+    await eventually(lambda: len(server.proxy._relay.connections) == 1)  # type: ignore[union-attr]
+    (connection,) = server.proxy._relay.connections  # type: ignore[union-attr]
+    task = connection.task
+    assert task is not None and not task.done()
+    writer.close()
+    await writer.wait_closed()
+
+    await eventually(lambda: not server.proxy._relay.connections and task.done(),  # type: ignore[union-attr]
+                     what="the connection and its task gone")

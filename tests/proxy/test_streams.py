@@ -98,7 +98,7 @@ async def test_a_client_that_leaves_in_the_middle_of_an_a2a_call_leaves_nothing_
     """Found by tests/fuzz/fuzz_http.py: the connection's task waited forever for the rest of the body."""
     server = await make_server()
     host, port = server.proxy.address
-    reader, writer = await asyncio.open_connection(host, port)
+    _, writer = await asyncio.open_connection(host, port)
     writer.write(b"POST / HTTP/1.1\r\nHost: sse.agents.local\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 100\r\n\r\n{\"jsonrpc\": ")
     await writer.drain()

@@ -273,7 +273,8 @@ class AdminApi:
         try:
             version = await self._config.put(document, expected)
         except ConfigError as exc:
-            return _error(400, "invalid_config", str(exc), key=exc.key, value=_jsonable(exc.value))
+            detail = exc.as_dict()
+            return _error(400, "invalid_config", str(exc), key=detail["key"], value=detail["value"])
         except ConfigConflict as exc:
             return _error(409, "config_conflict", str(exc), version=exc.current)
         except RegistryUnavailable as exc:
@@ -285,14 +286,6 @@ class AdminApi:
             return web.json_response({"versions": await self._config.history()})
         except RegistryUnavailable as exc:
             return _error(503, "etcd_unavailable", str(exc))
-
-
-def _jsonable(value: object) -> object:
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        return repr(value)
 
 
 def _sse(kind: str, revision: int | None, data: Mapping[str, Any]) -> bytes:

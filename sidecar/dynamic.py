@@ -257,8 +257,7 @@ class ConfigStore:
         return build(Settings, out)
 
     def _reject(self, version: int, exc: ConfigError) -> None:
-        self.error = {"version": version, "key": exc.key, "value": _jsonable(exc.value), "reason": exc.reason,
-                      "message": str(exc)}
+        self.error = {"version": version, **exc.as_dict(), "message": str(exc)}
         self._metrics.applies.labels("rejected").inc()
         log.error("rejected configuration version %d: %s; keeping version %d", version, exc, self.version)
 
@@ -283,11 +282,3 @@ class ConfigStore:
 
     async def history(self) -> list[dict[str, Any]]:
         return await document_history(self._etcd, self.prefix)
-
-
-def _jsonable(value: object) -> object:
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        return repr(value)

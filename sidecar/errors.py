@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 
 class SidecarError(Exception):
     """Base of every error this package raises on purpose."""
@@ -15,6 +17,10 @@ class ConfigError(SidecarError):
         self.value = value
         self.reason = reason
         super().__init__(f"{key}: {reason} (got {value!r})")
+
+    def as_dict(self) -> dict[str, object]:
+        """``key``, ``value`` (as JSON can carry it) and ``reason``, for API answers."""
+        return {"key": self.key, "value": _jsonable(self.value), "reason": self.reason}
 
 
 class ConfigConflict(SidecarError):
@@ -83,9 +89,11 @@ class RevisionCompacted(RegistryError):
 
 
 def _jsonable(value: object) -> object:
-    if value is None or isinstance(value, (str, int, float, bool, list, dict)):
+    try:
+        json.dumps(value)
         return value
-    return repr(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 class ProxyError(SidecarError):

@@ -255,7 +255,8 @@ class ProxyMetrics:
         for outcome, count in sorted(self.attempts.items()):
             attempts.add_metric([outcome], count)
         a2a = CounterMetricFamily("sidecar_proxy_a2a", "A2A routing: calls naming a task or context (outcome hit, "
-                                  "miss or owner_gone) and cards answered from the registry (card_served).",
+                                  "miss or owner_gone) and cards answered from the registry (card_served) or read "
+                                  "from the agent (card_fetched).",
                                   labels=["outcome"])
         for outcome, count in sorted(self.a2a.items()):
             a2a.add_metric([outcome], count)

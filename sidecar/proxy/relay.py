@@ -125,7 +125,8 @@ class Relay:
                 if not self.settings.passthrough:
                     raise PassthroughDisabled(route.host, f"{route.host} is outside {self.zone} and passthrough is off")
             elif self.a2a is not None:
-                if request.method == b"GET" and path in CARD_PATHS and self._serve_card(client, request, route):
+                if request.method == b"GET" and path in CARD_PATHS and await self._serve_card(client, request, route,
+                                                                                               path):
                     return request.keep_alive
                 if request.held is not None:
                     body = await request.whole()
@@ -479,9 +480,10 @@ class Relay:
 
     # -- A2A (docs/a2a.md): cards answered from the registry, calls kept on the agent holding their task
 
-    def _serve_card(self, client: ClientConnection, request: Request, route: routing.Route) -> bool:
-        """Answer a card read from the registry, rewritten to the name the client used; False when
-        the picked agent published none (the request is then forwarded)."""
+    async def _serve_card(self, client: ClientConnection, request: Request, route: routing.Route,
+                          path: bytes) -> bool:
+        """Answer the picked agent's card rewritten to the name the client used: from the registry, else
+        read from the agent; False when neither has one (the request is then forwarded as it is)."""
         a2a = self.a2a
         assert a2a is not None
         policy = self.policy
@@ -494,20 +496,38 @@ class Relay:
         try:
             agent = choice.agent
             stored = a2a.cards.of(agent.name, agent.id)
-            if stored is None:
-                return False
-            body = rewrite_card(stored.card.raw, route.host)
+            raw = stored.card.raw if stored is not None else await self._fetch_card(agent, path, a2a.max_body)
+            body = rewrite_card(raw, route.host) if raw is not None else None
+        except ValueError:
+            body = None  # not a card: the agent's own answer is forwarded
         finally:
             self._abandon(choice)
             policy.done(route)
-        a2a_count = self.metrics.a2a
-        a2a_count["card_served"] += 1
+        if body is None:
+            return False
+        self.metrics.a2a["card_served" if stored is not None else "card_fetched"] += 1
         self.count(route.kind, "ok")
         client.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                      b"x-sidecar-agent: %s\r\n%s\r\n%s" % (len(body), agent.id.encode(),
                                                            b"" if request.keep_alive else b"connection: close\r\n",
                                                            body))
         return True
+
+    async def _fetch_card(self, agent: Agent, path: bytes, limit: int) -> bytes | None:
+        """The card the agent serves at ``path`` (200, JSON, at most ``limit`` bytes), or None."""
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=self.settings.connect_timeout + self.settings.read_timeout)
+        url = f"http://{agent.address}:{agent.port}{path.decode('latin-1')}"
+        try:
+            async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
+                async with session.get(url, allow_redirects=False) as response:
+                    if response.status != 200:
+                        return None
+                    raw = await response.content.read(limit + 1)
+        except (TimeoutError, aiohttp.ClientError):
+            return None
+        return raw if len(raw) <= limit else None
 
     def _a2a_call(self, flight: Flight, call: Call) -> None:
         """Route a call naming a known task or context to the agent holding it; learn from its answer."""

@@ -123,3 +123,22 @@ async def test_plain_requests_are_relayed_as_before(registered_replicas: tuple[S
         assert response.status_code < 500 and response.headers["x-sidecar-agent"].startswith("research-")
         response = await http.post(BASE + "/", json={"no": "rpc"})
         assert response.status_code < 500
+
+
+async def test_a_card_the_registry_does_not_hold_is_read_from_the_agent_and_rewritten(
+        make_server, a2a_agent: DemoA2AAgent) -> None:
+    server = await make_server()
+    async with httpx.AsyncClient(trust_env=False) as http:
+        response = await http.post("http://{}:{}/v1/agents".format(*server.admin.address), json={
+            "id": "plain-1", "name": "plain", "address": "127.0.0.1", "port": a2a_agent.port,
+            "capabilities": ["plain"], "ttl": "10s"})
+        assert response.status_code == 201
+    await eventually(lambda: "plain-1" in server.catalog.snapshot.by_id)
+    assert server.cards.of("plain", "plain-1") is None, "registered without a card"
+    async with httpx.AsyncClient(proxy=proxy_of(server), trust_env=False) as http:
+        response = await http.get("http://plain.agents.local/.well-known/agent-card.json")
+        card = response.json()
+    assert response.status_code == 200 and response.headers["x-sidecar-agent"] == "plain-1"
+    assert {i["url"] for i in card["supportedInterfaces"]} == {"http://plain.agents.local/"}
+    assert "signatures" not in card and card["skills"][0]["id"] == "research"
+    assert server.metrics.proxy.a2a["card_fetched"] == 1

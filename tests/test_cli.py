@@ -138,3 +138,19 @@ def test_run_serves_and_stops_cleanly_on_sigterm(etcd: EtcdProcess, prefix: str)
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path) -> None:
+    """``sidecar ... | head``: the reader goes away early; exit 0, no traceback."""
+    pods = "".join(f"---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}}}\nspec:\n  containers: [{{name: a, "
+                   f"image: x}}]\n" for i in range(400))
+    source = tmp_path / "pods.yaml"
+    source.write_text(pods)
+    process = subprocess.Popen([sys.executable, "-m", "sidecar", "inject", "--upstream-dns", "10.96.0.10",
+                                str(source)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.read(200)
+    process.stdout.close()  # as head does after its lines
+    err = process.stderr.read()
+    process.stderr.close()
+    assert process.wait(60) == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, err[-2000:]

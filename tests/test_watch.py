@@ -37,6 +37,7 @@ async def test_resume_from_last_event_id_and_relist_after_compaction(private_etc
     await eventually(lambda: server.catalog.synced)
     async with aiohttp.ClientSession() as http:
         await register(http, server, 1)
+        await eventually(lambda: "w-1" in server.catalog.snapshot.by_id)  # a 201 comes before the watch event
         async with http.get(base(server) + "/v1/watch?capability=watch") as stream:
             kind, event_id, first = await next_event(stream)
             assert kind == "snapshot" and [a["id"] for a in first["agents"]] == ["w-1"]
@@ -56,6 +57,7 @@ async def test_resume_from_last_event_id_and_relist_after_compaction(private_etc
             assert all(int(i) > int(seen) for _, i, _ in missed), "ids are revisions, and only newer ones come"
         # A revision etcd has compacted away: RELIST, then a SNAPSHOT to start over from.
         await register(http, server, 4)
+        await eventually(lambda: "w-4" in server.catalog.snapshot.by_id)
         revision = int(private_etcd.ctl("get", "x", "-w", "json").split('"revision":')[1].split(",")[0])
         private_etcd.ctl("compact", str(revision))
         async with http.get(base(server) + f"/v1/watch?capability=watch&from_revision={seen}") as stream:

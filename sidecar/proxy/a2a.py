@@ -304,3 +304,23 @@ class A2aRouting:
             elif lower == b"content-type":
                 json_body = b"json" in value.lower()
         return json_body and 0 < length <= self.max_body
+
+
+async def fetch_card(address: str, port: int, path: bytes, limit: int, timeout: float) -> bytes | None:
+    """The card an agent serves at ``path`` (200, at most ``limit`` bytes), or None.
+
+    Kept out of the mypyc-compiled relay: an ``async with`` over aiohttp in compiled code
+    mishandled the exception of a refused connection (found by tests/fuzz/fuzz_http.py).
+    """
+    import aiohttp
+
+    url = f"http://{address}:{port}{path.decode('latin-1')}"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), trust_env=False) as session:
+            async with session.get(url, allow_redirects=False) as response:
+                if response.status != 200:
+                    return None
+                raw = await response.content.read(limit + 1)
+    except (TimeoutError, OSError, aiohttp.ClientError):
+        return None
+    return raw if len(raw) <= limit else None

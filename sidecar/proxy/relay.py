@@ -26,7 +26,7 @@ from ..metrics import ProxyMetrics
 from ..model import Agent
 from ..tracing import Tracing, sampled_parent
 from . import routing, tunnel
-from .a2a import CARD_PATHS, A2aRouting, Call, Learner, read_call, rewrite_card
+from .a2a import CARD_PATHS, A2aRouting, Call, Learner, fetch_card, read_call, rewrite_card
 from .client import ClientConnection, Request
 from .flight import GONE, RETRY, UPGRADE, AttemptFailed, ClientGone, Flight
 from .heads import Keys, request_head, response_head, retry_after
@@ -496,7 +496,9 @@ class Relay:
         try:
             agent = choice.agent
             stored = a2a.cards.of(agent.name, agent.id)
-            raw = stored.card.raw if stored is not None else await self._fetch_card(agent, path, a2a.max_body)
+            settings = self.settings
+            raw = stored.card.raw if stored is not None else await fetch_card(
+                agent.address, agent.port, path, a2a.max_body, settings.connect_timeout + settings.read_timeout)
             body = rewrite_card(raw, route.host) if raw is not None else None
         except ValueError:
             body = None  # not a card: the agent's own answer is forwarded
@@ -512,22 +514,6 @@ class Relay:
                                                            b"" if request.keep_alive else b"connection: close\r\n",
                                                            body))
         return True
-
-    async def _fetch_card(self, agent: Agent, path: bytes, limit: int) -> bytes | None:
-        """The card the agent serves at ``path`` (200, JSON, at most ``limit`` bytes), or None."""
-        import aiohttp
-
-        timeout = aiohttp.ClientTimeout(total=self.settings.connect_timeout + self.settings.read_timeout)
-        url = f"http://{agent.address}:{agent.port}{path.decode('latin-1')}"
-        try:
-            async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
-                async with session.get(url, allow_redirects=False) as response:
-                    if response.status != 200:
-                        return None
-                    raw = await response.content.read(limit + 1)
-        except (TimeoutError, aiohttp.ClientError):
-            return None
-        return raw if len(raw) <= limit else None
 
     def _a2a_call(self, flight: Flight, call: Call) -> None:
         """Route a call naming a known task or context to the agent holding it; learn from its answer."""

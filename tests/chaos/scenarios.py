@@ -259,8 +259,9 @@ async def resource_limits(cluster: EtcdCluster, prefix: str, scale: Scale, limit
     return outcome
 
 
-async def frozen_member(cluster: EtcdCluster, prefix: str, scale: Scale) -> Outcome:
-    """Each member in turn SIGSTOPped for two lease TTLs under load (whichever one carries the keepalive stream)."""
+async def frozen_member(cluster: EtcdCluster, prefix: str, scale: Scale, freeze: float | None = None) -> Outcome:
+    """Each member in turn SIGSTOPped (for two lease TTLs, or ``freeze`` s) under load (whichever one
+    carries the keepalive stream)."""
     outcome = Outcome("member SIGSTOP")
     ttl = float(scale.ttl.rstrip("s"))
     async with Rig(cluster.endpoints, prefix, scale) as rig:
@@ -270,7 +271,7 @@ async def frozen_member(cluster: EtcdCluster, prefix: str, scale: Scale) -> Outc
             assert member.process is not None
             member.process.send_signal(signal.SIGSTOP)
             try:
-                await asyncio.sleep(2 * ttl)
+                await asyncio.sleep(2 * ttl if freeze is None else freeze)
             finally:
                 member.process.send_signal(signal.SIGCONT)
             await asyncio.to_thread(cluster.wait_for_leader)

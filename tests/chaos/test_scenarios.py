@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from ..etcd_cluster import EtcdCluster
@@ -78,7 +80,10 @@ async def test_a_partitioned_sidecar_serves_stale_then_converges_after_heal(pref
 
 
 async def test_a_frozen_member_costs_no_lease(cluster: EtcdCluster, prefix: str) -> None:
-    outcome = await scenarios.frozen_member(cluster, prefix, FAST)
+    # Leases of the default 10 s, frozen 6 s each: before the fix a stuck keepalive stream (gRPC notices
+    # after ~8 s) outlived a refresh interval plus the rest of the TTL; after it, an attempt costs 0.5 s.
+    # With 3 s leases the margin was one refresh against the scheduling of a loaded 2-core machine.
+    outcome = await scenarios.frozen_member(cluster, prefix, dataclasses.replace(FAST, ttl="10s"), freeze=6.0)
     print(outcome.summary())
     # A keepalive stream left stuck on the frozen member lets the 3 s leases expire: the stable
     # agents drop out of the answers (before the fix: 86 failed of 5,416). Re-registrations are

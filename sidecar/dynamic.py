@@ -194,25 +194,22 @@ class ConfigStore:
         for change in batch:
             if isinstance(change, Listed):
                 stored = change.items.get(self.key)
-                kv = None if stored is None else (stored.raw, change.revision)
-                self._take(kv)
+                # The version is the key's own mod revision, not the revision the list was read at.
+                self._take(None if stored is None else (stored.raw, change.mod_revisions[self.key]))
             elif change.key == self.key:
                 self._take((change.value.raw, change.revision) if isinstance(change, Put) else None)
 
     def _take(self, stored: tuple[bytes, int] | None) -> None:
         if stored is None:
-            document: dict[str, Any] = {}
-            version = 0
-        else:
-            raw, version = stored
-            if version == self.version and self.error is None and self.document is not None:
-                return
-            try:
-                document = parse_document(raw, self.key)
-            except ConfigError as exc:
-                self._reject(version, exc)
-                return
-        if stored is not None and version < self.version:
+            self.reload(self._base, {}, 0)
+            return
+        raw, version = stored
+        if version < self.version or (version == self.version and self.error is None and self.document is not None):
+            return  # already in force (a relist), or older than what is
+        try:
+            document = parse_document(raw, self.key)
+        except ConfigError as exc:
+            self._reject(version, exc)
             return
         self.reload(self._base, document, version)
 

@@ -288,3 +288,18 @@ async def test_breaker_states_survive_a_change(make_server) -> None:
         assert status == 200
         await eventually(lambda: server.config.version == body["version"])
         assert await breaker() == "open", "a configuration change keeps breaker states"
+
+
+@pytest.mark.asyncio
+async def test_a_document_stored_before_start_keeps_its_version(make_server, etcd, prefix) -> None:
+    """The version is the key's mod revision, also when the sidecar first lists it (not the list's revision)."""
+    stored = cli("config", "set", "-", etcd=etcd, prefix=prefix, stdin="dns: {ttl: 17}\n")
+    assert stored.returncode == 0, stored.stderr
+    etcd.ctl("put", f"{prefix}/unrelated", "x")  # the store revision moves past the document's
+    server = await make_server()
+    await eventually(lambda: server.settings.dns.ttl == 17)
+    version = json.loads(cli("config", "show", etcd=etcd, prefix=prefix).stdout)["version"]
+    async with aiohttp.ClientSession() as http:
+        assert (await get_config(http, server))["version"] == version
+        status, body = await put_config(http, server, {"dns": {"ttl": 18}})  # CAS on the version in force
+        assert status == 200, body

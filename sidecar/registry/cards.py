@@ -60,7 +60,8 @@ class CardSync:
         revision = self._index.revision
         for change in changes:
             if isinstance(change, Listed):
-                cards = {c.owner: _at(c, change.revision) for c in change.items.values()}
+                cards = {c.owner: _at(c, change.mod_revisions.get(key, change.revision))
+                         for key, c in change.items.items()}
                 revision = change.revision
             elif isinstance(change, Gone):
                 name, _, agent_id = change.key[len(self._prefix):].partition("/")

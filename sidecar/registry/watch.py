@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from ..errors import RegistryUnavailable, RevisionCompacted
@@ -31,6 +31,8 @@ class Listed(Generic[T]):
 
     revision: int
     items: Mapping[str, T]
+    # Each listed key's own mod revision (its version), where a use needs it.
+    mod_revisions: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,13 +156,15 @@ class PrefixWatch(Generic[T]):
     async def _relist(self) -> None:
         revision, kvs = await self._etcd.get_prefix(self.prefix)
         items: dict[str, T] = {}
+        mod_revisions: dict[str, int] = {}
         for kv in kvs:
             value = self._decode(kv.key, kv.value)
             if value is not None:
                 items[kv.key] = value
+                mod_revisions[kv.key] = kv.mod_revision
         self._count(self._counters.relists)
         self.revision = revision
-        self._sink([Listed(revision, items)])
+        self._sink([Listed(revision, items, mod_revisions)])
 
     async def _watch(self) -> None:
         stream = await self._etcd.watch_prefix(self.prefix, self.revision + 1)

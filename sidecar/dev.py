@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -32,6 +33,35 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as source:
+            low, high = (int(part) for part in source.read().split())
+            return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def stable_port(host: str = "127.0.0.1") -> int:
+    """A free port outside the kernel's ephemeral range, for a server that stops and starts again on it.
+
+    A port from ``free_port`` can be taken while its server is down: as the source port of any
+    outgoing connection, or by a client's own retries to it (a TCP self-connect on loopback). The
+    restarted server then cannot bind. Ports below the ephemeral range are never handed out that way.
+    """
+    low, high = _ephemeral_range()
+    first, last = (10000, low - 1) if low > 11000 else (high + 1, 65535)
+    for _ in range(200):
+        port = random.randint(first, last)
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    return free_port(host)
+
+
 class EmbeddedEtcd:
     """One single-member etcd in a temporary directory on free loopback ports (stopped by PID)."""
 
@@ -45,8 +75,8 @@ class EmbeddedEtcd:
         self.name = name
         base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # tmpfs: fsyncs cost nothing
         self.dir = tempfile.mkdtemp(prefix=f"{name}-", dir=base)
-        self.client_port = free_port()
-        self.peer_port = free_port()
+        self.client_port = stable_port()
+        self.peer_port = stable_port()
         self.endpoint = f"http://127.0.0.1:{self.client_port}"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -63,7 +93,7 @@ class EmbeddedEtcd:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise SidecarError(f"etcd exited with {self.process.returncode}; see {self.dir}/etcd.log")
+                raise SidecarError(f"etcd exited with {self.process.returncode}: {self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as response:
                     if b'"true"' in response.read():
@@ -72,6 +102,14 @@ class EmbeddedEtcd:
                 pass
             time.sleep(0.05)
         raise SidecarError(f"etcd did not become healthy within {timeout:g}s; see {self.dir}/etcd.log")
+
+    def log_tail(self, lines: int = 5) -> str:
+        """The last lines of this member's log (what a failed start said)."""
+        try:
+            with open(os.path.join(self.dir, "etcd.log"), "rb") as log:
+                return b" | ".join(log.read().splitlines()[-lines:]).decode(errors="replace")
+        except OSError as error:
+            return f"no log ({error})"
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

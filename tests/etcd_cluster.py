@@ -11,7 +11,7 @@ import tempfile
 import time
 import urllib.request
 
-from .etcd_process import free_port
+from sidecar.dev import stable_port
 
 
 class Member:
@@ -19,8 +19,8 @@ class Member:
 
     def __init__(self, name: str, base: str) -> None:
         self.name = name
-        self.client_port = free_port()
-        self.peer_port = free_port()
+        self.client_port = stable_port()
+        self.peer_port = stable_port()
         self.endpoint = f"http://127.0.0.1:{self.client_port}"
         self.peer_url = f"http://127.0.0.1:{self.peer_port}"
         self.dir = os.path.join(base, name)

@@ -91,6 +91,7 @@ class Sidecar:
     extra: tuple[str, ...] = ()
     # What runs `sidecar run` (bench/soak/subject.py replaces it); the listener flags are appended.
     command: tuple[str, ...] = (sys.executable, "-m", "sidecar", "run")
+    log: str | None = None  # where the child's stderr (its warnings) goes; nowhere by default
 
     def start(self, wait: bool = True) -> Sidecar:
         env = dict(os.environ)
@@ -102,7 +103,8 @@ class Sidecar:
              "--admin-listen", f"127.0.0.1:{self.admin}", "--dns-listen", f"127.0.0.1:{self.dns}",
              "--proxy-listen", f"127.0.0.1:{self.proxy}", "--grpc-listen", f"127.0.0.1:{free_port()}",
              "--upstream-dns", "none", "--log-level", "warning", *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "ab") if self.log else subprocess.DEVNULL,
+            env=env)
         if wait:
             self.wait_ready()
         return self

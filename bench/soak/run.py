@@ -79,6 +79,11 @@ class Load:
                         dns.message.make_query("churn.agents.local", "SRV")]
         self.sent = 0
         self.churned = 0
+        self.failures: list[str] = []  # what went wrong, the first 100 (a count alone cannot be explained)
+
+    def failed(self, what: str) -> None:
+        if len(self.failures) < 100:
+            self.failures.append(f"{time.strftime('%H:%M:%S')} {what}")
 
     async def dns_one(self) -> None:
         query = self.queries[self.sent % 2]
@@ -91,10 +96,14 @@ class Load:
             reply = dns.message.from_wire(await asyncio.wait_for(loop.sock_recv(sock, 65535), 2.0))
             good = reply.rcode() == dns.rcode.NOERROR and (query.question[0].rdtype != 1 or len(reply.answer) == 1)
             outcome = "dns_ok" if good else "dns_failed"
+            if not good:
+                self.failed(f"dns {query.question[0]}: {dns.rcode.to_text(reply.rcode())}, {len(reply.answer)} rrsets")
         except TimeoutError:
             outcome = "dns_timeout"  # no reply within 2 s (lost, or this load generator fell behind)
-        except (OSError, dns.exception.DNSException):
+            self.failed(f"dns {query.question[0]}: no reply in 2 s")
+        except (OSError, dns.exception.DNSException) as exc:
             outcome = "dns_failed"
+            self.failed(f"dns {query.question[0]}: {exc!r}")
         finally:
             sock.close()
         self.counts[outcome] += 1
@@ -105,8 +114,11 @@ class Load:
                                    headers={"Host": "soak.agents.local"}) as response:
                 body = await response.read()
                 good = response.status == 200 and body.startswith(b"backend")
-        except (aiohttp.ClientError, TimeoutError):
+                if not good:
+                    self.failed(f"proxy: {response.status} {body[:200]!r}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
             good = False
+            self.failed(f"proxy: {exc!r}")
         self.counts["proxy_ok" if good else "proxy_failed"] += 1
 
     async def churn_one(self, session: aiohttp.ClientSession) -> None:
@@ -119,11 +131,16 @@ class Load:
                                                  "port": 9000 + n % 1000, "capabilities": ["churn"],
                                                  "ttl": "10s"}) as response:
                 good = response.status == 201
+                if not good:
+                    self.failed(f"POST churn{n}: {response.status} {(await response.text())[:200]}")
             if n >= 20:
                 async with session.delete(f"{admin}/churn{n - 20}") as response:
-                    good = good and response.status in (200, 204)
-        except (aiohttp.ClientError, TimeoutError):
+                    if response.status not in (200, 204):
+                        good = False
+                        self.failed(f"DELETE churn{n - 20}: {response.status} {(await response.text())[:200]}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
             good = False
+            self.failed(f"churn{n}: {exc!r}")
         self.counts["churn_ok" if good else "churn_failed"] += 1
 
 
@@ -164,7 +181,7 @@ def plot(samples: list[dict[str, float]], path: str, title: str) -> None:
     figure.savefig(path, dpi=80)
 
 
-async def main() -> tuple[argparse.Namespace, list[dict[str, float]]]:
+async def main() -> tuple[argparse.Namespace, list[dict[str, float]], list[str]]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--dns-qps", type=float, default=200.0)
@@ -176,9 +193,11 @@ async def main() -> tuple[argparse.Namespace, list[dict[str, float]]]:
     etcd = EmbeddedEtcd("soak")
     etcd.start()
     tasks_file = tempfile.mktemp(prefix="soak-tasks-", dir="/dev/shm")
-    subject = Sidecar(etcd.endpoint, command=(sys.executable, str(HERE / "subject.py"), tasks_file))
+    subject = Sidecar(etcd.endpoint, command=(sys.executable, str(HERE / "subject.py"), tasks_file),
+                      log=args.out.removesuffix(".json") + ".log")
     counts = dict.fromkeys(COUNTS, 0)
     samples: list[dict[str, float]] = []
+    load = Load(subject, counts)
     ports, runners = await backends(3)
     try:
         subject.start()
@@ -189,7 +208,6 @@ async def main() -> tuple[argparse.Namespace, list[dict[str, float]]]:
                                               "port": port, "capabilities": ["soak"], "ttl": "10s"}) as response:
                     assert response.status == 201, await response.text()
             await asyncio.sleep(1.0)
-            load = Load(subject, counts)
             stop = asyncio.Event()
             started = time.time()
             # Churn first: until a `churn` agent exists, its SRV name is NXDOMAIN (correctly).
@@ -210,17 +228,19 @@ async def main() -> tuple[argparse.Namespace, list[dict[str, float]]]:
             await runner.cleanup()
         etcd.cleanup()
         Path(tasks_file).unlink(missing_ok=True)  # noqa: ASYNC240 (a tmpfs file, at the end)
-    return args, samples
+    return args, samples, load.failures
 
 
-def report(args: argparse.Namespace, samples: list[dict[str, float]]) -> None:
+def report(args: argparse.Namespace, samples: list[dict[str, float]], failures: list[str]) -> None:
     result = {"machine": machine(), "minutes": args.minutes, "dns_qps": args.dns_qps, "proxy_rps": args.proxy_rps,
-              "churn_per_s": args.churn_per_s, "samples": samples}
+              "churn_per_s": args.churn_per_s, "samples": samples, "failures": failures}
     with open(args.out, "w") as out:
         json.dump(result, out, indent=1)
     plot(samples, args.plot, f"soak {args.minutes:g} min: DNS {args.dns_qps:g} qps, proxy {args.proxy_rps:g} rps, "
                              f"churn {args.churn_per_s:g}/s")
     print(json.dumps(samples[-1]))
+    for line in failures:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from setuptools.command.build_ext import build_ext
 COMPILED = [
     "sidecar/proxy/heads.py",
     "sidecar/proxy/policy.py",
+    "sidecar/proxy/exchange.py",
     "sidecar/proxy/flight.py",
     "sidecar/proxy/relay.py",
     "sidecar/proxy/upstream.py",

@@ -213,3 +213,9 @@ class Breakers:
         for agent_id in [a for a in self._breakers if a not in keep]:
             del self._breakers[agent_id]
             self._tripped.discard(agent_id)
+
+    def forget(self, agent_ids: Iterable[str]) -> None:
+        """Drop the breakers of these agents (they left the registry)."""
+        for agent_id in agent_ids:
+            if self._breakers.pop(agent_id, None) is not None:
+                self._tripped.discard(agent_id)

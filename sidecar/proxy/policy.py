@@ -356,9 +356,17 @@ class Policy:
         self.breakers.record(Ticket(agent_id, False), False)
         self.loads.observe(Outcome(agent_id, _SUCCESS, slowest), now)
 
-    def retain(self, agent_ids: Iterable[str]) -> None:
-        """Forget per-agent state of agents that left the registry."""
+    def retain(self, agent_ids: Iterable[str]) -> list[str]:
+        """Forget per-agent state of agents that left the registry; the ids whose load is kept because
+        requests to them are still in flight."""
         ids = set(agent_ids)
         self.fold()
         self.breakers.retain(ids)
-        self.loads.retain(ids)
+        return self.loads.retain(ids)
+
+    def forget(self, agent_ids: Collection[str]) -> list[str]:
+        """Forget per-agent state of these agents, which left the registry (``retain`` for a few); the
+        ids whose load is kept because requests to them are still in flight."""
+        self.fold()
+        self.breakers.forget(agent_ids)
+        return self.loads.forget(agent_ids)

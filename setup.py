@@ -26,6 +26,7 @@ COMPILED = [
     "sidecar/proxy/load.py",
     "sidecar/proxy/limits.py",
     "sidecar/proxy/retries.py",
+    "sidecar/proxy/ticket.py",
     "sidecar/proxy/balancers/round_robin.py",
     "sidecar/proxy/balancers/weighted_random.py",
     "sidecar/proxy/balancers/least_conn.py",

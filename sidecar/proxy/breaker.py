@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import pybreaker
 
 from ..config import CircuitBreakerSettings
+from .ticket import Ticket
 
 State = Literal["closed", "open", "half_open"]
 _STATES: dict[str, State] = {
@@ -69,15 +69,6 @@ class _Listener(pybreaker.CircuitBreakerListener):
             self.tripped.add(self.agent_id)
         if name in _STATES and self.notify is not None:
             self.notify(self.agent_id, _STATES[name])
-
-
-@dataclass(slots=True)
-class Ticket:
-    """Permission for one attempt to ``agent_id``; a trial when admitted half-open."""
-
-    agent_id: str
-    trial: bool
-    done: bool = False
 
 
 class _Breaker:

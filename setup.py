@@ -17,6 +17,7 @@ from setuptools.command.build_ext import build_ext
 COMPILED = [
     "sidecar/proxy/heads.py",
     "sidecar/proxy/policy.py",
+    "sidecar/proxy/exchange.py",
     "sidecar/proxy/flight.py",
     "sidecar/proxy/relay.py",
     "sidecar/proxy/upstream.py",
@@ -25,6 +26,7 @@ COMPILED = [
     "sidecar/proxy/load.py",
     "sidecar/proxy/limits.py",
     "sidecar/proxy/retries.py",
+    "sidecar/proxy/ticket.py",
     "sidecar/proxy/balancers/round_robin.py",
     "sidecar/proxy/balancers/weighted_random.py",
     "sidecar/proxy/balancers/least_conn.py",

@@ -98,7 +98,9 @@ class Catalog:
     """Folds registry events into snapshots and tells subscribers about each one."""
 
     def __init__(self) -> None:
-        self._snapshot = Snapshot()
+        # The current snapshot (never mutated; replaced by each applied batch). A plain attribute, not a
+        # property: the proxy reads it on every request, and a property is a Python call. Read only.
+        self.snapshot = Snapshot()
         self._agents: dict[str, Agent] = {}
         self._indexes: dict[str, dict[str, dict[str, Agent]]] = {"capability": {}, "name": {}, "id": {}}
         # The plain dicts behind the current snapshot's views: never mutated once published, and
@@ -108,11 +110,6 @@ class Catalog:
         self._subscribers: list[Subscriber] = []
         self.synced = False
 
-    @property
-    def snapshot(self) -> Snapshot:
-        """The current snapshot (never mutated; replaced by each applied batch)."""
-        return self._snapshot
-
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
         """Call ``subscriber(snapshot, events)`` after every applied batch; returns an unsubscribe."""
         self._subscribers.append(subscriber)
@@ -121,10 +118,10 @@ class Catalog:
     def apply(self, events: Sequence[Event]) -> Snapshot:
         """Fold a batch of events into a new snapshot, publish it and return it."""
         if not events:
-            return self._snapshot
+            return self.snapshot
         dirty: dict[str, set[str]] = {"capability": set(), "name": set(), "id": set()}
         rebuilt = False
-        revision = self._snapshot.revision
+        revision = self.snapshot.revision
         for event in events:
             revision = max(revision, event.revision)
             if isinstance(event, Reset):
@@ -138,10 +135,10 @@ class Catalog:
             else:
                 self._remove(event.key, dirty)
                 self._agents.pop(event.key, None)
-        self._snapshot = self._build(revision, None if rebuilt else dirty)
+        self.snapshot = self._build(revision, None if rebuilt else dirty)
         self.synced = True
         self._publish(events)
-        return self._snapshot
+        return self.snapshot
 
     def _keys_of(self, agent: Agent) -> dict[str, Iterable[str]]:
         return {"capability": agent.capability_labels, "name": (agent.name_label,), "id": (agent.id_label,)}
@@ -201,7 +198,7 @@ class Catalog:
     def _publish(self, events: Sequence[Event]) -> None:
         for subscriber in list(self._subscribers):
             try:
-                subscriber(self._snapshot, events)
+                subscriber(self.snapshot, events)
             except Exception:
                 log.exception("snapshot subscriber %r failed", subscriber)
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import pybreaker
 
 from ..config import CircuitBreakerSettings
+from .ticket import Ticket
 
 State = Literal["closed", "open", "half_open"]
 _STATES: dict[str, State] = {
@@ -69,15 +69,6 @@ class _Listener(pybreaker.CircuitBreakerListener):
             self.tripped.add(self.agent_id)
         if name in _STATES and self.notify is not None:
             self.notify(self.agent_id, _STATES[name])
-
-
-@dataclass(slots=True)
-class Ticket:
-    """Permission for one attempt to ``agent_id``; a trial when admitted half-open."""
-
-    agent_id: str
-    trial: bool
-    done: bool = False
 
 
 class _Breaker:
@@ -213,3 +204,9 @@ class Breakers:
         for agent_id in [a for a in self._breakers if a not in keep]:
             del self._breakers[agent_id]
             self._tripped.discard(agent_id)
+
+    def forget(self, agent_ids: Iterable[str]) -> None:
+        """Drop the breakers of these agents (they left the registry)."""
+        for agent_id in agent_ids:
+            if self._breakers.pop(agent_id, None) is not None:
+                self._tripped.discard(agent_id)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
 
 from ..config import LoadBalancerSettings, StickySettings
 from .affinity import cookie_value
@@ -21,16 +20,25 @@ _TRACEPARENT = re.compile(rb"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$
 _INVALID_TRACE = (b"0" * 32, b"0" * 16)
 
 
-@dataclass(slots=True)
 class Keys:
     """What the request says about stickiness and hashing (header values, cookie values),
     and the ``traceparent`` sent upstream (the client's when valid, else a new one)."""
 
-    session: str | None = None
-    affinity_cookie: str | None = None
-    hash_key: str | None = None
-    traceparent: bytes = b""
-    trace_from_client: bool = False  # the client sent a valid traceparent (else a new trace begins)
+    # A plain class, not a dataclass: mypyc gives a dataclass the generated Python __init__ (a Python
+    # call per request); this one is native.
+    __slots__ = ("affinity_cookie", "hash_key", "session", "trace_from_client", "traceparent")
+
+    def __init__(self, session: str | None = None, affinity_cookie: str | None = None, hash_key: str | None = None,
+                 traceparent: bytes = b"", trace_from_client: bool = False) -> None:
+        self.session = session
+        self.affinity_cookie = affinity_cookie
+        self.hash_key = hash_key
+        self.traceparent = traceparent
+        self.trace_from_client = trace_from_client  # the client sent a valid traceparent (else a new trace begins)
+
+    def __repr__(self) -> str:
+        return (f"Keys(session={self.session!r}, affinity_cookie={self.affinity_cookie!r}, "
+                f"hash_key={self.hash_key!r}, traceparent={self.traceparent!r})")
 
 class KeyNames:
     """The request headers and cookies that name a session or a hash key, as the head scan wants them."""

@@ -134,8 +134,21 @@ class LoadTable:
         """Call ``observer(outcome)`` after every upstream attempt (passive health plugs in here)."""
         self._observers.append(observer)
 
-    def retain(self, agent_ids: Iterable[str]) -> None:
-        """Forget agents no longer registered (keeps those with requests in flight)."""
+    def retain(self, agent_ids: Iterable[str]) -> list[str]:
+        """Forget agents no longer registered, except those with requests in flight: returned."""
         keep = set(agent_ids)
-        for agent_id in [a for a, load in self._loads.items() if a not in keep and load.in_flight == 0]:
-            del self._loads[agent_id]
+        return self.forget([a for a in self._loads if a not in keep])
+
+    def forget(self, agent_ids: Iterable[str]) -> list[str]:
+        """Forget these agents (they left the registry), except those with requests in flight: returned."""
+        busy: list[str] = []
+        loads = self._loads
+        for agent_id in agent_ids:
+            load = loads.get(agent_id)
+            if load is None:
+                continue
+            if load.in_flight:
+                busy.append(agent_id)
+            else:
+                del loads[agent_id]
+        return busy

@@ -22,7 +22,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
 from urllib.parse import unquote
 
 from ..catalog import Snapshot
@@ -32,25 +31,30 @@ from ..model import Agent
 from ..serving import servable
 from . import balancers
 from .affinity import Affinity
-from .breaker import Breakers, State, StateListener, Ticket
+from .breaker import Breakers, State, StateListener
 from .heads import KeyNames, Keys
 from .limits import Limits
 from .load import LoadTable, Outcome, OutcomeKind
 from .retries import RetryBudget
 from .routing import Route
+from .ticket import Ticket
 
 # A table that needed the full path is rebuilt after this long (ejections end with time).
 SLOW_TABLE_TTL = 0.25
 _SUCCESS = OutcomeKind.SUCCESS
 
 
-@dataclass(slots=True)
 class Choice:
     """The agent for one attempt, its breaker ticket, and a Set-Cookie to send (or None)."""
 
-    agent: Agent
-    ticket: Ticket
-    set_cookie: str | None = None
+    # A plain class, not a dataclass: mypyc gives a dataclass the generated Python __init__ (a Python
+    # call per request); this one is native.
+    __slots__ = ("agent", "set_cookie", "ticket")
+
+    def __init__(self, agent: Agent, ticket: Ticket, set_cookie: str | None = None) -> None:
+        self.agent = agent
+        self.ticket = ticket
+        self.set_cookie = set_cookie
 
 
 class Table:
@@ -356,9 +360,17 @@ class Policy:
         self.breakers.record(Ticket(agent_id, False), False)
         self.loads.observe(Outcome(agent_id, _SUCCESS, slowest), now)
 
-    def retain(self, agent_ids: Iterable[str]) -> None:
-        """Forget per-agent state of agents that left the registry."""
+    def retain(self, agent_ids: Iterable[str]) -> list[str]:
+        """Forget per-agent state of agents that left the registry; the ids whose load is kept because
+        requests to them are still in flight."""
         ids = set(agent_ids)
         self.fold()
         self.breakers.retain(ids)
-        self.loads.retain(ids)
+        return self.loads.retain(ids)
+
+    def forget(self, agent_ids: Collection[str]) -> list[str]:
+        """Forget per-agent state of these agents, which left the registry (``retain`` for a few); the
+        ids whose load is kept because requests to them are still in flight."""
+        self.fold()
+        self.breakers.forget(agent_ids)
+        return self.loads.forget(agent_ids)

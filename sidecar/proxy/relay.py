@@ -1,7 +1,8 @@
-"""The relay: routes each request, asks the policy for an agent, sends the request,
-judges the response head (breaker, load, retry) and relays the answer. The steps of
-one forwarded request are driven by ``Flight`` (flight.py) from the socket callbacks;
-the client connection's task only waits for new connections and tunnels.
+"""The relay: the front door (target, route, errors, cards) and the two starts of a
+forwarded request. What to do at each step of one is decided by the I/O-free
+``Machine`` (exchange.py); ``Flight`` (flight.py) carries its actions out from the
+socket callbacks, and ``fly`` here from the client connection's task, which only
+waits for new connections, retries and tunnels.
 """
 
 from __future__ import annotations
@@ -15,31 +16,28 @@ from ..catalog import Catalog
 from ..config import ProxySettings
 from ..errors import (
     BadRequest,
-    NoHealthyAgent,
     PassthroughDisabled,
     ProxyError,
-    TaskOwnerUnavailable,
     UpstreamError,
     UpstreamTimeout,
 )
 from ..metrics import ProxyMetrics
-from ..model import Agent
 from ..tracing import Tracing, sampled_parent
 from . import routing, tunnel
 from .a2a import CARD_PATHS, A2aRouting, Call, Learner, fetch_card, read_call, rewrite_card
 from .client import ClientConnection, Request
-from .flight import GONE, RETRY, UPGRADE, AttemptFailed, ClientGone, Flight
-from .heads import Keys, request_head, response_head, retry_after
-from .load import OutcomeKind
+from .exchange import ANSWER, GONE, RETRY, UPGRADE, Machine
+from .flight import ClientGone, Flight
+from .heads import Keys, request_head, response_head
 from .observe import Trace
-from .policy import Choice, Policy
+from .policy import Policy
 from .pool import Pool
 from .responses import error_response, error_status
-from .retries import safe_to_retry
 from .upstream import Exchange, Upstream
 
 log = logging.getLogger(__name__)
-_SUCCESS = OutcomeKind.SUCCESS
+
+
 class Relay:
     """Everything the connections share: settings, catalog, policy, pool, metrics."""
 
@@ -201,172 +199,94 @@ class Relay:
         request.attach(conn)
         return exchange
 
-    def attempt_failed(self, client: ClientConnection, request: Request, exchange: Exchange,
-                        err: ProxyError) -> AttemptFailed:
-        """Drop an attempt whose response head never came."""
-        self._discard(client, request, exchange)
-        kind = OutcomeKind.TIMEOUT if isinstance(err, UpstreamTimeout) else OutcomeKind.RESET
-        return AttemptFailed(kind, True, err)
-
-    def _discard(self, client: ClientConnection, request: Request, exchange: Exchange) -> None:
-        request.detach()
-        client.upstream = None
-        exchange.stop_timer()
-        exchange.flight = None
-        exchange.conn.exchange = None
-        exchange.conn.close()
-
-    # -- forwarding: one set of steps (the state machine is ``Flight``, in flight.py). The only
-    # waiting is for a new upstream connection and for tunnels, done by the connection's task
-    # in ``fly``; ``begin`` starts a request on a pooled connection from the read callback.
+    # -- forwarding: the decisions are the Machine's (exchange.py), the callbacks' actions the Flight's
+    # (flight.py). The only waiting is for a new upstream connection, a retry and tunnels, done by the
+    # connection's task in ``fly``; ``begin`` starts a request on a pooled connection from the read callback.
 
     def _flight(self, client: ClientConnection, request: Request, route: routing.Route, path: bytes) -> Flight:
         started = self.loop.time()
         head, keys = self._request_head(request, route, path)
-        return Flight(self, client, request, route, head, keys, started)
+        machine = Machine(self.policy, self.metrics, self.catalog, route, keys, request.method, started)
+        return Flight(self, client, request, machine, head)
 
     async def _forward(self, client: ClientConnection, request: Request, route: routing.Route, path: bytes,
                        call: Call | None = None) -> bool:
         flight = self._flight(client, request, route, path)
         if call is not None:
             self._a2a_call(flight, call)
-        if route.kind == "external":
-            flight.released = True  # passthrough: no agent, no admission
-        else:
-            self.policy.admit(route)
+        m = flight.m
+        if m.admit() == ANSWER:
+            assert m.error is not None
+            raise m.error
         return await self.fly(flight)
 
-    async def fly(self, flight: Flight, choice: Choice | None = None) -> bool:
-        """Attempt agents (or the passthrough host) until one answer is relayed; raises the
-        ProxyError for the client otherwise."""
-        client, request, route = flight.client, flight.request, flight.route
+    async def fly(self, flight: Flight, chosen: bool = False) -> bool:
+        """The task's driver of the machine: attempt agents (or the passthrough host) until one answer
+        is relayed; raises the ProxyError for the client otherwise. ``chosen``: the machine's choice is
+        made (by ``begin``) and not yet sent."""
+        client, request, m = flight.client, flight.request, flight.m
         try:
             while True:
-                if route.kind == "external":
-                    address, port = route.host, route.port
-                else:
-                    if choice is None:
-                        choice = self._choose(flight)
-                    agent = self._depart(flight, choice)
-                    address, port = agent.address, agent.port
+                if not chosen and m.choose() == ANSWER:
+                    assert m.error is not None
+                    raise m.error
+                chosen = False
+                address, port = self._depart(flight)
                 conn = self.pool.take(address, port)
                 if conn is None:
                     try:
-                        conn = await self._open(address, port)
-                    except AttemptFailed as failed:
-                        if choice is None:
-                            failed.error.target = route.host
-                            raise failed.error from None
-                        self.failed(flight, choice, failed)  # raises unless another attempt may follow
-                        choice = None
-                        continue
+                        conn = await self.pool.connect(address, port, self.settings.connect_timeout)
+                    except (TimeoutError, OSError) as exc:
+                        action = m.connect_failed(self._connect_error(address, port, exc),
+                                                  isinstance(exc, TimeoutError), client.closed, self.loop.time())
+                        flight.noted(action, 0)
+                        if action == RETRY:
+                            continue
+                        if action == GONE:
+                            raise ClientGone from None
+                        assert m.error is not None
+                        raise m.error from None
                     except BaseException:
-                        self._abandon(choice)
+                        m.abandon()
                         raise
                     if client.closed:
                         self.pool.release(conn)
-                        self._abandon(choice)
+                        m.abandon()
                         raise ClientGone
                 waiter = flight.waiter = self.loop.create_future()
                 self._send(client, request, flight.head, conn, flight)
-                step, value = await waiter
-                if step is RETRY:
-                    choice = None
+                action = await waiter
+                if action == RETRY:
                     continue
-                if step is UPGRADE:
-                    assert isinstance(value, Exchange)
-                    return await flight.upgrade(value)
-                if isinstance(value, ProxyError):
-                    raise value
-                if step is GONE:
+                if action == UPGRADE:
+                    return await flight.upgrade()
+                if action == ANSWER and m.error is not None:
+                    raise m.error
+                if action == GONE:
                     raise ClientGone
-                return bool(value)
+                return m.keep
         finally:
-            self.release(flight)
+            m.release()
 
-    async def _open(self, address: str, port: int) -> Upstream:
-        """A new connection to address:port; raises AttemptFailed (nothing was sent)."""
-        try:
-            return await self.pool.connect(address, port, self.settings.connect_timeout)
-        except TimeoutError:
-            raise AttemptFailed(OutcomeKind.TIMEOUT, False,
-                                 UpstreamTimeout("", f"connecting to {address}:{port} timed out")) from None
-        except OSError as exc:
-            raise AttemptFailed(OutcomeKind.CONNECT_ERROR, False,
-                                 UpstreamError("", f"cannot connect to {address}:{port}: {exc.strerror or exc}")) \
-                from None
+    @staticmethod
+    def _connect_error(address: str, port: int, exc: OSError) -> ProxyError:
+        if isinstance(exc, TimeoutError):
+            return UpstreamTimeout("", f"connecting to {address}:{port} timed out")
+        return UpstreamError("", f"cannot connect to {address}:{port}: {exc.strerror or exc}")
 
-    def _abandon(self, choice: Choice | None) -> None:
-        """An attempt that never reached its agent: it counts as nothing."""
-        if choice is not None:
-            self.policy.finish(choice)
-            self.policy.release(choice)
-
-    def release(self, flight: Flight) -> None:
-        if not flight.released:
-            flight.released = True
-            self.policy.done(flight.route)
-
-    def _choose(self, flight: Flight) -> Choice:
-        if flight.pinned is not None:
-            return self._owner(flight, flight.pinned)
-        try:
-            return self.policy.choose(flight.route, self.catalog.snapshot, flight.keys, flight.tried)
-        except ProxyError:
-            if flight.last_error is not None:
-                flight.last_error.agent_id = flight.last_agent
-                raise flight.last_error from None
-            raise
-
-    def _depart(self, flight: Flight, choice: Choice) -> Agent:
+    def _depart(self, flight: Flight) -> tuple[str, int]:
+        """Start the attempt the machine chose; where to send it."""
+        m = flight.m
+        m.depart(self.loop.time())
+        choice = m.choice
+        if choice is None:
+            return m.route.host, m.route.port
         agent = choice.agent
-        flight.choice = choice
-        flight.tried.append(agent.id)
-        self.policy.started(choice)
-        flight.attempt_started = self.loop.time()
         trace = flight.request.trace
         if trace is not None:
             flight.head = trace.start_attempt(self.tracing, flight.head, agent.id, agent.address, agent.port,
                                               choice.ticket.trial)
-        return agent
-
-    def failed(self, flight: Flight, choice: Choice, failed: AttemptFailed) -> None:
-        """Account a failed attempt; returns when another may follow, else raises the client's error."""
-        self.policy.finish(choice)
-        if flight.client.closed:
-            self.policy.release(choice)
-            raise ClientGone
-        failed.error.target = flight.route.host
-        flight.last_error, flight.last_agent = failed.error, choice.agent.id
-        if self._account(flight, choice, failed.kind, 0, 0.0, failed.sent):
-            return
-        failed.error.agent_id = choice.agent.id
-        raise failed.error
-
-    def judge(self, flight: Flight, choice: Choice, exchange: Exchange) -> bool:
-        """Account an attempt's response head; True when it was dropped for another attempt."""
-        status = exchange.status
-        backoff = retry_after(exchange.headers) if status == 429 or status == 503 else 0.0
-        kind = self.policy.classify(status, backoff)
-        if not self._account(flight, choice, kind, status, backoff, True):
-            return False
-        # Another agent may do better; with nobody else to ask, this answer goes to the client.
-        self._discard(flight.client, flight.request, exchange)
-        self.policy.finish(choice)
-        flight.last_error = UpstreamError(flight.route.host, f"the agent answered {status}")
-        flight.last_agent = choice.agent.id
-        return True
-
-    def _account(self, flight: Flight, choice: Choice, kind: OutcomeKind, status: int, backoff: float,
-                 sent: bool) -> bool:
-        """Report an attempt's outcome to the policy and the metrics; whether to retry elsewhere."""
-        if self.policy.report(choice, kind, self.loop.time() - flight.attempt_started, status, backoff):
-            self.loop.call_soon(self.policy.fold)  # successes are folded in once per event-loop turn
-        self.metrics.attempts[kind._value_] += 1  # the value: an Enum's __hash__ is Python code
-        retry = kind is not _SUCCESS and self._may_retry(flight, sent)
-        if flight.request.trace is not None:
-            flight.request.trace.end_attempt(kind._value_, status, retry)
-        return retry
+        return agent.address, agent.port
 
     def begin(self, client: ClientConnection, request: Request) -> bool:
         """Start ``request`` from the client's read callback; False leaves it to the connection's task.
@@ -389,48 +309,24 @@ class Relay:
         if self.access_log:
             request.trace = Trace(request.method, client.peer, self.loop.time())
             request.trace.target(route.kind, route.host, path, route.capability)
-        policy = self.policy
         flight = self._flight(client, request, route, path)
-        try:
-            policy.admit(route)
-        except ProxyError:
+        m = flight.m
+        if m.admit() == ANSWER or m.choose() == ANSWER:
+            m.release()
             request.trace = None  # the task starts over, with a Trace of its own
-            return False
-        try:
-            choice = policy.choose(route, self.catalog.snapshot, flight.keys, flight.tried)
-        except ProxyError:
-            policy.done(route)
-            request.trace = None
             return False
         client.active = request
         client.busy = True
         self.fast_starts += 1
+        choice = m.choice
+        assert choice is not None
         agent = choice.agent
         conn = self.pool.take(agent.address, agent.port)
         if conn is None:
-            client.hand_off(route.kind, functools.partial(self.fly, flight, choice))
+            client.hand_off(route.kind, functools.partial(self.fly, flight, True))
             return True
-        self._depart(flight, choice)
+        self._depart(flight)
         self._send(client, request, flight.head, conn, flight)
-        return True
-
-    def settle(self, client: ClientConnection, request: Request, exchange: Exchange) -> bool:
-        """The response has ended (complete, or cut short): pool or close the upstream connection,
-        abort the client when the response was cut short. False when the client must not be reused."""
-        conn = exchange.conn
-        request.detach()
-        client.upstream = None
-        if exchange.failure is not None:
-            exchange.stop_timer()
-            conn.exchange = None
-            conn.close()
-            client.abort()
-            return False
-        if exchange.keep_alive and not exchange.no_body and request.body_done:
-            self.pool.release(conn)
-        else:
-            conn.exchange = None
-            conn.close()
         return True
 
     async def resume(self, client: ClientConnection, request: Request, kind: str,
@@ -442,28 +338,6 @@ class Relay:
             return self.answer(client, request, kind, err)
         except ClientGone:
             return False
-
-    def _may_retry(self, flight: Flight, sent: bool) -> bool:
-        """Whether a failed attempt may go to another agent: one is left, it is safe, the budget allows it."""
-        request = flight.request
-        if len(flight.tried) > self.policy.retry_attempts or flight.pinned is not None:
-            return False  # a task's calls go to its owner or nowhere
-        if not safe_to_retry(request.method, sent, request.replayable and request.body_done):
-            return False
-        if not self.policy.has_another(flight.route, self.catalog.snapshot, flight.tried):
-            return False
-        if not self.policy.spend_retry():
-            self.metrics.retry_budget_exhausted.inc()
-            return False
-        self.metrics.retries.inc()
-        return True
-
-    def relayed(self, request: Request, exchange: Exchange, kind: str, agent_id: str, started: float) -> None:
-        """Account a response head relayed to the client."""
-        self.metrics.observe_duration(self.loop.time() - started)
-        self.count(kind, "ok")
-        if request.trace is not None:
-            request.trace.answered(exchange.status, "ok", agent_id)
 
     def finished(self, request: Request) -> None:
         """A request with a Trace record is over: its spans end, its access log line is written."""
@@ -486,13 +360,13 @@ class Relay:
         read from the agent; False when neither has one (the request is then forwarded as it is)."""
         a2a = self.a2a
         assert a2a is not None
-        policy = self.policy
-        policy.admit(route)
-        try:
-            choice = policy.choose(route, self.catalog.snapshot, Keys(), ())
-        except ProxyError:
-            policy.done(route)
-            raise
+        m = Machine(self.policy, self.metrics, self.catalog, route, Keys(), request.method, self.loop.time())
+        if m.admit() == ANSWER or m.choose() == ANSWER:
+            m.release()
+            assert m.error is not None
+            raise m.error
+        choice = m.choice
+        assert choice is not None
         try:
             agent = choice.agent
             stored = a2a.cards.of(agent.name, agent.id)
@@ -503,8 +377,8 @@ class Relay:
         except ValueError:
             body = None  # not a card: the agent's own answer is forwarded
         finally:
-            self._abandon(choice)
-            policy.done(route)
+            m.abandon()
+            m.release()
         if body is None:
             return False
         self.metrics.a2a["card_served" if stored is not None else "card_fetched"] += 1
@@ -523,21 +397,7 @@ class Relay:
         assert self.a2a is not None
         owner = self.a2a.owners.owner(call)
         self.metrics.a2a["hit" if owner is not None else "miss"] += 1
-        flight.pinned = owner
-
-    def _owner(self, flight: Flight, agent_id: str) -> Choice:
-        """The agent holding the flight's task or context, or TaskOwnerUnavailable (never another agent)."""
-        route = flight.route
-        snapshot = self.catalog.snapshot
-        others = [a.id for a in self.policy.agents(route, snapshot) if a.id != agent_id]
-        try:
-            if agent_id in flight.tried or len(others) == len(self.policy.agents(route, snapshot)):
-                raise NoHealthyAgent(route.host, "gone")
-            return self.policy.choose(route, snapshot, flight.keys, others)
-        except ProxyError as exc:
-            self.metrics.a2a["owner_gone"] += 1
-            raise TaskOwnerUnavailable(route.host, f"agent {agent_id}, which holds this task or context, cannot "
-                                                   f"take it ({exc}); no other agent knows it") from None
+        flight.m.pinned = owner
 
     def a2a_commit(self, flight: Flight, exchange: Exchange, agent_id: str) -> None:
         """The response head is going to the client: a stream gets the stream idle timeout, an A2A call's

@@ -10,10 +10,10 @@ import typing
 from collections.abc import Callable, Iterable, Sequence
 
 from ..cards import CardIndex
-from ..catalog import Catalog, Event, Snapshot
+from ..catalog import Catalog, Delete, Event, Reset, Snapshot
 from ..config import HostPort, Settings
 from ..metrics import ProxyMetrics
-from ..model import Agent
+from ..model import Agent, label
 from ..tracing import Tracing
 from .a2a import A2aRouting, Owners
 from .breaker import State
@@ -24,6 +24,10 @@ from .relay import Relay
 log = logging.getLogger(__name__)
 
 _STATE_VALUES = {"closed": 0, "open": 1, "half_open": 2}
+
+
+def _registered(snapshot: Snapshot, agent_id: str) -> bool:
+    return any(a.id == agent_id for a in snapshot.by_id.get(label(agent_id), ()))
 
 
 class ProxyServer:
@@ -51,6 +55,10 @@ class ProxyServer:
         self._relay: Relay | None = None
         self._server: asyncio.Server | None = None
         self._unsubscribe: Callable[[], None] | None = None
+        # The snapshot the last change produced (what the next change's events apply to), and agents that
+        # left with requests in flight, whose load is forgotten at a later change.
+        self._previous: Snapshot | None = None
+        self._lingering: set[str] = set()
         self.address: tuple[str, int] | None = None
 
     def _breaker_changed(self, agent_id: str, state: State) -> None:
@@ -59,13 +67,35 @@ class ProxyServer:
         log.info("circuit breaker of agent %s is %s", agent_id, state)
 
     def _on_snapshot(self, snapshot: Snapshot, events: Sequence[Event]) -> None:
-        live = set(snapshot.agents[k].id for k in snapshot.agents)
-        for gone in [a for a in self.policy.breakers.states() if a not in live]:
+        """Forget the per-agent state (breakers, loads, breaker gauges) of agents that left: those the
+        events removed, found in the previous snapshot, so a change costs in proportion to its events,
+        not to the registry; a Reset (or the first snapshot seen) checks every agent."""
+        previous, self._previous = self._previous, snapshot
+        if previous is None or any(isinstance(event, Reset) for event in events):
+            live = set(snapshot.agents[k].id for k in snapshot.agents)
+            self._drop_gauges([a for a in self.policy.breakers.states() if a not in live])
+            self._lingering = set(self.policy.retain(live))
+            return
+        gone = set(self._lingering)
+        for event in events:
+            if isinstance(event, Reset):
+                continue
+            old = previous.agents.get(event.key)
+            if old is not None and (isinstance(event, Delete) or old.id != event.agent.id):
+                gone.add(old.id)
+        gone = {agent_id for agent_id in gone if not _registered(snapshot, agent_id)}
+        if gone:
+            self._drop_gauges(gone)
+            self._lingering = set(self.policy.forget(gone))
+        else:
+            self._lingering = set()
+
+    def _drop_gauges(self, agent_ids: Iterable[str]) -> None:
+        for agent_id in agent_ids:
             try:
-                self.metrics.breaker_state.remove(gone)
+                self.metrics.breaker_state.remove(agent_id)
             except KeyError:
                 pass
-        self.policy.retain(live)
 
     async def start(self) -> None:
         """Listen on ``proxy.listen``."""
@@ -78,6 +108,7 @@ class ProxyServer:
         self._server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
         sock = self._server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
+        self._previous = None  # the first change seen checks every agent
         self._unsubscribe = self.catalog.subscribe(self._on_snapshot)
         log.info("proxy listening on %s:%d", *self.address)
 

@@ -146,7 +146,7 @@ class Exchange:
     """One attempt's response as it arrives, held until the relay commits to it.
 
     The response head, a failure before it, and the end of the body are reported to the
-    ``flight``'s callbacks in the relay (``_landed``, ``_crashed``, ``_arrived``), from
+    ``flight``'s callbacks (``landed``, ``crashed``, ``arrived`` in flight.py), from
     inside the upstream socket's read callback; ``flight`` is None once the relay has
     let go of this attempt.
     """

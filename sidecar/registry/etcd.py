@@ -2,9 +2,11 @@
 
 Facts this wrapper handles (aetcd 1.0 against etcd 3.4): every call carries a
 timeout (a frozen etcd otherwise blocks forever); gRPC keepalive pings make a
-watch on a partitioned etcd fail instead of hanging; several endpoints become
-one gRPC target with the round_robin policy; leases are refreshed over one
-shared LeaseKeepAlive stream (aetcd opens a stream per refresh).
+watch on a partitioned etcd fail instead of hanging; each member gets a channel
+of its own and the client chooses the member of each attempt (a frozen member's
+connection still looks READY to gRPC, so a round-robin channel keeps sending
+calls there); leases are refreshed over one shared LeaseKeepAlive stream (aetcd
+opens a stream per refresh).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import ipaddress
 import logging
 import random
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aetcd
+import aetcd.client
 import aetcd.exceptions
 import aetcd.rpc
 import aetcd.watcher
@@ -39,6 +43,7 @@ _CHANNEL_OPTIONS = {
     "grpc.http2.ping_timeout_ms": 2000,
     "grpc.keepalive_permit_without_calls": 0,
     "grpc.http2.max_pings_without_data": 0,
+    # A member's own channel; a DNS name (a headless service) is balanced over its addresses.
     "grpc.lb_policy_name": "round_robin",
     # The sidecar's own etcd traffic never goes through an HTTP_PROXY from the environment.
     "grpc.enable_http_proxy": 0,
@@ -152,6 +157,26 @@ class _Client(aetcd.Client):
             self._is_connecting = False
 
 
+class _Member:
+    """One endpoint's own channel, and until when it is suspect (it timed out or failed lately)."""
+
+    __slots__ = ("address", "client", "suspect_until")
+
+    def __init__(self, address: tuple[str, int], client: _Client) -> None:
+        self.address = address
+        self.client = client
+        self.suspect_until = 0.0
+
+
+_TRANSACTIONS = aetcd.client.Transactions()
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    """Retrieve a finished attempt's exception (a lost hedge is not an unhandled error)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class EtcdClient:
     """Async etcd v3 access with timeouts, typed errors and a shared keepalive stream."""
 
@@ -170,42 +195,67 @@ class EtcdClient:
         self._credentials = tls.credentials() if tls is not None else None
         self._auth = (username or None, password or None)
         self._connect_wait = int(max(dial_timeout or timeout, 1))
-        self._client = self._dial(grpc_target(parse_endpoints(endpoints)), parse_endpoints(endpoints)[0][0])
+        parsed = parse_endpoints(endpoints)
         # One DNS name (a Kubernetes headless service) is followed by gRPC's resolver; a list is synced.
-        self._named = grpc_target(parse_endpoints(endpoints)).startswith("dns:")
+        self._named = len(parsed) == 1 and not _is_ip(parsed[0][0])
+        # A channel per member (as etcd clientv3's balancer sees each endpoint): attempts go where
+        # the client decides, first to the member that answered last, which spreads a fleet over
+        # the members since each sidecar starts on a random one.
+        self._members = [self._dial(address) for address in dict.fromkeys(parsed)]
+        self._preferred = random.choice(self._members)
         self._retired: set[asyncio.Task[None]] = set()
         self._attempt_timeout = max(0.5, timeout / 3)
         self._keepalive: _KeepAliveStream | None = None
+        self._keepalive_member: _Member | None = None
         # Bounded in-flight unary calls: a burst of thousands of registrations is queued here
         # instead of pushing etcd into "too many requests".
         self._inflight = asyncio.Semaphore(max_inflight)
 
-    def _dial(self, target: str, tls_name: str) -> _Client:
+    def _dial(self, address: tuple[str, int]) -> _Member:
         # aetcd builds its target as f"{host}:{port}"; split ours at the last colon.
-        host, _, port = target.rpartition(":")
+        host, _, port = grpc_target([address]).rpartition(":")
         options = dict(_CHANNEL_OPTIONS)
         if self._credentials is not None:
-            # Several endpoints become one target: the certificates must be valid for this name.
-            options["grpc.ssl_target_name_override"] = tls_name
-        return _Client(host=host, port=int(port), username=self._auth[0], password=self._auth[1],
-                       timeout=self.timeout, options=options, connect_wait_timeout=self._connect_wait,
-                       credentials=self._credentials)
+            # The certificates must be valid for the endpoint's host name (or address).
+            options["grpc.ssl_target_name_override"] = address[0]
+        return _Member(address, _Client(host=host, port=int(port), username=self._auth[0],
+                                        password=self._auth[1], timeout=self.timeout, options=options,
+                                        connect_wait_timeout=self._connect_wait, credentials=self._credentials))
+
+    def _pick(self, tried: Collection[_Member] = ()) -> _Member:
+        """The member for the next attempt: the preferred one unless it is suspect or was tried already."""
+        members = self._members
+        start = members.index(self._preferred) if self._preferred in members else 0
+        order = [m for m in members[start:] + members[:start] if m not in tried] or members
+        now = time.monotonic()
+        for member in order:
+            if member.suspect_until <= now:
+                return member
+        return min(order, key=lambda m: m.suspect_until)
+
+    def _answered(self, member: _Member) -> None:
+        member.suspect_until = 0.0
+        self._preferred = member
+
+    def _suspect(self, member: _Member) -> None:
+        """Steer attempts away from ``member`` for a request timeout (it is frozen, cut off, dead or electing)."""
+        member.suspect_until = time.monotonic() + self.timeout
 
     async def sync_members(self) -> bool:
         """Dial the cluster's current members from now on (etcd clientv3's AutoSync); whether that changed.
 
-        Members added since start are learnt, removed ones dropped, so that a sidecar
-        outlives every member it was started with. Calls in flight on the old channel
-        finish (or are retried on the new one); watches and keepalives move over by
-        their own retry.
+        Members added since start are learnt (a channel each), removed ones dropped, so
+        that a sidecar outlives every member it was started with. Calls in flight on a
+        removed member's channel finish (or are retried on another); watches and
+        keepalives move over by their own retry.
         """
         if self._named:
             return False
 
-        async def member_list() -> Any:
-            await self._client.connect()
-            return await self._client.clusterstub.MemberList(aetcd.rpc.MemberListRequest(), timeout=self.timeout,
-                                                             metadata=self._client.metadata)
+        async def member_list(client: _Client) -> Any:
+            await client.connect()
+            return await client.clusterstub.MemberList(aetcd.rpc.MemberListRequest(), timeout=self.timeout,
+                                                       metadata=client.metadata)
 
         response = await self._call(member_list)
         voters = [m for m in response.members if not m.isLearner]
@@ -214,19 +264,22 @@ class EtcdClient:
         urls = sorted({url for m in voters for url in m.clientURLs})
         if not urls or urls == sorted(self.endpoints):
             return False
-        loop = asyncio.get_running_loop()
-        # Resolved off the event loop (a member may advertise a host name).
-        target = await loop.run_in_executor(None, grpc_target, parse_endpoints(urls))
-        old, self._client = self._client, self._dial(target, parse_endpoints(urls)[0][0])
+        known = {m.address: m for m in self._members}
+        members = [known.get(address) or self._dial(address) for address in dict.fromkeys(parse_endpoints(urls))]
+        retired = [m for m in self._members if m not in members]
         log.info("etcd members now %s (were %s)", ", ".join(urls), ", ".join(self.endpoints))
-        self.endpoints = urls
-        if self._keepalive is not None:
+        self._members, self.endpoints = members, urls
+        if self._preferred not in members:
+            self._preferred = random.choice(members)
+        if self._keepalive is not None and self._keepalive_member in retired:
             keepalive, self._keepalive = self._keepalive, None
             await keepalive.close()
-        # Let calls in flight on the old channel finish before closing it.
-        task = loop.create_task(self._close_later(old, self.timeout))
-        self._retired.add(task)
-        task.add_done_callback(self._retired.discard)
+        # Let calls in flight on a removed member's channel finish before closing it.
+        loop = asyncio.get_running_loop()
+        for member in retired:
+            task = loop.create_task(self._close_later(member.client, self.timeout))
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
         return True
 
     @staticmethod
@@ -252,56 +305,95 @@ class EtcdClient:
         if self._keepalive is not None:
             await self._keepalive.close()
             self._keepalive = None
-        try:
-            await self._client.close()
-        except Exception:  # closing a broken channel must not mask the caller's error
-            log.debug("etcd client close failed", exc_info=True)
+        for member in self._members:
+            try:
+                await member.client.close()
+            except Exception:  # closing a broken channel must not mask the caller's error
+                log.debug("etcd client close failed", exc_info=True)
 
-    async def _reconnect(self) -> None:
+    async def _reconnect(self, member: _Member) -> None:
         try:
-            await self._client.close()
+            await member.client.close()
         except Exception:
             log.debug("etcd client close before re-authentication failed", exc_info=True)
-        if self._keepalive is not None:
+        if self._keepalive is not None and self._keepalive_member is member:
             await self._keepalive.close()
             self._keepalive = None
 
-    async def _call(self, method: str | Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+    async def _call(self, method: str | Callable[..., Awaitable[Any]], *args: Any, hedge: bool = True,
+                    **kwargs: Any) -> Any:
         """One unary call, retried until it succeeds or ``timeout`` runs out; errors typed.
 
-        ``method`` is an aetcd client method name, or a function that uses ``self._client``.
-        Each attempt gets a third of the deadline, so a member that died with the call
-        in flight (or a follower waiting out an election) costs one attempt, not the
-        whole deadline; the round-robin channel sends the next attempt to another member.
-        Every caller is safe to retry: reads, puts of a whole value and deletes are
-        idempotent; leases are granted under an id chosen here (a retry of a grant that
-        did land says "lease already exists"), and a compare-and-swap that landed is
-        recognised by its value (``put_if``).
+        ``method`` is an aetcd client method name, or a function given the member's
+        client first. An attempt goes to the member that answered last; one that fails
+        is retried at once on another member (a member that died, a follower without
+        a leader). An attempt without an answer after a third of the deadline (a frozen
+        or cut-off member, a leader being replaced) marks its member suspect and is
+        hedged: another attempt goes to another member while the first one keeps its
+        chance until the deadline, so a legitimately slow call (a range read of 100,000
+        agents) is not cut short; the first answer wins and the others are cancelled
+        (``hedge=False``: the slow attempt is cancelled instead, for calls that open a
+        stream). Every caller is safe to send twice: reads, puts of a whole value and
+        deletes are idempotent; leases are granted under an id chosen here (a second
+        grant of one says "lease already exists"), and a compare-and-swap that landed is
+        recognised by its value (``put_if``) or its lease (``put_owned``).
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
-        delay = 0.02
-        while True:
-            attempt = max(0.05, min(deadline - loop.time(), self._attempt_timeout))
-            async with self._inflight:
-                # A method name is looked up per attempt: the member sync may have replaced the client.
-                call = getattr(self._client, method) if isinstance(method, str) else method
-                try:
-                    return await asyncio.wait_for(call(*args, **kwargs), attempt)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    cause, error = exc, _translate(exc)
-            if "invalid auth token" in str(error).lower():
-                # etcd's simple tokens expire: authenticate again on a fresh channel.
-                await self._reconnect()
-            if _retryable(error) and loop.time() + delay < deadline:
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, 0.5)
-                continue
-            if error is cause:
-                raise error
-            raise error from cause
+        async with self._inflight:
+            deadline = loop.time() + self.timeout
+            delay = 0.02
+            tried: list[_Member] = []
+            running: dict[asyncio.Task[Any], tuple[_Member, float]] = {}
+            launch_at = loop.time()
+            try:
+                while (now := loop.time()) < deadline:
+                    if now >= launch_at:
+                        for task, (member, started) in list(running.items()):
+                            if now - started >= self._attempt_timeout * 0.999:
+                                self._suspect(member)
+                                if not hedge:
+                                    task.cancel()
+                                    del running[task]
+                        member = self._pick(tried)
+                        tried.append(member)
+                        task = loop.create_task(self._attempt(member, method, args, kwargs))
+                        task.add_done_callback(_consume)
+                        running[task] = (member, now)
+                        launch_at = now + self._attempt_timeout
+                    wait = max(0.0, min(launch_at, deadline) - loop.time())
+                    if not running:
+                        await asyncio.sleep(wait)
+                        continue
+                    done, _ = await asyncio.wait(running, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        member, _started = running.pop(task)
+                        cause = task.exception()
+                        if cause is None:
+                            self._answered(member)
+                            return task.result()
+                        error = _translate(cause)
+                        if "invalid auth token" in str(error).lower():
+                            # etcd's simple tokens expire: authenticate again on a fresh channel.
+                            await self._reconnect(member)
+                        if not _retryable(error) or (loop.time() + delay >= deadline and not running):
+                            if error is cause:
+                                raise error
+                            raise error from cause
+                        self._suspect(member)
+                        # Failed fast: the next attempt soon, on another member.
+                        launch_at = min(launch_at, loop.time() + delay * random.uniform(0.5, 1.5))
+                        delay = min(delay * 2, 0.5)
+            finally:
+                for task in running:
+                    task.cancel()
+        raise RegistryUnavailable(f"etcd: TimeoutError: no answer within {self.timeout:g}s "
+                                  f"({len(tried)} attempts on {len(set(tried))} members)")
+
+    @staticmethod
+    async def _attempt(member: _Member, method: str | Callable[..., Awaitable[Any]], args: Sequence[Any],
+                       kwargs: dict[str, Any]) -> Any:
+        call = getattr(member.client, method) if isinstance(method, str) else method
+        return await (call(*args, **kwargs) if isinstance(method, str) else call(member.client, *args, **kwargs))
 
     async def get_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
         """Every key under ``prefix`` and the store revision they were read at."""
@@ -318,10 +410,10 @@ class EtcdClient:
 
     async def get_at(self, key: str, revision: int = 0) -> KeyValue | None:
         """``key`` as it was at ``revision`` (0: now); raises RevisionCompacted when that is gone."""
-        async def read() -> Any:
-            await self._client.connect()
+        async def read(client: _Client) -> Any:
+            await client.connect()
             request = aetcd.rpc.RangeRequest(key=key.encode(), revision=revision)
-            return await self._client.kvstub.Range(request, timeout=self.timeout, metadata=self._client.metadata)
+            return await client.kvstub.Range(request, timeout=self.timeout, metadata=client.metadata)
 
         response = await self._call(read)
         if not response.kvs:
@@ -348,7 +440,7 @@ class EtcdClient:
 
         Returns the new revision, or None when someone else wrote it first.
         """
-        transactions = self._client.transactions
+        transactions = _TRANSACTIONS
         succeeded, responses = await self._call("transaction",
                                                 compare=[transactions.mod(key.encode()) == mod_revision],
                                                 success=[transactions.put(key.encode(), value)], failure=[])
@@ -366,7 +458,7 @@ class EtcdClient:
         Raises AgentExists when another owner's lease holds it (a compare-and-swap on
         create, so one agent id cannot be taken over); returns the revision.
         """
-        transactions = self._client.transactions
+        transactions = _TRANSACTIONS
         for _ in range(8):
             created, responses = await self._call(
                 "transaction", compare=[transactions.create(key.encode()) == 0],
@@ -402,9 +494,9 @@ class EtcdClient:
         """
         lease_id = random.getrandbits(62) + 1
 
-        async def grant_once() -> int:
+        async def grant_once(client: _Client) -> int:
             try:
-                lease = await self._client.lease(ttl, lease_id)
+                lease = await client.lease(ttl, lease_id)
             except aetcd.exceptions.DuplicateLeaseError:
                 return lease_id
             return int(lease.id)
@@ -424,20 +516,28 @@ class EtcdClient:
         An answer that does not come within ``timeout`` (at most one attempt's timeout)
         closes the shared stream: it is stuck on a member that stopped answering
         (frozen, partitioned), which gRPC's own keepalive notices only after ~8 s, long
-        enough for short leases to expire. The next refresh opens a stream that the
-        round-robin channel places on another member.
+        enough for short leases to expire. That member becomes suspect, so the next
+        refresh opens a stream on another member.
         """
         if self._keepalive is None or self._keepalive.closed:
-            self._keepalive = _KeepAliveStream(self._client)
-        stream = self._keepalive
+            if self._keepalive is not None and self._keepalive_member is not None:
+                self._suspect(self._keepalive_member)  # the stream broke (a dead or cut-off member)
+            self._keepalive_member = self._pick()
+            self._keepalive = _KeepAliveStream(self._keepalive_member.client)
+        stream, member = self._keepalive, self._keepalive_member
         limit = min(timeout or self._attempt_timeout, self._attempt_timeout)
         try:
-            return await asyncio.wait_for(stream.refresh(lease_id), limit)
+            ttl = await asyncio.wait_for(stream.refresh(lease_id), limit)
         except TimeoutError:
             if self._keepalive is stream:
                 self._keepalive = None
+            if member is not None:
+                self._suspect(member)
             await stream.close()
             raise RegistryUnavailable(f"etcd keepalive of lease {lease_id:x}: no answer within {limit:g}s") from None
+        if member is not None and member.suspect_until:
+            member.suspect_until = 0.0
+        return ttl
 
     async def watch_prefix(self, prefix: str, start_revision: int) -> WatchStream:
         """An established watch on ``prefix`` from ``start_revision`` on.
@@ -445,7 +545,8 @@ class EtcdClient:
         Iterating it yields batches of changes; it raises RevisionCompacted when
         that revision is gone and RegistryUnavailable when the stream breaks.
         """
-        watch = await self._call("watch", prefix.encode(),
+        # Not hedged: a second attempt would leave a watch behind on the first member.
+        watch = await self._call("watch", prefix.encode(), hedge=False,
                                  range_end=aetcd.utils.prefix_range_end(prefix.encode()),
                                  start_revision=start_revision, progress_notify=True)
         return WatchStream(watch)

@@ -486,13 +486,20 @@ class EtcdClient:
     async def delete(self, key: str) -> bool:
         return await self._call("delete", key.encode()) is not None
 
-    async def grant(self, ttl: int) -> int:
-        """A new lease of ``ttl`` seconds; returns its id.
+    @staticmethod
+    def new_lease_id() -> int:
+        """A lease id of this client's choosing (62 random bits: no two clients pick the same)."""
+        return random.getrandbits(62) + 1
+
+    async def grant(self, ttl: int, lease_id: int = 0) -> int:
+        """A lease of ``ttl`` seconds under ``lease_id`` (0: a new id); returns its id.
 
         The id is chosen here, so that a retried grant whose first attempt landed
-        finds its own lease ("already exists") instead of leaving an orphan behind.
+        finds its own lease ("already exists") instead of leaving an orphan behind;
+        a caller that grants again later under the same id (a pending registration)
+        gets the lease back if it still lives, or a new one under that id.
         """
-        lease_id = random.getrandbits(62) + 1
+        lease_id = lease_id or self.new_lease_id()
 
         async def grant_once(client: _Client) -> int:
             try:

@@ -345,6 +345,7 @@ class EtcdClient:
             tried: list[_Member] = []
             running: dict[asyncio.Task[Any], tuple[_Member, float]] = {}
             launch_at = loop.time()
+            failed: tuple[BaseException, BaseException] | None = None  # the last failure, translated and raw
             try:
                 while (now := loop.time()) < deadline:
                     if now >= launch_at:
@@ -354,6 +355,7 @@ class EtcdClient:
                                 if not hedge:
                                     task.cancel()
                                     del running[task]
+                                    await asyncio.wait({task}, timeout=2.0)  # its clean-up first
                         member = self._pick(tried)
                         tried.append(member)
                         task = loop.create_task(self._attempt(member, method, args, kwargs))
@@ -380,12 +382,19 @@ class EtcdClient:
                                 raise error
                             raise error from cause
                         self._suspect(member)
+                        failed = (error, cause)
                         # Failed fast: the next attempt soon, on another member.
                         launch_at = min(launch_at, loop.time() + delay * random.uniform(0.5, 1.5))
                         delay = min(delay * 2, 0.5)
             finally:
                 for task in running:
                     task.cancel()
+                stalled = bool(running)
+        if failed is not None and not stalled:
+            error, cause = failed
+            if error is cause:
+                raise error
+            raise error from cause
         raise RegistryUnavailable(f"etcd: TimeoutError: no answer within {self.timeout:g}s "
                                   f"({len(tried)} attempts on {len(set(tried))} members)")
 
@@ -552,11 +561,21 @@ class EtcdClient:
         Iterating it yields batches of changes; it raises RevisionCompacted when
         that revision is gone and RegistryUnavailable when the stream breaks.
         """
+        async def create(client: _Client) -> Any:
+            try:
+                return await client.watch(prefix.encode(), range_end=aetcd.utils.prefix_range_end(prefix.encode()),
+                                          start_revision=start_revision, progress_notify=True)
+            except aetcd.exceptions.RevisionCompactedError:
+                raise  # answered: nothing left in flight
+            except BaseException:
+                # aetcd gives a "created" answer to whichever watch is being created when it comes: the
+                # answer to this abandoned request would go to the next watch on the stream (another
+                # prefix's events delivered to it, forever). End the stream: its watches start again.
+                await _reset_watcher(client)
+                raise
+
         # Not hedged: a second attempt would leave a watch behind on the first member.
-        watch = await self._call("watch", prefix.encode(), hedge=False,
-                                 range_end=aetcd.utils.prefix_range_end(prefix.encode()),
-                                 start_revision=start_revision, progress_notify=True)
-        return WatchStream(watch)
+        return WatchStream(await self._call(create, hedge=False))
 
 
 class WatchStream:
@@ -606,6 +625,16 @@ class WatchStream:
             await asyncio.wait_for(self._watch.cancel(), 1.0)
         except BaseException:  # the stream may already be gone
             pass
+
+
+async def _reset_watcher(client: _Client) -> None:
+    watcher = getattr(client, "_watcher", None)
+    if watcher is None:
+        return
+    try:
+        await asyncio.wait_for(asyncio.shield(watcher.shutdown()), 2.0)
+    except BaseException:  # best effort: the stream may be broken already
+        log.debug("ending the etcd watch stream failed", exc_info=True)
 
 
 def _retryable(error: BaseException) -> bool:

@@ -1,4 +1,4 @@
-"""The one module that talks to etcd (through aetcd); everything else uses EtcdClient.
+"""The one module that talks to etcd (through aetcd, with channel.py and streams.py); everything else uses EtcdClient.
 
 Facts this wrapper handles (aetcd 1.0 against etcd 3.4): every call carries a
 timeout (a frozen etcd otherwise blocks forever); gRPC keepalive pings make a
@@ -12,12 +12,10 @@ opens a stream per refresh).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import random
-import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,35 +23,17 @@ import aetcd
 import aetcd.client
 import aetcd.exceptions
 import aetcd.rpc
-import aetcd.watcher
-import grpc
-import grpc.aio
+import aetcd.utils
 
 from ..config import EtcdSettings, parse_endpoints
-from ..errors import AgentExists, ConfigError, LeaseNotFound, RegistryBusy, RegistryUnavailable, RevisionCompacted
+from ..errors import AgentExists, LeaseNotFound, RegistryUnavailable, RevisionCompacted
+from .channel import CHANNEL_OPTIONS, Member, MemberClient, TlsFiles, grpc_target, is_ip, retryable, translate
+from .streams import KeepAliveStream, WatchEvent, WatchStream, reset_watcher
+
+__all__ = ["EtcdClient", "KeyValue", "TlsFiles", "WatchEvent", "WatchStream", "grpc_target"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-_CHANNEL_OPTIONS = {
-    # etcd's server enforces pings at most every 5 s, and none without an active stream
-    # (else GOAWAY "too_many_pings"): 6 s, only while a watch or keepalive stream is open.
-    "grpc.keepalive_time_ms": 6000,
-    "grpc.keepalive_timeout_ms": 2000,
-    "grpc.http2.ping_timeout_ms": 2000,
-    "grpc.keepalive_permit_without_calls": 0,
-    "grpc.http2.max_pings_without_data": 0,
-    # A member's own channel; a DNS name (a headless service) is balanced over its addresses.
-    "grpc.lb_policy_name": "round_robin",
-    # The sidecar's own etcd traffic never goes through an HTTP_PROXY from the environment.
-    "grpc.enable_http_proxy": 0,
-    "grpc.initial_reconnect_backoff_ms": 200,
-    # A DNS name (a Kubernetes headless service) is resolved again within a second of a failure,
-    # e.g. at pod start, before the pod's own DNS (this sidecar) answers.
-    "grpc.dns_min_time_between_resolutions_ms": 1000,
-    "grpc.max_reconnect_backoff_ms": 2000,
-    "grpc.max_receive_message_length": 64 * 1024 * 1024,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,110 +42,6 @@ class KeyValue:
     value: bytes
     mod_revision: int
     lease: int
-
-
-@dataclass(frozen=True, slots=True)
-class WatchEvent:
-    """One change under a watched prefix; ``value`` is empty for a delete."""
-
-    deleted: bool
-    key: str
-    value: bytes
-    revision: int
-
-
-def grpc_target(endpoints: Sequence[tuple[str, int]]) -> str:
-    """One gRPC target naming every endpoint (resolving host names once)."""
-    if len(endpoints) == 1 and not _is_ip(endpoints[0][0]):
-        host, port = endpoints[0]
-        return f"dns:///{host}:{port}"
-    addresses: list[tuple[int, str]] = []
-    for host, port in endpoints:
-        if _is_ip(host):
-            addresses.append((ipaddress.ip_address(host).version, _hostport(host, port)))
-            continue
-        for family, *_, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-            version = 6 if family == socket.AF_INET6 else 4
-            addresses.append((version, _hostport(str(sockaddr[0]), port)))
-    version = addresses[0][0]
-    same = [a for v, a in addresses if v == version]
-    return f"ipv{version}:" + ",".join(dict.fromkeys(same))
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-@dataclass(frozen=True, slots=True)
-class TlsFiles:
-    """PEM files for TLS to etcd: the CA (empty: the system's roots) and an optional client pair."""
-
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        def read(path: str) -> bytes | None:
-            if not path:
-                return None
-            try:
-                with open(path, "rb") as handle:
-                    return handle.read()
-            except OSError as exc:
-                raise ConfigError("etcd TLS file", path, f"cannot read: {exc.strerror}") from None
-
-        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
-
-
-class _Client(aetcd.Client):
-    """aetcd's client over a TLS channel when given credentials (aetcd itself only dials plaintext)."""
-
-    def __init__(self, *, credentials: grpc.ChannelCredentials | None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._credentials = credentials
-
-    async def connect(self) -> None:
-        if self._credentials is None or self._connected.is_set() or getattr(self, "_is_connecting", False):
-            await super().connect()
-            return
-        # The same steps as aetcd's connect, on a secure channel.
-        self._is_connecting = True
-        try:
-            self.channel = grpc.aio.secure_channel(f"{self._host}:{self._port}", self._credentials,
-                                                   options=list(self._options.items()))
-            if self._username is not None and self._password is not None:
-                self.auth_stub = aetcd.rpc.AuthStub(self.channel)
-                request = aetcd.rpc.AuthenticateRequest(name=self._username, password=self._password)
-                response = await self.auth_stub.Authenticate(request, timeout=self._timeout)
-                self.metadata = (("token", response.token),)
-            self.kvstub = aetcd.rpc.KVStub(self.channel)
-            self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
-            self.leasestub = aetcd.rpc.LeaseStub(self.channel)
-            self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
-            self._watcher = aetcd.watcher.Watcher(aetcd.rpc.WatchStub(self.channel), timeout=self._timeout,
-                                                  metadata=self.metadata)
-            self._connected.set()
-        finally:
-            self._is_connecting = False
-
-
-class _Member:
-    """One endpoint's own channel, and until when it is suspect (it timed out or failed lately)."""
-
-    __slots__ = ("address", "client", "suspect_until")
-
-    def __init__(self, address: tuple[str, int], client: _Client) -> None:
-        self.address = address
-        self.client = client
-        self.suspect_until = 0.0
 
 
 _TRANSACTIONS = aetcd.client.Transactions()
@@ -197,7 +73,7 @@ class EtcdClient:
         self._connect_wait = int(max(dial_timeout or timeout, 1))
         parsed = parse_endpoints(endpoints)
         # One DNS name (a Kubernetes headless service) is followed by gRPC's resolver; a list is synced.
-        self._named = len(parsed) == 1 and not _is_ip(parsed[0][0])
+        self._named = len(parsed) == 1 and not is_ip(parsed[0][0])
         # A channel per member (as etcd clientv3's balancer sees each endpoint): attempts go where
         # the client decides, first to the member that answered last, which spreads a fleet over
         # the members since each sidecar starts on a random one.
@@ -205,24 +81,24 @@ class EtcdClient:
         self._preferred = random.choice(self._members)
         self._retired: set[asyncio.Task[None]] = set()
         self._attempt_timeout = max(0.5, timeout / 3)
-        self._keepalive: _KeepAliveStream | None = None
-        self._keepalive_member: _Member | None = None
+        self._keepalive: KeepAliveStream | None = None
+        self._keepalive_member: Member | None = None
         # Bounded in-flight unary calls: a burst of thousands of registrations is queued here
         # instead of pushing etcd into "too many requests".
         self._inflight = asyncio.Semaphore(max_inflight)
 
-    def _dial(self, address: tuple[str, int]) -> _Member:
+    def _dial(self, address: tuple[str, int]) -> Member:
         # aetcd builds its target as f"{host}:{port}"; split ours at the last colon.
         host, _, port = grpc_target([address]).rpartition(":")
-        options = dict(_CHANNEL_OPTIONS)
+        options = dict(CHANNEL_OPTIONS)
         if self._credentials is not None:
             # The certificates must be valid for the endpoint's host name (or address).
             options["grpc.ssl_target_name_override"] = address[0]
-        return _Member(address, _Client(host=host, port=int(port), username=self._auth[0],
+        return Member(address, MemberClient(host=host, port=int(port), username=self._auth[0],
                                         password=self._auth[1], timeout=self.timeout, options=options,
                                         connect_wait_timeout=self._connect_wait, credentials=self._credentials))
 
-    def _pick(self, tried: Collection[_Member] = ()) -> _Member:
+    def _pick(self, tried: Collection[Member] = ()) -> Member:
         """The member for the next attempt: the preferred one unless it is suspect or was tried already."""
         members = self._members
         start = members.index(self._preferred) if self._preferred in members else 0
@@ -233,11 +109,11 @@ class EtcdClient:
                 return member
         return min(order, key=lambda m: m.suspect_until)
 
-    def _answered(self, member: _Member) -> None:
+    def _answered(self, member: Member) -> None:
         member.suspect_until = 0.0
         self._preferred = member
 
-    def _suspect(self, member: _Member) -> None:
+    def _suspect(self, member: Member) -> None:
         """Steer attempts away from ``member`` for a request timeout (it is frozen, cut off, dead or electing)."""
         member.suspect_until = time.monotonic() + self.timeout
 
@@ -252,7 +128,7 @@ class EtcdClient:
         if self._named:
             return False
 
-        async def member_list(client: _Client) -> Any:
+        async def member_list(client: MemberClient) -> Any:
             await client.connect()
             return await client.clusterstub.MemberList(aetcd.rpc.MemberListRequest(), timeout=self.timeout,
                                                        metadata=client.metadata)
@@ -283,7 +159,7 @@ class EtcdClient:
         return True
 
     @staticmethod
-    async def _close_later(client: _Client, delay: float) -> None:
+    async def _close_later(client: MemberClient, delay: float) -> None:
         await asyncio.sleep(delay)
         try:
             await client.close()
@@ -311,7 +187,7 @@ class EtcdClient:
             except Exception:  # closing a broken channel must not mask the caller's error
                 log.debug("etcd client close failed", exc_info=True)
 
-    async def _reconnect(self, member: _Member) -> None:
+    async def _reconnect(self, member: Member) -> None:
         try:
             await member.client.close()
         except Exception:
@@ -342,8 +218,8 @@ class EtcdClient:
         async with self._inflight:
             deadline = loop.time() + self.timeout
             delay = 0.02
-            tried: list[_Member] = []
-            running: dict[asyncio.Task[Any], tuple[_Member, float]] = {}
+            tried: list[Member] = []
+            running: dict[asyncio.Task[Any], tuple[Member, float]] = {}
             launch_at = loop.time()
             failed: tuple[BaseException, BaseException] | None = None  # the last failure, translated and raw
             try:
@@ -373,11 +249,11 @@ class EtcdClient:
                         if cause is None:
                             self._answered(member)
                             return task.result()
-                        error = _translate(cause)
+                        error = translate(cause)
                         if "invalid auth token" in str(error).lower():
                             # etcd's simple tokens expire: authenticate again on a fresh channel.
                             await self._reconnect(member)
-                        if not _retryable(error) or (loop.time() + delay >= deadline and not running):
+                        if not retryable(error) or (loop.time() + delay >= deadline and not running):
                             if error is cause:
                                 raise error
                             raise error from cause
@@ -399,7 +275,7 @@ class EtcdClient:
                                   f"({len(tried)} attempts on {len(set(tried))} members)")
 
     @staticmethod
-    async def _attempt(member: _Member, method: str | Callable[..., Awaitable[Any]], args: Sequence[Any],
+    async def _attempt(member: Member, method: str | Callable[..., Awaitable[Any]], args: Sequence[Any],
                        kwargs: dict[str, Any]) -> Any:
         call = getattr(member.client, method) if isinstance(method, str) else method
         return await (call(*args, **kwargs) if isinstance(method, str) else call(member.client, *args, **kwargs))
@@ -419,7 +295,7 @@ class EtcdClient:
 
     async def get_at(self, key: str, revision: int = 0) -> KeyValue | None:
         """``key`` as it was at ``revision`` (0: now); raises RevisionCompacted when that is gone."""
-        async def read(client: _Client) -> Any:
+        async def read(client: MemberClient) -> Any:
             await client.connect()
             request = aetcd.rpc.RangeRequest(key=key.encode(), revision=revision)
             return await client.kvstub.Range(request, timeout=self.timeout, metadata=client.metadata)
@@ -510,7 +386,7 @@ class EtcdClient:
         """
         lease_id = lease_id or self.new_lease_id()
 
-        async def grant_once(client: _Client) -> int:
+        async def grant_once(client: MemberClient) -> int:
             try:
                 lease = await client.lease(ttl, lease_id)
             except aetcd.exceptions.DuplicateLeaseError:
@@ -539,7 +415,7 @@ class EtcdClient:
             if self._keepalive is not None and self._keepalive_member is not None:
                 self._suspect(self._keepalive_member)  # the stream broke (a dead or cut-off member)
             self._keepalive_member = self._pick()
-            self._keepalive = _KeepAliveStream(self._keepalive_member.client)
+            self._keepalive = KeepAliveStream(self._keepalive_member.client)
         stream, member = self._keepalive, self._keepalive_member
         limit = min(timeout or self._attempt_timeout, self._attempt_timeout)
         try:
@@ -561,7 +437,7 @@ class EtcdClient:
         Iterating it yields batches of changes; it raises RevisionCompacted when
         that revision is gone and RegistryUnavailable when the stream breaks.
         """
-        async def create(client: _Client) -> Any:
+        async def create(client: MemberClient) -> Any:
             try:
                 return await client.watch(prefix.encode(), range_end=aetcd.utils.prefix_range_end(prefix.encode()),
                                           start_revision=start_revision, progress_notify=True)
@@ -571,162 +447,8 @@ class EtcdClient:
                 # aetcd gives a "created" answer to whichever watch is being created when it comes: the
                 # answer to this abandoned request would go to the next watch on the stream (another
                 # prefix's events delivered to it, forever). End the stream: its watches start again.
-                await _reset_watcher(client)
+                await reset_watcher(client)
                 raise
 
         # Not hedged: a second attempt would leave a watch behind on the first member.
         return WatchStream(await self._call(create, hedge=False))
-
-
-class WatchStream:
-    """Batches of WatchEvents from one etcd watch; events already queued come as one batch."""
-
-    def __init__(self, watch: Any) -> None:
-        self._watch = watch
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._error: BaseException | None = None
-        self._task = asyncio.get_running_loop().create_task(self._pump())
-
-    async def _pump(self) -> None:
-        try:
-            async for event in self._watch:
-                self._queue.put_nowait(event)
-            self._queue.put_nowait(RegistryUnavailable("watch stream ended"))
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            self._queue.put_nowait(exc)
-
-    def __aiter__(self) -> WatchStream:
-        return self
-
-    async def __anext__(self) -> list[WatchEvent]:
-        if self._error is not None:
-            raise self._error
-        items = [await self._queue.get()]
-        while not self._queue.empty():
-            items.append(self._queue.get_nowait())
-        batch = []
-        for item in items:
-            if isinstance(item, BaseException):
-                # What came before the error is delivered first; the error next time.
-                self._error = _translate(item)
-                break
-            kv = item.kv
-            batch.append(WatchEvent(item.kind == "DELETE", kv.key.decode(errors="replace"), kv.value,
-                                    kv.mod_revision))
-        if not batch and self._error is not None:
-            raise self._error
-        return batch
-
-    async def close(self) -> None:
-        self._task.cancel()
-        try:
-            await asyncio.wait_for(self._watch.cancel(), 1.0)
-        except BaseException:  # the stream may already be gone
-            pass
-
-
-async def _reset_watcher(client: _Client) -> None:
-    watcher = getattr(client, "_watcher", None)
-    if watcher is None:
-        return
-    try:
-        await asyncio.wait_for(asyncio.shield(watcher.shutdown()), 2.0)
-    except BaseException:  # best effort: the stream may be broken already
-        log.debug("ending the etcd watch stream failed", exc_info=True)
-
-
-def _retryable(error: BaseException) -> bool:
-    if not isinstance(error, RegistryUnavailable):
-        return False
-    text = str(error).lower()
-    return not any(word in text for word in ("permission denied", "authentication failed", "user name is empty"))
-
-
-def _translate(exc: BaseException) -> BaseException:
-    if isinstance(exc, aetcd.exceptions.RevisionCompactedError):
-        return RevisionCompacted(exc.compacted_revision)
-    text = str(exc).lower()
-    if "required revision has been compacted" in text:
-        return RevisionCompacted(0)
-    if "too many requests" in text:
-        return RegistryBusy(f"etcd: {exc}")
-    if "lease not found" in text or "requested lease not found" in text:
-        return LeaseNotFound(str(exc))
-    if isinstance(exc, (aetcd.exceptions.ClientError, grpc.RpcError, asyncio.TimeoutError,
-                        ConnectionError, OSError)):
-        return RegistryUnavailable(f"etcd: {type(exc).__name__}: {exc}")
-    return exc
-
-
-class _KeepAliveStream:
-    """One LeaseKeepAlive bidi stream shared by every lease of this process (as clientv3 does).
-
-    Requests go through a queue that the stream consumes; answers are matched to
-    waiters by lease id, in order. Nothing awaits while holding a lock, so a
-    cancelled refresh can never wedge the others.
-    """
-
-    def __init__(self, client: aetcd.Client) -> None:
-        self._client = client
-        self._requests: asyncio.Queue[Any] = asyncio.Queue()
-        self._waiters: dict[int, list[asyncio.Future[int]]] = {}
-        self._reader: asyncio.Task[None] | None = None
-        self.closed = False
-
-    async def refresh(self, lease_id: int) -> int:
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._run())
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(lease_id, []).append(future)
-        self._requests.put_nowait(aetcd.rpc.LeaseKeepAliveRequest(ID=lease_id))
-        ttl = await future
-        if ttl <= 0:
-            raise LeaseNotFound(f"lease {lease_id:x} not found")
-        return ttl
-
-    async def _outgoing(self) -> AsyncIterator[Any]:
-        while True:
-            request = await self._requests.get()
-            if request is None:
-                return
-            yield request
-
-    async def _run(self) -> None:
-        try:
-            await self._client.connect()
-            call = self._client.leasestub.LeaseKeepAlive(self._outgoing(), metadata=self._client.metadata)
-            async for response in call:
-                waiters = self._waiters.get(response.ID)
-                if not waiters:
-                    continue
-                future = waiters.pop(0)
-                if not waiters:
-                    del self._waiters[response.ID]
-                if not future.done():
-                    future.set_result(int(response.TTL))
-            self._fail(RegistryUnavailable("etcd keepalive stream closed"))
-        except asyncio.CancelledError:
-            self._fail(RegistryUnavailable("etcd keepalive stream closed"))
-            raise
-        except Exception as exc:
-            self._fail(RegistryUnavailable(f"etcd keepalive stream: {_translate(exc)}"))
-
-    def _fail(self, error: Exception) -> None:
-        self.closed = True
-        self._requests.put_nowait(None)
-        waiters, self._waiters = self._waiters, {}
-        for futures in waiters.values():
-            for future in futures:
-                if not future.done():
-                    future.set_exception(error)
-
-    async def close(self) -> None:
-        self.closed = True
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass

@@ -105,6 +105,8 @@ class Registration:
                 await self._task
             except asyncio.CancelledError:
                 pass
+            except Exception as exc:  # a pending write that had failed already (etcd unreachable)
+                log.debug("last write of %s before close: %s", self.key, exc)
         if self.pending:
             # A write in flight may have landed unseen: its lease goes too (or expires within the TTL).
             self._keeper._in_background(self._keeper._revoke_quietly(self.lease_id))

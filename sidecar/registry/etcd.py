@@ -205,9 +205,10 @@ class EtcdClient:
         is retried at once on another member (a member that died, a follower without
         a leader). An attempt without an answer after a third of the deadline (a frozen
         or cut-off member, a leader being replaced) marks its member suspect and is
-        hedged: another attempt goes to another member while the first one keeps its
-        chance until the deadline, so a legitimately slow call (a range read of 100,000
-        agents) is not cut short; the first answer wins and the others are cancelled
+        hedged: another attempt goes to another member (then one every sixth of the
+        deadline) while the first one keeps its chance until the deadline, so a
+        legitimately slow call (a range read of 100,000 agents) is not cut short; the
+        first answer wins and the others are cancelled
         (``hedge=False``: the slow attempt is cancelled instead, for calls that open a
         stream). Every caller is safe to send twice: reads, puts of a whole value and
         deletes are idempotent; leases are granted under an id chosen here (a second
@@ -227,6 +228,8 @@ class EtcdClient:
                     if now >= launch_at:
                         for task, (member, started) in list(running.items()):
                             if now - started >= self._attempt_timeout * 0.999:
+                                log.debug("etcd attempt on %s:%d: no answer after %.2fs",
+                                          *member.address, now - started)
                                 self._suspect(member)
                                 if not hedge:
                                     task.cancel()
@@ -237,7 +240,9 @@ class EtcdClient:
                         task = loop.create_task(self._attempt(member, method, args, kwargs))
                         task.add_done_callback(_consume)
                         running[task] = (member, now)
-                        launch_at = now + self._attempt_timeout
+                        # After the first hedge, every half of that: a leader elected late in the deadline
+                        # (or a member thawed) is found by an attempt that starts soon enough.
+                        launch_at = now + (self._attempt_timeout if len(tried) == 1 else self._attempt_timeout / 2)
                     wait = max(0.0, min(launch_at, deadline) - loop.time())
                     if not running:
                         await asyncio.sleep(wait)
@@ -257,6 +262,7 @@ class EtcdClient:
                             if error is cause:
                                 raise error
                             raise error from cause
+                        log.debug("etcd attempt on %s:%d failed: %s", *member.address, error)
                         self._suspect(member)
                         failed = (error, cause)
                         # Failed fast: the next attempt soon, on another member.

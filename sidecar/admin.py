@@ -21,7 +21,7 @@ from .dynamic import ConfigStore
 from .errors import AgentExists, ConfigConflict, ConfigError, RegistryUnavailable, ValidationError
 from .metrics import Metrics
 from .model import Agent, label
-from .registry.lease import LeaseKeeper
+from .registry.lease import LeaseKeeper, Registration
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +152,21 @@ class AdminApi:
         except ConfigError as exc:
             return _error(400, "bad_query", str(exc), value=exc.value)
         body = agents_document(self._catalog.snapshot, query, self._leases.prefix, self._annotate)
+        # This sidecar's registrations not in etcd yet (accepted with 202 while etcd was unreachable).
+        body["pending"] = [self._pending_json(r) for r in self._leases.pending.values() if query.matches(r.agent)]
         self._metrics.registry.discovery_seconds.observe(time.perf_counter() - started)
         return web.json_response(body)
+
+    def _pending_json(self, registration: Registration) -> dict[str, Any]:
+        return {**self._agent_json(registration.key, registration.agent), "owned": True, "state": "pending",
+                "pending_seconds": round(time.monotonic() - registration.accepted, 3)}
 
     async def get_agent(self, request: web.Request) -> web.Response:
         found = self._catalog.snapshot.by_id.get(label(request.match_info["id"]), ())
         if not found:
+            pending = [r for r in self._leases.owned(request.match_info["id"]) if r.pending]
+            if pending:
+                return web.json_response(self._pending_json(pending[0]))
             return _error(404, "not_found", "no agent with this id", id=request.match_info["id"])
         agent = found[0]
         return web.json_response(self._agent_json(agent.key(self._leases.prefix), agent))
@@ -174,9 +183,11 @@ class AdminApi:
                           fields=[e.as_dict() for e in exc.errors])
         except AgentExists as exc:
             return _error(409, "agent_exists", str(exc), key=exc.key)
-        except RegistryUnavailable as exc:
-            return _error(503, "etcd_unavailable", str(exc))
-        return web.json_response(self._agent_json(registration.key, registration.agent), status=201)
+        if registration.pending:
+            # etcd unreachable: kept, and written by this sidecar as soon as etcd answers.
+            return web.json_response(self._pending_json(registration), status=202)
+        return web.json_response({**self._agent_json(registration.key, registration.agent), "state": "registered"},
+                                 status=201)
 
     async def delete_agent(self, request: web.Request) -> web.Response:
         agent_id = request.match_info["id"]

@@ -40,14 +40,20 @@ class Control:
         return agent
 
     async def register(self, data: object) -> Registration:
-        """Validate and register; raises ValidationError or RegistryUnavailable."""
-        return await self._leases.register(self.parse(data))
+        """Validate and register; raises ValidationError or AgentExists.
+
+        When etcd cannot be reached the registration is kept pending (``registration.pending``)
+        and written by the lease keeper as soon as etcd answers.
+        """
+        return await self._leases.register(self.parse(data), keep_pending=True)
 
     async def deregister(self, agent_id: str) -> bool:
-        """Revoke our registration of ``agent_id``, or delete its keys; False when no such agent exists."""
-        registration = self._leases.find(agent_id)
-        if registration is not None:
-            await registration.close()
+        """Revoke our registrations of ``agent_id`` (cancel a pending one), or delete its keys;
+        False when no such agent exists."""
+        owned = self._leases.owned(agent_id)
+        if owned:
+            for registration in owned:
+                await registration.close()
             return True
         found = [k for k, a in self._catalog.snapshot.agents.items() if a.id == agent_id]
         for key in found:

@@ -250,7 +250,10 @@ class GrpcApi(pb_grpc.DiscoveryServicer):
     async def _register(self, request: pb.Agent, context: grpc.aio.ServicerContext) -> pb.Agent:
         self._authorize(context)
         registration = await self._control.register(agent_body(request))
-        return agent_message(registration.agent)
+        answer = agent_message(registration.agent)
+        # etcd unreachable: kept by this sidecar and written as soon as etcd answers (REST: 202).
+        answer.pending = registration.pending
+        return answer
 
     async def _deregister(self, request: pb.DeregisterRequest,
                           context: grpc.aio.ServicerContext) -> pb.DeregisterResponse:

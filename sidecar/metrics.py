@@ -28,6 +28,13 @@ class RegistryMetrics:
             "sidecar_registry_keepalive_failures_total", "Lease refreshes that failed.", registry=registry)
         self.owned_agents = Gauge(
             "sidecar_registry_owned_agents", "Agents whose lease this sidecar keeps alive.", registry=registry)
+        self.pending_registrations = Gauge(
+            "sidecar_registry_pending_registrations",
+            "Registrations accepted while etcd was unreachable (202 pending) and not written yet.", registry=registry)
+        self.pending_resolved = Counter(
+            "sidecar_registry_pending_resolved_total",
+            "Pending registrations no longer pending, by outcome (registered, conflict: another owner took the id, "
+            "cancelled: deleted, replaced: registered again, error).", ["outcome"], registry=registry)
         self.invalid_values = Counter(
             "sidecar_registry_invalid_values_total", "etcd values skipped because they do not parse.",
             registry=registry)

@@ -158,10 +158,53 @@ async def test_serves_last_snapshot_while_etcd_is_down(private_etcd: EtcdProcess
             assert response.status == 200 and body["stale_since"] and not body["etcd_connected"]
         async with http.get(url + "/v1/agents?capability=chat") as response:
             assert [a["id"] for a in (await response.json())["agents"]] == ["chat-1"]
-        async with http.post(url + "/v1/agents", json={**AGENT, "id": "chat-9"}) as response:
-            assert response.status == 503 and (await response.json())["code"] == "etcd_unavailable"
         async with http.get(url + "/metrics") as response:
             assert "sidecar_registry_etcd_up 0.0" in await response.text()
+
+
+async def test_a_registration_while_etcd_is_down_is_pending_then_written(private_etcd: EtcdProcess,
+                                                                         make_server) -> None:
+    server = await make_server(endpoint=private_etcd.endpoint)
+    url = base(server)
+    await eventually(lambda: server.readiness()["ready"])
+    private_etcd.stop()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url + "/v1/agents", json={**AGENT, "id": "chat-9"}) as response:
+            body = await response.json()
+            assert response.status == 202 and body["state"] == "pending" and body["id"] == "chat-9", body
+        async with http.post(url + "/v1/agents", json={**AGENT, "id": "chat-10"}) as response:
+            assert response.status == 202
+        async with http.get(url + "/v1/agents?capability=chat") as response:
+            listed = await response.json()
+            assert listed["agents"] == [] and sorted(a["id"] for a in listed["pending"]) == ["chat-10", "chat-9"]
+            assert {a["state"] for a in listed["pending"]} == {"pending"}
+        async with http.get(url + "/v1/agents?capability=other") as response:
+            assert (await response.json())["pending"] == [], "the query filters pending registrations too"
+        async with http.get(url + "/v1/agents/chat-9") as response:
+            assert response.status == 200 and (await response.json())["state"] == "pending"
+        async with http.get(url + "/metrics") as response:
+            assert "sidecar_registry_pending_registrations 2.0" in await response.text()
+        # A DELETE cancels a pending registration: it is never written.
+        async with http.delete(url + "/v1/agents/chat-10") as response:
+            assert response.status == 204
+        async with http.get(url + "/v1/agents/chat-10") as response:
+            assert response.status == 404
+        private_etcd.start()
+        await eventually(lambda: "chat-9" in server.catalog.snapshot.by_id, timeout=30)
+        async with http.get(url + "/v1/agents/chat-9") as response:
+            body = await response.json()
+            assert response.status == 200 and "state" not in body and body["owned"]
+        async with http.get(url + "/v1/agents?capability=chat") as response:
+            listed = await response.json()
+            assert [a["id"] for a in listed["agents"]] == ["chat-9"] and listed["pending"] == []
+        async with http.post(url + "/v1/agents", json={**AGENT, "id": "chat-11"}) as response:
+            assert response.status == 201 and (await response.json())["state"] == "registered"
+        async with http.get(url + "/metrics") as response:
+            text = await response.text()
+        assert "sidecar_registry_pending_registrations 0.0" in text
+        assert 'sidecar_registry_pending_resolved_total{outcome="registered"} 1.0' in text
+        assert 'sidecar_registry_pending_resolved_total{outcome="cancelled"} 1.0' in text
+        assert "chat-10" not in private_etcd.ctl("get", "--prefix", "/", "--keys-only")
 
 
 async def test_not_ready_until_the_first_sync(private_etcd: EtcdProcess, make_server) -> None:

@@ -264,15 +264,21 @@ async def test_invalid_arguments_name_the_field(make_server, channel_to) -> None
     assert len(server.catalog.snapshot.agents) == 0 and not server.leases.registrations
 
 
-async def test_register_reports_etcd_down_as_unavailable(private_etcd: EtcdProcess, make_server,
-                                                         channel_to) -> None:
+async def test_register_while_etcd_is_down_is_kept_pending_and_written_later(private_etcd: EtcdProcess, make_server,
+                                                                              channel_to) -> None:
     server = await make_server(endpoint=private_etcd.endpoint)
     await synced(server)
     private_etcd.stop()
     stub = pb_grpc.DiscoveryStub(channel_to(server))
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await stub.Register(pb.Agent(name="chat-agent", address="127.0.0.1", port=9001))
-    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    answer = await stub.Register(pb.Agent(id="late-1", name="chat-agent", address="127.0.0.1", port=9001))
+    assert answer.pending and answer.id == "late-1"
+    assert [r.agent.id for r in server.leases.pending.values()] == ["late-1"]
+    assert not (await stub.Discover(pb.DiscoverRequest(id="late-1"))).agents, "not served before it is in etcd"
+    private_etcd.start()
+    await eventually(lambda: "late-1" in server.catalog.snapshot.by_id, timeout=30)
+    assert not server.leases.pending
+    answer = await stub.Register(pb.Agent(id="late-2", name="chat-agent", address="127.0.0.1", port=9002))
+    assert not answer.pending
 
 
 async def test_health_serving_once_synced_and_reflection(private_etcd: EtcdProcess, make_server,

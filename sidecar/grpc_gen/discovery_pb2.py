@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asidecar/v1/discovery.proto\x12\nsidecar.v1\"\xe1\x02\n\x05\x41gent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0c\n\x04port\x18\x05 \x01(\r\x12\x10\n\x08protocol\x18\x06 \x01(\t\x12\x0c\n\x04tags\x18\x07 \x03(\t\x12\x31\n\x08metadata\x18\x08 \x03(\x0b\x32\x1f.sidecar.v1.Agent.MetadataEntry\x12\"\n\x06health\x18\t \x01(\x0b\x32\x12.sidecar.v1.Health\x12\x14\n\x0c\x63\x61pabilities\x18\n \x03(\t\x12\x15\n\rregister_time\x18\x0b \x01(\t\x12\x0b\n\x03ttl\x18\x0c \x01(\x03\x12\x13\n\x06weight\x18\r \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04zone\x18\x0e \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07_weight\"V\n\x06Health\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x10\n\x08interval\x18\x03 \x01(\x03\x12\x0f\n\x07timeout\x18\x04 \x01(\x03\x12\x0e\n\x06status\x18\x05 \x01(\t\"z\n\x0f\x44iscoverRequest\x12\x12\n\ncapability\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\n\n\x02id\x18\x04 \x01(\t\x12\x14\n\x0chealthy_only\x18\x05 \x01(\x08\x12\x15\n\rinclude_cards\x18\x06 \x01(\x08\"m\n\x10\x44iscoverResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12!\n\x06\x61gents\x18\x02 \x03(\x0b\x32\x11.sidecar.v1.Agent\x12$\n\x05\x63\x61rds\x18\x03 \x03(\x0b\x32\x15.sidecar.v1.AgentCard\"P\n\tAgentCard\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x11\n\tcard_json\x18\x04 \x01(\t\"U\n\x0cWatchRequest\x12\x12\n\ncapability\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x15\n\rfrom_revision\x18\x04 \x01(\x03\"\xbc\x01\n\nWatchEvent\x12)\n\x04type\x18\x01 \x01(\x0e\x32\x1b.sidecar.v1.WatchEvent.Type\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12!\n\x06\x61gents\x18\x03 \x03(\x0b\x32\x11.sidecar.v1.Agent\"N\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0c\n\x08SNAPSHOT\x10\x01\x12\n\n\x06UPSERT\x10\x02\x12\n\n\x06\x44\x45LETE\x10\x03\x12\n\n\x06RELIST\x10\x04\"\x1f\n\x11\x44\x65registerRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse2\x8e\x02\n\tDiscovery\x12\x45\n\x08\x44iscover\x12\x1b.sidecar.v1.DiscoverRequest\x1a\x1c.sidecar.v1.DiscoverResponse\x12;\n\x05Watch\x12\x18.sidecar.v1.WatchRequest\x1a\x16.sidecar.v1.WatchEvent0\x01\x12\x30\n\x08Register\x12\x11.sidecar.v1.Agent\x1a\x11.sidecar.v1.Agent\x12K\n\nDeregister\x12\x1d.sidecar.v1.DeregisterRequest\x1a\x1e.sidecar.v1.DeregisterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asidecar/v1/discovery.proto\x12\nsidecar.v1\"\xf2\x02\n\x05\x41gent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0c\n\x04port\x18\x05 \x01(\r\x12\x10\n\x08protocol\x18\x06 \x01(\t\x12\x0c\n\x04tags\x18\x07 \x03(\t\x12\x31\n\x08metadata\x18\x08 \x03(\x0b\x32\x1f.sidecar.v1.Agent.MetadataEntry\x12\"\n\x06health\x18\t \x01(\x0b\x32\x12.sidecar.v1.Health\x12\x14\n\x0c\x63\x61pabilities\x18\n \x03(\t\x12\x15\n\rregister_time\x18\x0b \x01(\t\x12\x0b\n\x03ttl\x18\x0c \x01(\x03\x12\x13\n\x06weight\x18\r \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04zone\x18\x0e \x01(\t\x12\x0f\n\x07pending\x18\x0f \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07_weight\"V\n\x06Health\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x10\n\x08interval\x18\x03 \x01(\x03\x12\x0f\n\x07timeout\x18\x04 \x01(\x03\x12\x0e\n\x06status\x18\x05 \x01(\t\"z\n\x0f\x44iscoverRequest\x12\x12\n\ncapability\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\n\n\x02id\x18\x04 \x01(\t\x12\x14\n\x0chealthy_only\x18\x05 \x01(\x08\x12\x15\n\rinclude_cards\x18\x06 \x01(\x08\"m\n\x10\x44iscoverResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12!\n\x06\x61gents\x18\x02 \x03(\x0b\x32\x11.sidecar.v1.Agent\x12$\n\x05\x63\x61rds\x18\x03 \x03(\x0b\x32\x15.sidecar.v1.AgentCard\"P\n\tAgentCard\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x11\n\tcard_json\x18\x04 \x01(\t\"U\n\x0cWatchRequest\x12\x12\n\ncapability\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x15\n\rfrom_revision\x18\x04 \x01(\x03\"\xbc\x01\n\nWatchEvent\x12)\n\x04type\x18\x01 \x01(\x0e\x32\x1b.sidecar.v1.WatchEvent.Type\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12!\n\x06\x61gents\x18\x03 \x03(\x0b\x32\x11.sidecar.v1.Agent\"N\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0c\n\x08SNAPSHOT\x10\x01\x12\n\n\x06UPSERT\x10\x02\x12\n\n\x06\x44\x45LETE\x10\x03\x12\n\n\x06RELIST\x10\x04\"\x1f\n\x11\x44\x65registerRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse2\x8e\x02\n\tDiscovery\x12\x45\n\x08\x44iscover\x12\x1b.sidecar.v1.DiscoverRequest\x1a\x1c.sidecar.v1.DiscoverResponse\x12;\n\x05Watch\x12\x18.sidecar.v1.WatchRequest\x1a\x16.sidecar.v1.WatchEvent0\x01\x12\x30\n\x08Register\x12\x11.sidecar.v1.Agent\x1a\x11.sidecar.v1.Agent\x12K\n\nDeregister\x12\x1d.sidecar.v1.DeregisterRequest\x1a\x1e.sidecar.v1.DeregisterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENT_METADATAENTRY']._loaded_options = None
   _globals['_AGENT_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_AGENT']._serialized_start=43
-  _globals['_AGENT']._serialized_end=396
-  _globals['_AGENT_METADATAENTRY']._serialized_start=338
-  _globals['_AGENT_METADATAENTRY']._serialized_end=385
-  _globals['_HEALTH']._serialized_start=398
-  _globals['_HEALTH']._serialized_end=484
-  _globals['_DISCOVERREQUEST']._serialized_start=486
-  _globals['_DISCOVERREQUEST']._serialized_end=608
-  _globals['_DISCOVERRESPONSE']._serialized_start=610
-  _globals['_DISCOVERRESPONSE']._serialized_end=719
-  _globals['_AGENTCARD']._serialized_start=721
-  _globals['_AGENTCARD']._serialized_end=801
-  _globals['_WATCHREQUEST']._serialized_start=803
-  _globals['_WATCHREQUEST']._serialized_end=888
-  _globals['_WATCHEVENT']._serialized_start=891
-  _globals['_WATCHEVENT']._serialized_end=1079
-  _globals['_WATCHEVENT_TYPE']._serialized_start=1001
-  _globals['_WATCHEVENT_TYPE']._serialized_end=1079
-  _globals['_DEREGISTERREQUEST']._serialized_start=1081
-  _globals['_DEREGISTERREQUEST']._serialized_end=1112
-  _globals['_DEREGISTERRESPONSE']._serialized_start=1114
-  _globals['_DEREGISTERRESPONSE']._serialized_end=1134
-  _globals['_DISCOVERY']._serialized_start=1137
-  _globals['_DISCOVERY']._serialized_end=1407
+  _globals['_AGENT']._serialized_end=413
+  _globals['_AGENT_METADATAENTRY']._serialized_start=355
+  _globals['_AGENT_METADATAENTRY']._serialized_end=402
+  _globals['_HEALTH']._serialized_start=415
+  _globals['_HEALTH']._serialized_end=501
+  _globals['_DISCOVERREQUEST']._serialized_start=503
+  _globals['_DISCOVERREQUEST']._serialized_end=625
+  _globals['_DISCOVERRESPONSE']._serialized_start=627
+  _globals['_DISCOVERRESPONSE']._serialized_end=736
+  _globals['_AGENTCARD']._serialized_start=738
+  _globals['_AGENTCARD']._serialized_end=818
+  _globals['_WATCHREQUEST']._serialized_start=820
+  _globals['_WATCHREQUEST']._serialized_end=905
+  _globals['_WATCHEVENT']._serialized_start=908
+  _globals['_WATCHEVENT']._serialized_end=1096
+  _globals['_WATCHEVENT_TYPE']._serialized_start=1018
+  _globals['_WATCHEVENT_TYPE']._serialized_end=1096
+  _globals['_DEREGISTERREQUEST']._serialized_start=1098
+  _globals['_DEREGISTERREQUEST']._serialized_end=1129
+  _globals['_DEREGISTERRESPONSE']._serialized_start=1131
+  _globals['_DEREGISTERRESPONSE']._serialized_end=1151
+  _globals['_DISCOVERY']._serialized_start=1154
+  _globals['_DISCOVERY']._serialized_end=1424
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Agent(_message.Message):
-    __slots__ = ("id", "name", "version", "address", "port", "protocol", "tags", "metadata", "health", "capabilities", "register_time", "ttl", "weight", "zone")
+    __slots__ = ("id", "name", "version", "address", "port", "protocol", "tags", "metadata", "health", "capabilities", "register_time", "ttl", "weight", "zone", "pending")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class Agent(_message.Message):
     TTL_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     ZONE_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     version: str
@@ -44,7 +45,8 @@ class Agent(_message.Message):
     ttl: int
     weight: int
     zone: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., health: _Optional[_Union[Health, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ..., register_time: _Optional[str] = ..., ttl: _Optional[int] = ..., weight: _Optional[int] = ..., zone: _Optional[str] = ...) -> None: ...
+    pending: bool
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., health: _Optional[_Union[Health, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ..., register_time: _Optional[str] = ..., ttl: _Optional[int] = ..., weight: _Optional[int] = ..., zone: _Optional[str] = ..., pending: _Optional[bool] = ...) -> None: ...
 
 class Health(_message.Message):
     __slots__ = ("type", "url", "interval", "timeout", "status")

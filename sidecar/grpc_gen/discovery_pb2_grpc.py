@@ -77,6 +77,8 @@ class DiscoveryServicer:
 
     def Register(self, request, context):
         """Registers the agent under a lease this sidecar keeps alive; returns the stored agent.
+        When etcd cannot be reached the sidecar keeps the registration and writes it as soon as
+        etcd answers: the answer then says pending = true (POST /v1/agents answers 202).
         Needs `authorization: Bearer <admin token>` metadata when a token is configured.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

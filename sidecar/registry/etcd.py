@@ -1,54 +1,39 @@
-"""The one module that talks to etcd (through aetcd); everything else uses EtcdClient.
+"""The one module that talks to etcd (through aetcd, with channel.py and streams.py); everything else uses EtcdClient.
 
 Facts this wrapper handles (aetcd 1.0 against etcd 3.4): every call carries a
 timeout (a frozen etcd otherwise blocks forever); gRPC keepalive pings make a
-watch on a partitioned etcd fail instead of hanging; several endpoints become
-one gRPC target with the round_robin policy; leases are refreshed over one
-shared LeaseKeepAlive stream (aetcd opens a stream per refresh).
+watch on a partitioned etcd fail instead of hanging; each member gets a channel
+of its own and the client chooses the member of each attempt (a frozen member's
+connection still looks READY to gRPC, so a round-robin channel keeps sending
+calls there); leases are refreshed over one shared LeaseKeepAlive stream (aetcd
+opens a stream per refresh).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import random
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+import time
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aetcd
+import aetcd.client
 import aetcd.exceptions
 import aetcd.rpc
-import aetcd.watcher
-import grpc
-import grpc.aio
+import aetcd.utils
 
 from ..config import EtcdSettings, parse_endpoints
-from ..errors import AgentExists, ConfigError, LeaseNotFound, RegistryBusy, RegistryUnavailable, RevisionCompacted
+from ..errors import AgentExists, LeaseNotFound, RegistryUnavailable, RevisionCompacted
+from .channel import CHANNEL_OPTIONS, Member, MemberClient, TlsFiles, grpc_target, is_ip, retryable, translate
+from .streams import KeepAliveStream, WatchEvent, WatchStream, reset_watcher
+
+__all__ = ["EtcdClient", "KeyValue", "TlsFiles", "WatchEvent", "WatchStream", "grpc_target"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-_CHANNEL_OPTIONS = {
-    # etcd's server enforces pings at most every 5 s, and none without an active stream
-    # (else GOAWAY "too_many_pings"): 6 s, only while a watch or keepalive stream is open.
-    "grpc.keepalive_time_ms": 6000,
-    "grpc.keepalive_timeout_ms": 2000,
-    "grpc.http2.ping_timeout_ms": 2000,
-    "grpc.keepalive_permit_without_calls": 0,
-    "grpc.http2.max_pings_without_data": 0,
-    "grpc.lb_policy_name": "round_robin",
-    # The sidecar's own etcd traffic never goes through an HTTP_PROXY from the environment.
-    "grpc.enable_http_proxy": 0,
-    "grpc.initial_reconnect_backoff_ms": 200,
-    # A DNS name (a Kubernetes headless service) is resolved again within a second of a failure,
-    # e.g. at pod start, before the pod's own DNS (this sidecar) answers.
-    "grpc.dns_min_time_between_resolutions_ms": 1000,
-    "grpc.max_reconnect_backoff_ms": 2000,
-    "grpc.max_receive_message_length": 64 * 1024 * 1024,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,97 +44,13 @@ class KeyValue:
     lease: int
 
 
-@dataclass(frozen=True, slots=True)
-class WatchEvent:
-    """One change under a watched prefix; ``value`` is empty for a delete."""
-
-    deleted: bool
-    key: str
-    value: bytes
-    revision: int
+_TRANSACTIONS = aetcd.client.Transactions()
 
 
-def grpc_target(endpoints: Sequence[tuple[str, int]]) -> str:
-    """One gRPC target naming every endpoint (resolving host names once)."""
-    if len(endpoints) == 1 and not _is_ip(endpoints[0][0]):
-        host, port = endpoints[0]
-        return f"dns:///{host}:{port}"
-    addresses: list[tuple[int, str]] = []
-    for host, port in endpoints:
-        if _is_ip(host):
-            addresses.append((ipaddress.ip_address(host).version, _hostport(host, port)))
-            continue
-        for family, *_, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-            version = 6 if family == socket.AF_INET6 else 4
-            addresses.append((version, _hostport(str(sockaddr[0]), port)))
-    version = addresses[0][0]
-    same = [a for v, a in addresses if v == version]
-    return f"ipv{version}:" + ",".join(dict.fromkeys(same))
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-@dataclass(frozen=True, slots=True)
-class TlsFiles:
-    """PEM files for TLS to etcd: the CA (empty: the system's roots) and an optional client pair."""
-
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        def read(path: str) -> bytes | None:
-            if not path:
-                return None
-            try:
-                with open(path, "rb") as handle:
-                    return handle.read()
-            except OSError as exc:
-                raise ConfigError("etcd TLS file", path, f"cannot read: {exc.strerror}") from None
-
-        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
-
-
-class _Client(aetcd.Client):
-    """aetcd's client over a TLS channel when given credentials (aetcd itself only dials plaintext)."""
-
-    def __init__(self, *, credentials: grpc.ChannelCredentials | None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._credentials = credentials
-
-    async def connect(self) -> None:
-        if self._credentials is None or self._connected.is_set() or getattr(self, "_is_connecting", False):
-            await super().connect()
-            return
-        # The same steps as aetcd's connect, on a secure channel.
-        self._is_connecting = True
-        try:
-            self.channel = grpc.aio.secure_channel(f"{self._host}:{self._port}", self._credentials,
-                                                   options=list(self._options.items()))
-            if self._username is not None and self._password is not None:
-                self.auth_stub = aetcd.rpc.AuthStub(self.channel)
-                request = aetcd.rpc.AuthenticateRequest(name=self._username, password=self._password)
-                response = await self.auth_stub.Authenticate(request, timeout=self._timeout)
-                self.metadata = (("token", response.token),)
-            self.kvstub = aetcd.rpc.KVStub(self.channel)
-            self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
-            self.leasestub = aetcd.rpc.LeaseStub(self.channel)
-            self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
-            self._watcher = aetcd.watcher.Watcher(aetcd.rpc.WatchStub(self.channel), timeout=self._timeout,
-                                                  metadata=self.metadata)
-            self._connected.set()
-        finally:
-            self._is_connecting = False
+def _consume(task: asyncio.Task[Any]) -> None:
+    """Retrieve a finished attempt's exception (a lost hedge is not an unhandled error)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class EtcdClient:
@@ -170,42 +71,67 @@ class EtcdClient:
         self._credentials = tls.credentials() if tls is not None else None
         self._auth = (username or None, password or None)
         self._connect_wait = int(max(dial_timeout or timeout, 1))
-        self._client = self._dial(grpc_target(parse_endpoints(endpoints)), parse_endpoints(endpoints)[0][0])
+        parsed = parse_endpoints(endpoints)
         # One DNS name (a Kubernetes headless service) is followed by gRPC's resolver; a list is synced.
-        self._named = grpc_target(parse_endpoints(endpoints)).startswith("dns:")
+        self._named = len(parsed) == 1 and not is_ip(parsed[0][0])
+        # A channel per member (as etcd clientv3's balancer sees each endpoint): attempts go where
+        # the client decides, first to the member that answered last, which spreads a fleet over
+        # the members since each sidecar starts on a random one.
+        self._members = [self._dial(address) for address in dict.fromkeys(parsed)]
+        self._preferred = random.choice(self._members)
         self._retired: set[asyncio.Task[None]] = set()
         self._attempt_timeout = max(0.5, timeout / 3)
-        self._keepalive: _KeepAliveStream | None = None
+        self._keepalive: KeepAliveStream | None = None
+        self._keepalive_member: Member | None = None
         # Bounded in-flight unary calls: a burst of thousands of registrations is queued here
         # instead of pushing etcd into "too many requests".
         self._inflight = asyncio.Semaphore(max_inflight)
 
-    def _dial(self, target: str, tls_name: str) -> _Client:
+    def _dial(self, address: tuple[str, int]) -> Member:
         # aetcd builds its target as f"{host}:{port}"; split ours at the last colon.
-        host, _, port = target.rpartition(":")
-        options = dict(_CHANNEL_OPTIONS)
+        host, _, port = grpc_target([address]).rpartition(":")
+        options = dict(CHANNEL_OPTIONS)
         if self._credentials is not None:
-            # Several endpoints become one target: the certificates must be valid for this name.
-            options["grpc.ssl_target_name_override"] = tls_name
-        return _Client(host=host, port=int(port), username=self._auth[0], password=self._auth[1],
-                       timeout=self.timeout, options=options, connect_wait_timeout=self._connect_wait,
-                       credentials=self._credentials)
+            # The certificates must be valid for the endpoint's host name (or address).
+            options["grpc.ssl_target_name_override"] = address[0]
+        return Member(address, MemberClient(host=host, port=int(port), username=self._auth[0],
+                                        password=self._auth[1], timeout=self.timeout, options=options,
+                                        connect_wait_timeout=self._connect_wait, credentials=self._credentials))
+
+    def _pick(self, tried: Collection[Member] = ()) -> Member:
+        """The member for the next attempt: the preferred one unless it is suspect or was tried already."""
+        members = self._members
+        start = members.index(self._preferred) if self._preferred in members else 0
+        order = [m for m in members[start:] + members[:start] if m not in tried] or members
+        now = time.monotonic()
+        for member in order:
+            if member.suspect_until <= now:
+                return member
+        return min(order, key=lambda m: m.suspect_until)
+
+    def _answered(self, member: Member) -> None:
+        member.suspect_until = 0.0
+        self._preferred = member
+
+    def _suspect(self, member: Member) -> None:
+        """Steer attempts away from ``member`` for a request timeout (it is frozen, cut off, dead or electing)."""
+        member.suspect_until = time.monotonic() + self.timeout
 
     async def sync_members(self) -> bool:
         """Dial the cluster's current members from now on (etcd clientv3's AutoSync); whether that changed.
 
-        Members added since start are learnt, removed ones dropped, so that a sidecar
-        outlives every member it was started with. Calls in flight on the old channel
-        finish (or are retried on the new one); watches and keepalives move over by
-        their own retry.
+        Members added since start are learnt (a channel each), removed ones dropped, so
+        that a sidecar outlives every member it was started with. Calls in flight on a
+        removed member's channel finish (or are retried on another); watches and
+        keepalives move over by their own retry.
         """
         if self._named:
             return False
 
-        async def member_list() -> Any:
-            await self._client.connect()
-            return await self._client.clusterstub.MemberList(aetcd.rpc.MemberListRequest(), timeout=self.timeout,
-                                                             metadata=self._client.metadata)
+        async def member_list(client: MemberClient) -> Any:
+            await client.connect()
+            return await client.clusterstub.MemberList(aetcd.rpc.MemberListRequest(), timeout=self.timeout,
+                                                       metadata=client.metadata)
 
         response = await self._call(member_list)
         voters = [m for m in response.members if not m.isLearner]
@@ -214,23 +140,26 @@ class EtcdClient:
         urls = sorted({url for m in voters for url in m.clientURLs})
         if not urls or urls == sorted(self.endpoints):
             return False
-        loop = asyncio.get_running_loop()
-        # Resolved off the event loop (a member may advertise a host name).
-        target = await loop.run_in_executor(None, grpc_target, parse_endpoints(urls))
-        old, self._client = self._client, self._dial(target, parse_endpoints(urls)[0][0])
+        known = {m.address: m for m in self._members}
+        members = [known.get(address) or self._dial(address) for address in dict.fromkeys(parse_endpoints(urls))]
+        retired = [m for m in self._members if m not in members]
         log.info("etcd members now %s (were %s)", ", ".join(urls), ", ".join(self.endpoints))
-        self.endpoints = urls
-        if self._keepalive is not None:
+        self._members, self.endpoints = members, urls
+        if self._preferred not in members:
+            self._preferred = random.choice(members)
+        if self._keepalive is not None and self._keepalive_member in retired:
             keepalive, self._keepalive = self._keepalive, None
             await keepalive.close()
-        # Let calls in flight on the old channel finish before closing it.
-        task = loop.create_task(self._close_later(old, self.timeout))
-        self._retired.add(task)
-        task.add_done_callback(self._retired.discard)
+        # Let calls in flight on a removed member's channel finish before closing it.
+        loop = asyncio.get_running_loop()
+        for member in retired:
+            task = loop.create_task(self._close_later(member.client, self.timeout))
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
         return True
 
     @staticmethod
-    async def _close_later(client: _Client, delay: float) -> None:
+    async def _close_later(client: MemberClient, delay: float) -> None:
         await asyncio.sleep(delay)
         try:
             await client.close()
@@ -252,56 +181,110 @@ class EtcdClient:
         if self._keepalive is not None:
             await self._keepalive.close()
             self._keepalive = None
-        try:
-            await self._client.close()
-        except Exception:  # closing a broken channel must not mask the caller's error
-            log.debug("etcd client close failed", exc_info=True)
+        for member in self._members:
+            try:
+                await member.client.close()
+            except Exception:  # closing a broken channel must not mask the caller's error
+                log.debug("etcd client close failed", exc_info=True)
 
-    async def _reconnect(self) -> None:
+    async def _reconnect(self, member: Member) -> None:
         try:
-            await self._client.close()
+            await member.client.close()
         except Exception:
             log.debug("etcd client close before re-authentication failed", exc_info=True)
-        if self._keepalive is not None:
+        if self._keepalive is not None and self._keepalive_member is member:
             await self._keepalive.close()
             self._keepalive = None
 
-    async def _call(self, method: str | Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+    async def _call(self, method: str | Callable[..., Awaitable[Any]], *args: Any, hedge: bool = True,
+                    **kwargs: Any) -> Any:
         """One unary call, retried until it succeeds or ``timeout`` runs out; errors typed.
 
-        ``method`` is an aetcd client method name, or a function that uses ``self._client``.
-        Each attempt gets a third of the deadline, so a member that died with the call
-        in flight (or a follower waiting out an election) costs one attempt, not the
-        whole deadline; the round-robin channel sends the next attempt to another member.
-        Every caller is safe to retry: reads, puts of a whole value and deletes are
-        idempotent; leases are granted under an id chosen here (a retry of a grant that
-        did land says "lease already exists"), and a compare-and-swap that landed is
-        recognised by its value (``put_if``).
+        ``method`` is an aetcd client method name, or a function given the member's
+        client first. An attempt goes to the member that answered last; one that fails
+        is retried at once on another member (a member that died, a follower without
+        a leader). An attempt without an answer after a third of the deadline (a frozen
+        or cut-off member, a leader being replaced) marks its member suspect and is
+        hedged: another attempt goes to another member (then one every sixth of the
+        deadline) while the first one keeps its chance until the deadline, so a
+        legitimately slow call (a range read of 100,000 agents) is not cut short; the
+        first answer wins and the others are cancelled
+        (``hedge=False``: the slow attempt is cancelled instead, for calls that open a
+        stream). Every caller is safe to send twice: reads, puts of a whole value and
+        deletes are idempotent; leases are granted under an id chosen here (a second
+        grant of one says "lease already exists"), and a compare-and-swap that landed is
+        recognised by its value (``put_if``) or its lease (``put_owned``).
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
-        delay = 0.02
-        while True:
-            attempt = max(0.05, min(deadline - loop.time(), self._attempt_timeout))
-            async with self._inflight:
-                # A method name is looked up per attempt: the member sync may have replaced the client.
-                call = getattr(self._client, method) if isinstance(method, str) else method
-                try:
-                    return await asyncio.wait_for(call(*args, **kwargs), attempt)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    cause, error = exc, _translate(exc)
-            if "invalid auth token" in str(error).lower():
-                # etcd's simple tokens expire: authenticate again on a fresh channel.
-                await self._reconnect()
-            if _retryable(error) and loop.time() + delay < deadline:
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, 0.5)
-                continue
+        async with self._inflight:
+            deadline = loop.time() + self.timeout
+            delay = 0.02
+            tried: list[Member] = []
+            running: dict[asyncio.Task[Any], tuple[Member, float]] = {}
+            launch_at = loop.time()
+            failed: tuple[BaseException, BaseException] | None = None  # the last failure, translated and raw
+            try:
+                while (now := loop.time()) < deadline:
+                    if now >= launch_at:
+                        for task, (member, started) in list(running.items()):
+                            if now - started >= self._attempt_timeout * 0.999:
+                                log.debug("etcd attempt on %s:%d: no answer after %.2fs",
+                                          *member.address, now - started)
+                                self._suspect(member)
+                                if not hedge:
+                                    task.cancel()
+                                    del running[task]
+                                    await asyncio.wait({task}, timeout=2.0)  # its clean-up first
+                        member = self._pick(tried)
+                        tried.append(member)
+                        task = loop.create_task(self._attempt(member, method, args, kwargs))
+                        task.add_done_callback(_consume)
+                        running[task] = (member, now)
+                        # After the first hedge, every half of that: a leader elected late in the deadline
+                        # (or a member thawed) is found by an attempt that starts soon enough.
+                        launch_at = now + (self._attempt_timeout if len(tried) == 1 else self._attempt_timeout / 2)
+                    wait = max(0.0, min(launch_at, deadline) - loop.time())
+                    if not running:
+                        await asyncio.sleep(wait)
+                        continue
+                    done, _ = await asyncio.wait(running, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        member, _started = running.pop(task)
+                        cause = task.exception()
+                        if cause is None:
+                            self._answered(member)
+                            return task.result()
+                        error = translate(cause)
+                        if "invalid auth token" in str(error).lower():
+                            # etcd's simple tokens expire: authenticate again on a fresh channel.
+                            await self._reconnect(member)
+                        if not retryable(error) or (loop.time() + delay >= deadline and not running):
+                            if error is cause:
+                                raise error
+                            raise error from cause
+                        log.debug("etcd attempt on %s:%d failed: %s", *member.address, error)
+                        self._suspect(member)
+                        failed = (error, cause)
+                        # Failed fast: the next attempt soon, on another member.
+                        launch_at = min(launch_at, loop.time() + delay * random.uniform(0.5, 1.5))
+                        delay = min(delay * 2, 0.5)
+            finally:
+                for task in running:
+                    task.cancel()
+                stalled = bool(running)
+        if failed is not None and not stalled:
+            error, cause = failed
             if error is cause:
                 raise error
             raise error from cause
+        raise RegistryUnavailable(f"etcd: TimeoutError: no answer within {self.timeout:g}s "
+                                  f"({len(tried)} attempts on {len(set(tried))} members)")
+
+    @staticmethod
+    async def _attempt(member: Member, method: str | Callable[..., Awaitable[Any]], args: Sequence[Any],
+                       kwargs: dict[str, Any]) -> Any:
+        call = getattr(member.client, method) if isinstance(method, str) else method
+        return await (call(*args, **kwargs) if isinstance(method, str) else call(member.client, *args, **kwargs))
 
     async def get_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
         """Every key under ``prefix`` and the store revision they were read at."""
@@ -318,10 +301,10 @@ class EtcdClient:
 
     async def get_at(self, key: str, revision: int = 0) -> KeyValue | None:
         """``key`` as it was at ``revision`` (0: now); raises RevisionCompacted when that is gone."""
-        async def read() -> Any:
-            await self._client.connect()
+        async def read(client: MemberClient) -> Any:
+            await client.connect()
             request = aetcd.rpc.RangeRequest(key=key.encode(), revision=revision)
-            return await self._client.kvstub.Range(request, timeout=self.timeout, metadata=self._client.metadata)
+            return await client.kvstub.Range(request, timeout=self.timeout, metadata=client.metadata)
 
         response = await self._call(read)
         if not response.kvs:
@@ -348,7 +331,7 @@ class EtcdClient:
 
         Returns the new revision, or None when someone else wrote it first.
         """
-        transactions = self._client.transactions
+        transactions = _TRANSACTIONS
         succeeded, responses = await self._call("transaction",
                                                 compare=[transactions.mod(key.encode()) == mod_revision],
                                                 success=[transactions.put(key.encode(), value)], failure=[])
@@ -366,7 +349,7 @@ class EtcdClient:
         Raises AgentExists when another owner's lease holds it (a compare-and-swap on
         create, so one agent id cannot be taken over); returns the revision.
         """
-        transactions = self._client.transactions
+        transactions = _TRANSACTIONS
         for _ in range(8):
             created, responses = await self._call(
                 "transaction", compare=[transactions.create(key.encode()) == 0],
@@ -394,17 +377,24 @@ class EtcdClient:
     async def delete(self, key: str) -> bool:
         return await self._call("delete", key.encode()) is not None
 
-    async def grant(self, ttl: int) -> int:
-        """A new lease of ``ttl`` seconds; returns its id.
+    @staticmethod
+    def new_lease_id() -> int:
+        """A lease id of this client's choosing (62 random bits: no two clients pick the same)."""
+        return random.getrandbits(62) + 1
+
+    async def grant(self, ttl: int, lease_id: int = 0) -> int:
+        """A lease of ``ttl`` seconds under ``lease_id`` (0: a new id); returns its id.
 
         The id is chosen here, so that a retried grant whose first attempt landed
-        finds its own lease ("already exists") instead of leaving an orphan behind.
+        finds its own lease ("already exists") instead of leaving an orphan behind;
+        a caller that grants again later under the same id (a pending registration)
+        gets the lease back if it still lives, or a new one under that id.
         """
-        lease_id = random.getrandbits(62) + 1
+        lease_id = lease_id or self.new_lease_id()
 
-        async def grant_once() -> int:
+        async def grant_once(client: MemberClient) -> int:
             try:
-                lease = await self._client.lease(ttl, lease_id)
+                lease = await client.lease(ttl, lease_id)
             except aetcd.exceptions.DuplicateLeaseError:
                 return lease_id
             return int(lease.id)
@@ -424,20 +414,28 @@ class EtcdClient:
         An answer that does not come within ``timeout`` (at most one attempt's timeout)
         closes the shared stream: it is stuck on a member that stopped answering
         (frozen, partitioned), which gRPC's own keepalive notices only after ~8 s, long
-        enough for short leases to expire. The next refresh opens a stream that the
-        round-robin channel places on another member.
+        enough for short leases to expire. That member becomes suspect, so the next
+        refresh opens a stream on another member.
         """
         if self._keepalive is None or self._keepalive.closed:
-            self._keepalive = _KeepAliveStream(self._client)
-        stream = self._keepalive
+            if self._keepalive is not None and self._keepalive_member is not None:
+                self._suspect(self._keepalive_member)  # the stream broke (a dead or cut-off member)
+            self._keepalive_member = self._pick()
+            self._keepalive = KeepAliveStream(self._keepalive_member.client)
+        stream, member = self._keepalive, self._keepalive_member
         limit = min(timeout or self._attempt_timeout, self._attempt_timeout)
         try:
-            return await asyncio.wait_for(stream.refresh(lease_id), limit)
+            ttl = await asyncio.wait_for(stream.refresh(lease_id), limit)
         except TimeoutError:
             if self._keepalive is stream:
                 self._keepalive = None
+            if member is not None:
+                self._suspect(member)
             await stream.close()
             raise RegistryUnavailable(f"etcd keepalive of lease {lease_id:x}: no answer within {limit:g}s") from None
+        if member is not None and member.suspect_until:
+            member.suspect_until = 0.0
+        return ttl
 
     async def watch_prefix(self, prefix: str, start_revision: int) -> WatchStream:
         """An established watch on ``prefix`` from ``start_revision`` on.
@@ -445,151 +443,18 @@ class EtcdClient:
         Iterating it yields batches of changes; it raises RevisionCompacted when
         that revision is gone and RegistryUnavailable when the stream breaks.
         """
-        watch = await self._call("watch", prefix.encode(),
-                                 range_end=aetcd.utils.prefix_range_end(prefix.encode()),
-                                 start_revision=start_revision, progress_notify=True)
-        return WatchStream(watch)
-
-
-class WatchStream:
-    """Batches of WatchEvents from one etcd watch; events already queued come as one batch."""
-
-    def __init__(self, watch: Any) -> None:
-        self._watch = watch
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._error: BaseException | None = None
-        self._task = asyncio.get_running_loop().create_task(self._pump())
-
-    async def _pump(self) -> None:
-        try:
-            async for event in self._watch:
-                self._queue.put_nowait(event)
-            self._queue.put_nowait(RegistryUnavailable("watch stream ended"))
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            self._queue.put_nowait(exc)
-
-    def __aiter__(self) -> WatchStream:
-        return self
-
-    async def __anext__(self) -> list[WatchEvent]:
-        if self._error is not None:
-            raise self._error
-        items = [await self._queue.get()]
-        while not self._queue.empty():
-            items.append(self._queue.get_nowait())
-        batch = []
-        for item in items:
-            if isinstance(item, BaseException):
-                # What came before the error is delivered first; the error next time.
-                self._error = _translate(item)
-                break
-            kv = item.kv
-            batch.append(WatchEvent(item.kind == "DELETE", kv.key.decode(errors="replace"), kv.value,
-                                    kv.mod_revision))
-        if not batch and self._error is not None:
-            raise self._error
-        return batch
-
-    async def close(self) -> None:
-        self._task.cancel()
-        try:
-            await asyncio.wait_for(self._watch.cancel(), 1.0)
-        except BaseException:  # the stream may already be gone
-            pass
-
-
-def _retryable(error: BaseException) -> bool:
-    if not isinstance(error, RegistryUnavailable):
-        return False
-    text = str(error).lower()
-    return not any(word in text for word in ("permission denied", "authentication failed", "user name is empty"))
-
-
-def _translate(exc: BaseException) -> BaseException:
-    if isinstance(exc, aetcd.exceptions.RevisionCompactedError):
-        return RevisionCompacted(exc.compacted_revision)
-    text = str(exc).lower()
-    if "required revision has been compacted" in text:
-        return RevisionCompacted(0)
-    if "too many requests" in text:
-        return RegistryBusy(f"etcd: {exc}")
-    if "lease not found" in text or "requested lease not found" in text:
-        return LeaseNotFound(str(exc))
-    if isinstance(exc, (aetcd.exceptions.ClientError, grpc.RpcError, asyncio.TimeoutError,
-                        ConnectionError, OSError)):
-        return RegistryUnavailable(f"etcd: {type(exc).__name__}: {exc}")
-    return exc
-
-
-class _KeepAliveStream:
-    """One LeaseKeepAlive bidi stream shared by every lease of this process (as clientv3 does).
-
-    Requests go through a queue that the stream consumes; answers are matched to
-    waiters by lease id, in order. Nothing awaits while holding a lock, so a
-    cancelled refresh can never wedge the others.
-    """
-
-    def __init__(self, client: aetcd.Client) -> None:
-        self._client = client
-        self._requests: asyncio.Queue[Any] = asyncio.Queue()
-        self._waiters: dict[int, list[asyncio.Future[int]]] = {}
-        self._reader: asyncio.Task[None] | None = None
-        self.closed = False
-
-    async def refresh(self, lease_id: int) -> int:
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._run())
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(lease_id, []).append(future)
-        self._requests.put_nowait(aetcd.rpc.LeaseKeepAliveRequest(ID=lease_id))
-        ttl = await future
-        if ttl <= 0:
-            raise LeaseNotFound(f"lease {lease_id:x} not found")
-        return ttl
-
-    async def _outgoing(self) -> AsyncIterator[Any]:
-        while True:
-            request = await self._requests.get()
-            if request is None:
-                return
-            yield request
-
-    async def _run(self) -> None:
-        try:
-            await self._client.connect()
-            call = self._client.leasestub.LeaseKeepAlive(self._outgoing(), metadata=self._client.metadata)
-            async for response in call:
-                waiters = self._waiters.get(response.ID)
-                if not waiters:
-                    continue
-                future = waiters.pop(0)
-                if not waiters:
-                    del self._waiters[response.ID]
-                if not future.done():
-                    future.set_result(int(response.TTL))
-            self._fail(RegistryUnavailable("etcd keepalive stream closed"))
-        except asyncio.CancelledError:
-            self._fail(RegistryUnavailable("etcd keepalive stream closed"))
-            raise
-        except Exception as exc:
-            self._fail(RegistryUnavailable(f"etcd keepalive stream: {_translate(exc)}"))
-
-    def _fail(self, error: Exception) -> None:
-        self.closed = True
-        self._requests.put_nowait(None)
-        waiters, self._waiters = self._waiters, {}
-        for futures in waiters.values():
-            for future in futures:
-                if not future.done():
-                    future.set_exception(error)
-
-    async def close(self) -> None:
-        self.closed = True
-        if self._reader is not None:
-            self._reader.cancel()
+        async def create(client: MemberClient) -> Any:
             try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
+                return await client.watch(prefix.encode(), range_end=aetcd.utils.prefix_range_end(prefix.encode()),
+                                          start_revision=start_revision, progress_notify=True)
+            except aetcd.exceptions.RevisionCompactedError:
+                raise  # answered: nothing left in flight
+            except BaseException:
+                # aetcd gives a "created" answer to whichever watch is being created when it comes: the
+                # answer to this abandoned request would go to the next watch on the stream (another
+                # prefix's events delivered to it, forever). End the stream: its watches start again.
+                await reset_watcher(client)
+                raise
+
+        # Not hedged: a second attempt would leave a watch behind on the first member.
+        return WatchStream(await self._call(create, hedge=False))

@@ -164,7 +164,8 @@ class Churn:
     """Agents of ``capability`` registered and deregistered through one sidecar's admin API.
 
     ``expected`` is what must be registered afterwards: every agent whose POST said 201
-    and whose DELETE (if any) was answered; ``pending`` the ones whose POST got no 201.
+    (or 202: kept pending by the sidecar while etcd was unreachable, ``accepted``) and whose
+    DELETE (if any) was answered; ``pending`` the calls that got neither.
     """
 
     def __init__(self, admin: str, capability: str, port: int, per_second: float, ttl: str,
@@ -177,6 +178,7 @@ class Churn:
         self.request_timeout = request_timeout
         self.expected: set[str] = set()
         self.pending: dict[str, tuple[int, str]] = {}
+        self.accepted: list[str] = []
         self.tally = Tally()
         self.latencies: list[float] = []
         self._serial = 0
@@ -189,9 +191,11 @@ class Churn:
         status, text = await register(http, self.admin, agent_body(agent_id, self.capability, self.port, self.ttl),
                                       self.request_timeout)
         self.latencies.append(time.monotonic() - started)
-        if status == 201:
+        if status in (201, 202):
             self.tally.good()
             self.expected.add(agent_id)
+            if status == 202:
+                self.accepted.append(agent_id)
         else:
             self.tally.bad(f"register {status}")
             self.pending[agent_id] = (status, text[:200])

@@ -13,6 +13,11 @@ import json
 import signal
 import subprocess
 import time
+from typing import Any
+
+import dns.asyncquery
+import dns.exception
+import dns.message
 
 from ..etcd_cluster import EtcdCluster, Member
 from .fleet import Backend, SidecarProcess, agent_body, register
@@ -44,9 +49,11 @@ async def leader_kill(cluster: EtcdCluster, prefix: str, scale: Scale) -> Outcom
 
 
 async def quorum_loss(cluster: EtcdCluster, prefix: str, scale: Scale) -> Outcome:
-    """Two of three members down for ``scale.outage``; a sidecar with a local agent starts during it."""
+    """Two of three members down for ``scale.outage``; a sidecar with a local agent starts during it;
+    a registration posted during it is kept pending (202) and written once a leader is back."""
     outcome = Outcome("quorum loss")
     async with Rig(cluster.endpoints, prefix, scale) as rig:
+        assert rig.http is not None
         rig.start_load()
         await asyncio.sleep(scale.settle / 2)
         leader = cluster.wait_for_leader()
@@ -56,19 +63,31 @@ async def quorum_loss(cluster: EtcdCluster, prefix: str, scale: Scale) -> Outcom
         lost = time.monotonic()
         late_backend = await Backend().start()
         rig.backends.append(late_backend)
+        # Answered (after the request timeout) before the members come back: the restart waits for it.
+        held = asyncio.get_running_loop().create_task(
+            register(rig.http, rig.sidecars[0].admin, agent_body("held-1", "held", late_backend.port, scale.ttl)))
         late = SidecarProcess(cluster.endpoints, prefix,
                               agent={"name": "late", "id": "late-1", "address": "127.0.0.1",
                                      "port": late_backend.port, "capabilities": ["late"], "ttl": "3s"})
         late.start()
         rig.sidecars.append(late)
         await asyncio.sleep(max(0.0, scale.outage - (time.monotonic() - lost)))
+        held_status, held_text = await held
+        outcome.figures["registration during the outage"] = f"{held_status} {held_text[:80]}"
+        assert held_status == 202 and json.loads(held_text)["state"] == "pending", (held_status, held_text)
+        pending = await _json(rig, rig.sidecars[0], "/v1/agents?capability=held")
+        assert [a["id"] for a in pending["pending"]] == ["held-1"] and pending["agents"] == [], pending
         outcome.figures["late sidecar alive at end of outage"] = late.alive()
         for member in down:
             member.start(cluster.initial_cluster(), state="existing")
         await asyncio.to_thread(cluster.wait_for_leader)
         back = time.monotonic()
         outcome.figures["outage s"] = round(back - lost, 1)
-        assert rig.http is not None
+        # The pending registration completes by itself: listed, and answered by DNS, on every sidecar.
+        for sidecar in rig.sidecars[:2]:
+            await rig.converged(sidecar, "held", {"held-1"}, timeout=5)
+            await _dns_until(sidecar, "held.agents.local", 1, timeout=5 - (time.monotonic() - back))
+        outcome.figures["pending registration served everywhere after recovery s"] = round(time.monotonic() - back, 2)
         status, _text = await register(rig.http, rig.sidecars[0].admin,
                                       agent_body("after-1", "after", late_backend.port, scale.ttl))
         outcome.figures["first registration after recovery"] = f"{status} after {time.monotonic() - back:.2f}s"
@@ -82,16 +101,39 @@ async def quorum_loss(cluster: EtcdCluster, prefix: str, scale: Scale) -> Outcom
         await asyncio.sleep(scale.settle / 2)
         await rig.stop_load(outcome)
         assert rig.churn is not None
-        # Registrations refused during the outage (503 after the request timeout) are not retried by
-        # the sidecar: the client owns them. What the churn expects is what got a 201.
+        # Churn registrations during the outage are answered 202 and must be registered afterwards
+        # (check_churn: every agent that got a 201 or a 202 is listed, and nothing else).
+        outcome.figures["churn registrations kept pending"] = len(rig.churn.accepted)
         outcome.figures["registrations refused during outage"] = len(rig.churn.pending)
         outcome.figures["refusal statuses"] = sorted({status for status, _ in rig.churn.pending.values()})
         await rig.check_churn(outcome)
-        refused = {agent for agent in rig.churn.pending if not agent.endswith("(delete)")}
-        listed = await rig.ids(rig.sidecars[1], "churn")
-        outcome.figures["refused registrations that appeared anyway"] = sorted(refused & listed)
+        left = await _json(rig, rig.sidecars[0], "/v1/agents")
+        outcome.figures["still pending at the end"] = [a["id"] for a in left["pending"]]
         outcome.figures["sidecars alive"] = all(s.alive() for s in rig.sidecars)
     return outcome
+
+
+async def _json(rig: Rig, sidecar: SidecarProcess, path: str) -> Any:
+    assert rig.http is not None
+    async with rig.http.get(sidecar.admin + path) as response:
+        return json.loads(await response.text())
+
+
+async def _dns_until(sidecar: SidecarProcess, name: str, answers: int, timeout: float) -> None:
+    """Until the sidecar's DNS answers ``name`` with ``answers`` A records; fails after ``timeout``."""
+    deadline = time.monotonic() + max(timeout, 0.1)
+    got: object = None
+    while time.monotonic() < deadline:
+        try:
+            response = await dns.asyncquery.udp(dns.message.make_query(name, "A"), sidecar.host,
+                                                port=sidecar.dns_port, timeout=1)
+            got = sum(len(rrset) for rrset in response.answer)
+            if got == answers:
+                return
+        except (TimeoutError, dns.exception.DNSException) as exc:
+            got = repr(exc)
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{name} on :{sidecar.dns_port}: {got}, not {answers} answers, within {timeout:.2f}s")
 
 
 async def compaction(cluster: EtcdCluster, prefix: str, scale: Scale, rounds: int = 3) -> Outcome:

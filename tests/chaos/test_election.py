@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import aiohttp
@@ -44,3 +45,36 @@ async def test_a_write_during_an_election_succeeds_once_a_leader_exists(cluster:
             assert leases.count("\n") - 1 <= 5 + 1, f"no orphan leases from retried grants: {leases}"
     finally:
         await asyncio.wait_for(server.stop(), 60)
+
+
+async def test_writes_while_the_leader_is_frozen_succeed_within_the_request_timeout(cluster: EtcdCluster,
+                                                                                    prefix: str) -> None:
+    from sidecar.registry.etcd import EtcdClient
+
+    client = EtcdClient(cluster.endpoints, timeout=5)
+    try:
+        for i in range(6):  # a connection to every member, and the leader among those written through
+            await client.put(f"{prefix}/warm/{i}", b"x")
+        leader = cluster.wait_for_leader()
+        assert leader.process is not None
+        refused: list[str] = []
+
+        async def write(i: int) -> None:
+            try:
+                lease = await client.grant(10)
+                await client.put(f"{prefix}/frozen/{i}", b"v", lease)
+            except Exception as exc:  # what a registration would have answered 503 with
+                refused.append(f"{i}: {exc}")
+
+        leader.process.send_signal(signal.SIGSTOP)
+        try:
+            # Waves of writes: the first ones meet the frozen leader, later ones the election and the new leader.
+            for wave in range(4):
+                await asyncio.gather(*(write(10 * wave + i) for i in range(10)))
+        finally:
+            leader.process.send_signal(signal.SIGCONT)
+        assert refused == [], refused
+        stored = cluster.ctl("get", "--prefix", f"{prefix}/frozen/", "--keys-only").split()
+        assert len(stored) == 40
+    finally:
+        await client.close()

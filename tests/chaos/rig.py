@@ -150,8 +150,13 @@ class Rig:
             tally = await task
             setattr(outcome, kind, getattr(outcome, kind).merge(tally))
         self._loads.clear()
-        counted = sum(s.metric("sidecar_dns_queries_total") for s in self.sidecars if s.alive())
+        alive = [s for s in self.sidecars if s.alive()]
+        counted = sum(s.metric("sidecar_dns_queries_total") for s in alive)
         outcome.figures["DNS queries the sidecars counted (cumulative)"] = int(counted)
+        outcome.figures["UDP receive drops by the kernel (cumulative)"] = \
+            int(sum(s.metric("sidecar_dns_udp_receive_drops_total") for s in alive))
+        # Per sidecar: event-loop probes more than 0.1 s late, and the range of the worst one.
+        outcome.figures["event loop lags > 0.1 s, worst (cumulative)"] = [s.loop_lags() for s in alive]
         return outcome
 
     async def check_churn(self, outcome: Outcome, timeout: float = 5.0) -> None:

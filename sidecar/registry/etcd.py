@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc
+import aetcd.utils
 import aetcd.watcher
 import grpc
 import grpc.aio
@@ -310,6 +311,46 @@ class EtcdClient:
             KeyValue(kv.key.decode(errors="replace"), kv.value, kv.mod_revision, kv.lease) for kv in result.kvs
         ]
 
+    # Keys per Range request of a paged list (list_pages).
+    LIST_PAGE = 1000
+
+    async def list_pages(self, prefix: str, page_size: int = LIST_PAGE) -> AsyncIterator[tuple[int, list[KeyValue]]]:
+        """Every key under ``prefix`` as of one revision, a page at a time: (that revision, the page's keys).
+
+        The first Range reads the newest revision; each later one reads at that same revision, from
+        just after the last key seen (clientv3's WithLimit + WithRev, as Kubernetes' reflector lists),
+        so the pages make one consistent list however long they take: keys written meanwhile are the
+        watch's, from revision + 1. No single response has to fit the gRPC message limit; a page that
+        still does not (large values) is asked again with half as many keys. A compaction past that
+        revision between two pages raises RevisionCompacted: the caller lists again. Each page is one
+        call with its own deadline and retries.
+        """
+        start, end = prefix.encode(), aetcd.utils.prefix_range_end(prefix.encode())
+        revision, limit = 0, max(1, page_size)
+        while True:
+            try:
+                response = await self._call(self._range_page, start, end, limit, revision)
+            except _PageTooLarge:
+                limit = max(1, limit // 2)
+                log.info("a page of %s did not fit a gRPC message; asking for %d keys a page", prefix, limit)
+                continue
+            revision = revision or response.header.revision
+            yield revision, [KeyValue(kv.key.decode(errors="replace"), kv.value, kv.mod_revision, kv.lease)
+                             for kv in response.kvs]
+            if not response.more or not response.kvs:
+                return
+            start = response.kvs[-1].key + b"\x00"
+
+    async def _range_page(self, start: bytes, end: bytes, limit: int, revision: int) -> Any:
+        await self._client.connect()
+        request = aetcd.rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision)
+        try:
+            return await self._client.kvstub.Range(request, timeout=self.timeout, metadata=self._client.metadata)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and limit > 1:
+                raise _PageTooLarge(str(exc.details())) from exc
+            raise
+
     async def get(self, key: str) -> KeyValue | None:
         result = await self._call("get", key.encode())
         if result is None:
@@ -498,6 +539,10 @@ class WatchStream:
             await asyncio.wait_for(self._watch.cancel(), 1.0)
         except BaseException:  # the stream may already be gone
             pass
+
+
+class _PageTooLarge(Exception):
+    """A Range response over the gRPC message limit (not retried as is: list_pages halves the page)."""
 
 
 def _retryable(error: BaseException) -> bool:

@@ -312,7 +312,7 @@ class EtcdClient:
         ]
 
     # Keys per Range request of a paged list (list_pages).
-    LIST_PAGE = 1000
+    LIST_PAGE = 5000
 
     async def list_pages(self, prefix: str, page_size: int = LIST_PAGE) -> AsyncIterator[tuple[int, list[KeyValue]]]:
         """Every key under ``prefix`` as of one revision, a page at a time: (that revision, the page's keys).

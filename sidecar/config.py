@@ -249,6 +249,8 @@ class DnsSettings:
     a_mode: Literal["direct", "proxy"] = "direct"
     max_udp_payload: int = _opt(4096, min=512, max=65535)
     tcp_idle_timeout: Duration = _opt(10.0, min=0.1)
+    # SO_RCVBUF asked for the UDP listener (bytes; 0: the kernel's default); Linux caps it at net.core.rmem_max.
+    udp_receive_buffer: int = _opt(4 << 20, min=0, max=1 << 30, restart=True)
     # Upstream responses kept for forwarded questions (0: none), each for at most cache_max_ttl seconds.
     cache_size: int = _opt(10000, min=0)
     cache_max_ttl: int = _opt(300, min=0, max=86400)

@@ -7,6 +7,8 @@ module globals, so two servers in one process (the tests) never collide.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -95,6 +97,9 @@ class DnsMetrics:
         self.forward_cache_misses = 0  # forwarded questions the forward cache did not have
         self.truncated = 0
         self.tcp_connections = 0
+        # The UDP listener's SO_RCVBUF as the kernel reports it, and its kernel drop count (set by the server).
+        self.udp_receive_buffer = 0
+        self.udp_receive_drops: Callable[[], int | None] = lambda: None
         self._latency_counts = [0] * (len(self.LATENCY_BUCKETS) + 1)
         self._latency_sum = 0.0
         self.forward_seconds = Histogram(
@@ -172,6 +177,12 @@ class DnsMetrics:
                                 value=self.forward_cache_misses),
             CounterMetricFamily("sidecar_dns_truncated", "Replies sent with TC set.", value=self.truncated),
             tcp,
+            GaugeMetricFamily("sidecar_dns_udp_receive_buffer_bytes",
+                              "SO_RCVBUF of the UDP listener as the kernel reports it.",
+                              value=self.udp_receive_buffer),
+            CounterMetricFamily("sidecar_dns_udp_receive_drops",
+                                "Datagrams the kernel dropped for the UDP listener (receive buffer full).",
+                                value=self.udp_receive_drops() or 0),
             HistogramMetricFamily(
                 "sidecar_dns_query_duration_seconds",
                 f"In-zone query processing time of queries whose ID is a multiple of {self.LATENCY_SAMPLE}.",
@@ -344,6 +355,17 @@ class DiscoveryMetrics:
             registry=registry)
 
 
+class RuntimeMetrics:
+    """The process itself: how late the event loop runs its callbacks."""
+
+    LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.loop_lag = Histogram(
+            "sidecar_event_loop_lag_seconds", "How late the event loop ran a periodic probe timer.",
+            buckets=self.LAG_BUCKETS, registry=registry)
+
+
 class Metrics:
     """All metric groups of one server, on one CollectorRegistry."""
 
@@ -355,6 +377,7 @@ class Metrics:
         self.health = HealthMetrics(self.collector_registry)
         self.config = ConfigMetrics(self.collector_registry)
         self.discovery = DiscoveryMetrics(self.collector_registry)
+        self.runtime = RuntimeMetrics(self.collector_registry)
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every collector."""

@@ -25,6 +25,7 @@ from .errors import RevisionCompacted
 from .grpc_api import GrpcApi
 from .health import agent as local_agent
 from .health.outliers import OutlierDetector
+from .looplag import LoopLag
 from .metrics import Metrics
 from .proxy.server import ProxyServer
 from .registry.cards import CardSync
@@ -93,6 +94,7 @@ class Server:
         self._started: list[Component] = []
         self._listening = False
         self._member_sync: asyncio.Task[None] | None = None
+        self.loop_lag = LoopLag(self.metrics.runtime.loop_lag.observe)
 
     async def _compacted(self, revision: int) -> bool:
         """Whether etcd no longer holds ``revision`` (a watch resumed from it would miss changes)."""
@@ -148,6 +150,7 @@ class Server:
         return detail
 
     async def start(self) -> None:
+        self.loop_lag.start()
         await self.sync.start()
         await self.config.start()
         await self.card_sync.start()
@@ -179,6 +182,7 @@ class Server:
         await _bounded(self.card_sync.stop(), "stopping the card watch", bound)
         await _bounded(self.sync.stop(), "stopping the etcd watch", bound)
         await _bounded(self.etcd.close(), "closing the etcd client", bound)
+        self.loop_lag.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start, serve until ``stop`` is set, then shut down gracefully."""

@@ -18,8 +18,11 @@ replies the normalised fast path gives, so they are the same bytes.
 
 A snapshot change drops both caches (every negative answer carries the
 SOA serial, which is the revision), and entries are built again on demand.
-Replies that would not fit the client's UDP size are made by the slow path:
-first without the additional section, then with TC set and no records.
+A reply that does not fit the client's size is made by the slow path once:
+first without the additional section, then with TC set and no records; both
+are kept in the entry next to the full reply, so later queries with any size
+limit are answered by the fast path from cached bytes (a TC reply is not put
+in the exact cache, whose hits would not count the truncation).
 
 Upstream responses to forwarded questions are kept in a ``ForwardCache``
 (when one is given) under the same key plus the query's RD and CD bits; both
@@ -101,12 +104,33 @@ class _Variant:
 
 
 class _Entry:
-    __slots__ = ("mask", "stat", "variants")
+    """The replies to one (name, qtype, qclass, EDNS) key: one per weighted order, and the fitted ones.
 
-    def __init__(self, count: int, stat: tuple[str, str]) -> None:
+    ``bare`` holds, per order, the reply without its additional section (made when the full one did
+    not fit a client; the full variant itself when there is no additional section), and ``truncated``
+    the TC reply with no records (the same for every order): with those, a reply for any size limit
+    is a choice among cached bytes.
+    """
+
+    __slots__ = ("bare", "mask", "rcode", "stat", "truncated", "variants")
+
+    def __init__(self, count: int, stat: tuple[str, str], rcode: int) -> None:
         self.variants: list[_Variant | None] = [None] * count
+        self.bare: list[_Variant | None] = [None] * count
+        self.truncated: _Variant | None = None
         self.mask = count - 1
         self.stat = stat
+        self.rcode = rcode
+
+    def fitted(self, index: int, limit: int) -> _Variant | None:
+        """The cached reply of order ``index`` for a client taking ``limit`` bytes (None: not made yet)."""
+        variant = self.variants[index]
+        if variant is None or variant.size <= limit:
+            return variant
+        bare = self.bare[index]
+        if bare is None or bare.size <= limit:
+            return bare
+        return self.truncated
 
 
 class _Exact:
@@ -203,14 +227,17 @@ class Answers:
                 return None
             return self._cached_forward(data, key + _FLAGS_MARK[(data[2] & 1) | (data[3] >> 3 & 2)], end, limit, tcp)
         # The ID's low byte picks one of the weighted orders: per query, and the same for the same message.
-        variant = entry.variants[data[1] & entry.mask]
-        if variant is None or (variant.size > limit and not tcp):
+        variant = entry.fitted(data[1] & entry.mask, TCP_LIMIT if tcp else limit)
+        if variant is None:
             return None
         self._queries[entry.stat] += 1
         self._metrics.cache_hits += 1
         reply = b"".join((data[:2], variant.flags[(data[2] & 1) | (data[3] >> 3 & 2)], variant.counts,
                           data[12:end], variant.tail))
-        if not tcp:
+        if variant is entry.truncated:
+            # Not kept in the exact cache, whose hits would not count the truncation.
+            self._metrics.truncated += 1
+        elif not tcp:
             self._keep_exact(data, entry, reply)
         return reply
 
@@ -296,23 +323,24 @@ class Answers:
         answer = None
         if entry is None:
             answer = self._resolve(key_labels, question.qtype, index)
-            entry = _Entry(VARIANTS if answer.shuffled else 1, _stat(question.qtype, answer.rcode))
+            entry = _Entry(VARIANTS if answer.shuffled else 1, _stat(question.qtype, answer.rcode), answer.rcode)
             if len(self._cache) >= self._cache_entries:
                 self._cache = {}
             self._cache[key] = entry
         index &= entry.mask
+        # The key is the wire name, then qtype, qclass and the EDNS mark (5 bytes).
+        name_length = len(key) - 5
         variant = entry.variants[index]
         if variant is None:
             if answer is None:
                 answer = self._resolve(key_labels, question.qtype, index)
             full = self._pack(key_labels, question, answer, with_additional=True)
-            # The key is the wire name, then qtype, qclass and the EDNS mark (5 bytes).
-            variant = entry.variants[index] = _Variant(full, len(key) - 5)
+            variant = entry.variants[index] = _Variant(full, name_length)
         self._queries[entry.stat] += 1
         self._metrics.cache_misses += 1
-        if variant.size <= question.limit:
-            return _patch(variant, question)
-        return self._fitted(question, key_labels, index)
+        if variant.size > question.limit:
+            variant = self._fitted(entry, index, question, key_labels, answer, name_length)
+        return _patch(variant, question)
 
     def _resolve(self, key_labels: tuple[bytes, ...], qtype: int, index: int) -> Answer:
         # Answers that are not shuffled do not use the rng, so any index gives them.
@@ -321,14 +349,31 @@ class Answers:
         assert answer is not None, "called for in-zone names only"
         return answer
 
-    def _fitted(self, question: Question, key_labels: tuple[bytes, ...], index: int) -> bytes:
-        """A reply too big for the client: without additional records, else truncated (TC) and empty."""
-        answer = self._resolve(key_labels, question.qtype, index)
-        reply = self._pack(key_labels, question, answer, with_additional=False)
-        if len(reply) > question.limit:
-            self._metrics.truncated += 1
-            reply = self._pack(key_labels, question, Answer(rcode=answer.rcode), with_additional=False, tc=True)
-        return _restore_case(reply, question)
+    def _fitted(self, entry: _Entry, index: int, question: Question, key_labels: tuple[bytes, ...],
+                answer: Answer | None, name_length: int) -> _Variant:
+        """A reply too big for the client: without additional records, else truncated (TC) and empty.
+
+        Both are kept in ``entry`` (see ``_Entry.fitted``), so the next client with the same or any
+        other limit gets cached bytes.
+        """
+        bare = entry.bare[index]
+        if bare is None:
+            if answer is None:
+                answer = self._resolve(key_labels, question.qtype, index)
+            if answer.additional:
+                bare = _Variant(self._pack(key_labels, question, answer, with_additional=False), name_length)
+            else:  # the same bytes as the full reply
+                bare = entry.variants[index]
+                assert bare is not None
+            entry.bare[index] = bare
+        if bare.size <= question.limit:
+            return bare
+        self._metrics.truncated += 1
+        if entry.truncated is None:
+            empty = Answer(rcode=entry.rcode)
+            entry.truncated = _Variant(self._pack(key_labels, question, empty, with_additional=False, tc=True),
+                                       name_length)
+        return entry.truncated
 
     def _pack(self, key_labels: Sequence[bytes], question: Question, answer: Answer, *, with_additional: bool,
               tc: bool = False) -> bytes:

@@ -113,8 +113,9 @@ class DnsServer:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         attempts = _PORT_ATTEMPTS if self.port == 0 else 1
         for attempt in range(attempts):
-            udp, _ = await loop.create_datagram_endpoint(
-                lambda: UdpServer(self.handler), local_addr=(self.host, self.port), family=family)
+            udp, protocol = await loop.create_datagram_endpoint(
+                lambda: UdpServer(self.handler, self.settings.udp_receive_buffer), local_addr=(self.host, self.port),
+                family=family)
             port = udp.get_extra_info("sockname")[1]
             try:
                 self._tcp = await loop.create_server(
@@ -128,8 +129,21 @@ class DnsServer:
             self._udp = udp  # type: ignore[assignment]
             self.port = port
             break
+        self._note_receive_buffer(protocol)
         log.info("DNS for %s on %s:%d (UDP+TCP), upstreams %s", self.zone.domain, self.host, self.port,
                  ", ".join(f"{h}:{p}" for h, p in self.upstreams) or "none")
+
+    def _note_receive_buffer(self, protocol: UdpServer) -> None:
+        """Expose the UDP listener's granted receive buffer and its kernel drop count; warn when capped."""
+        requested, granted = self.settings.udp_receive_buffer, protocol.granted_buffer
+        self.metrics.udp_receive_buffer = granted
+        self.metrics.udp_receive_drops = protocol.drops
+        # Linux reports twice the size it granted: below the request means net.core.rmem_max capped it.
+        if requested and granted < requested:
+            log.warning("DNS UDP receive buffer: asked for %d bytes, the kernel gave %d (raise net.core.rmem_max "
+                        "to absorb longer bursts)", requested, granted)
+        else:
+            log.info("DNS UDP receive buffer: %d bytes (asked for %d)", granted, requested)
 
     async def stop(self) -> None:
         """Close the listeners and connections and cancel forwards in flight."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -27,6 +29,11 @@ MAX_PENDING_FORWARDS = 1024
 TCP_MAX_PENDING = 64
 
 _SAMPLE_MASK = DnsMetrics.LATENCY_SAMPLE - 1
+
+# Linux (4.6+) getsockopt giving the socket's memory counters; the ninth is sk_drops, the datagrams the
+# kernel dropped for it (its receive buffer full, mostly) and what /proc/net/udp shows as "drops".
+_SO_MEMINFO = 55
+_MEMINFO_DROPS = 8
 
 
 def _timed(data: bytes) -> bool:
@@ -76,14 +83,49 @@ class Handler:
         send(self.answers.forwarded(forward, response))
 
 
+def set_receive_buffer(sock: Any, requested: int) -> int:
+    """Ask for a ``requested``-byte SO_RCVBUF (0: leave the default) and return the size the kernel reports.
+
+    Linux caps the request at net.core.rmem_max and reports twice what it granted (its bookkeeping
+    overhead included), so a 4 MiB request under a 4 MiB cap reads back 8 MiB.
+    """
+    if requested:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, requested)
+        except OSError as exc:
+            log.warning("could not set SO_RCVBUF to %d on the DNS UDP socket: %s", requested, exc)
+    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+
+def receive_drops(sock: Any) -> int | None:
+    """Datagrams the kernel dropped for ``sock`` since it was made; None where it does not say (not Linux)."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, 4 * (_MEMINFO_DROPS + 1))
+    except (OSError, ValueError):  # no SO_MEMINFO here, or the socket is closed
+        return None
+    if len(raw) < 4 * (_MEMINFO_DROPS + 1):
+        return None
+    return int(struct.unpack_from("I", raw, 4 * _MEMINFO_DROPS)[0])
+
+
 class UdpServer(asyncio.DatagramProtocol):
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, receive_buffer: int = 0) -> None:
         self.handler = handler
+        self.receive_buffer = receive_buffer
         self.transport: asyncio.DatagramTransport | None = None
+        self.socket: Any = None
+        self.granted_buffer = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
         self._sendto = self.transport.sendto
+        self.socket = self.transport.get_extra_info("socket")
+        if self.socket is not None:
+            self.granted_buffer = set_receive_buffer(self.socket, self.receive_buffer)
+
+    def drops(self) -> int | None:
+        """The kernel's count of datagrams dropped for this listener (None: not known)."""
+        return None if self.socket is None else receive_drops(self.socket)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         handler = self.handler

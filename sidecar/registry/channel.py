@@ -154,3 +154,20 @@ def translate(exc: BaseException) -> BaseException:
                         ConnectionError, OSError)):
         return RegistryUnavailable(f"etcd: {type(exc).__name__}: {exc}")
     return exc
+
+
+class PageTooLarge(Exception):
+    """A Range response over the gRPC message limit (not retried as is: ``list_pages`` halves the page)."""
+
+
+async def range_page(client: MemberClient, start: bytes, end: bytes, limit: int, revision: int,
+                     timeout: float) -> Any:
+    """One page of a paged list: at most ``limit`` keys from ``start`` (before ``end``) at ``revision``."""
+    await client.connect()
+    request = aetcd.rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision)
+    try:
+        return await client.kvstub.Range(request, timeout=timeout, metadata=client.metadata)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and limit > 1:
+            raise PageTooLarge(str(exc.details())) from exc
+        raise

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -27,7 +27,18 @@ import aetcd.utils
 
 from ..config import EtcdSettings, parse_endpoints
 from ..errors import AgentExists, LeaseNotFound, RegistryUnavailable, RevisionCompacted
-from .channel import CHANNEL_OPTIONS, Member, MemberClient, TlsFiles, grpc_target, is_ip, retryable, translate
+from .channel import (
+    CHANNEL_OPTIONS,
+    Member,
+    MemberClient,
+    PageTooLarge,
+    TlsFiles,
+    grpc_target,
+    is_ip,
+    range_page,
+    retryable,
+    translate,
+)
 from .streams import KeepAliveStream, WatchEvent, WatchStream, reset_watcher
 
 __all__ = ["EtcdClient", "KeyValue", "TlsFiles", "WatchEvent", "WatchStream", "grpc_target"]
@@ -292,6 +303,36 @@ class EtcdClient:
         return result.header.revision, [
             KeyValue(kv.key.decode(errors="replace"), kv.value, kv.mod_revision, kv.lease) for kv in result.kvs
         ]
+
+    # Keys per Range request of a paged list (list_pages).
+    LIST_PAGE = 5000
+
+    async def list_pages(self, prefix: str, page_size: int = LIST_PAGE) -> AsyncIterator[tuple[int, list[KeyValue]]]:
+        """Every key under ``prefix`` as of one revision, a page at a time: (that revision, the page's keys).
+
+        The first Range reads the newest revision; each later one reads at that same revision, from
+        just after the last key seen (clientv3's WithLimit + WithRev, as Kubernetes' reflector lists),
+        so the pages make one consistent list however long they take: keys written meanwhile are the
+        watch's, from revision + 1. No single response has to fit the gRPC message limit; a page that
+        still does not (large values) is asked again with half as many keys. A compaction past that
+        revision between two pages raises RevisionCompacted: the caller lists again. Each page is one
+        call with its own deadline and retries.
+        """
+        start, end = prefix.encode(), aetcd.utils.prefix_range_end(prefix.encode())
+        revision, limit = 0, max(1, page_size)
+        while True:
+            try:
+                response = await self._call(range_page, start, end, limit, revision, self.timeout)
+            except PageTooLarge:
+                limit = max(1, limit // 2)
+                log.info("a page of %s did not fit a gRPC message; asking for %d keys a page", prefix, limit)
+                continue
+            revision = revision or response.header.revision
+            yield revision, [KeyValue(kv.key.decode(errors="replace"), kv.value, kv.mod_revision, kv.lease)
+                             for kv in response.kvs]
+            if not response.more or not response.kvs:
+                return
+            start = response.kvs[-1].key + b"\x00"
 
     async def get(self, key: str) -> KeyValue | None:
         result = await self._call("get", key.encode())

@@ -72,8 +72,10 @@ class PrefixWatch(Generic[T]):
     """Keeps a sink in step with one etcd prefix."""
 
     def __init__(self, etcd: EtcdClient, prefix: str, decode: Decode[T], sink: Sink[T], *, name: str,
-                 counters: WatchCounters | None = None, max_backoff: float = 2.0) -> None:
+                 counters: WatchCounters | None = None, max_backoff: float = 2.0,
+                 page_size: int = EtcdClient.LIST_PAGE) -> None:
         self._etcd = etcd
+        self.page_size = page_size
         self.prefix = prefix
         self._decode = decode
         self._sink = sink
@@ -154,14 +156,18 @@ class PrefixWatch(Generic[T]):
             self._counters.up.set(1)
 
     async def _relist(self) -> None:
-        revision, kvs = await self._etcd.get_prefix(self.prefix)
+        # Paged, all pages at the first one's revision (one consistent list); each page is decoded
+        # as it comes, so only one page of raw values is held at a time.
+        revision = 0
         items: dict[str, T] = {}
         mod_revisions: dict[str, int] = {}
-        for kv in kvs:
-            value = self._decode(kv.key, kv.value)
-            if value is not None:
-                items[kv.key] = value
-                mod_revisions[kv.key] = kv.mod_revision
+        async for page_revision, kvs in self._etcd.list_pages(self.prefix, self.page_size):
+            revision = page_revision  # the same for every page (list_pages yields at least one)
+            for kv in kvs:
+                value = self._decode(kv.key, kv.value)
+                if value is not None:
+                    items[kv.key] = value
+                    mod_revisions[kv.key] = kv.mod_revision
         self._count(self._counters.relists)
         self.revision = revision
         self._sink([Listed(revision, items, mod_revisions)])

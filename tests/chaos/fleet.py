@@ -90,6 +90,24 @@ class SidecarProcess:
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith(name) and not line.startswith("#"))
 
+    def loop_lags(self, over: float = 0.1) -> tuple[int, str]:
+        """From sidecar_event_loop_lag_seconds: probes later than ``over`` s, and the bucket of the worst."""
+        with urllib.request.urlopen(self.admin + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+        buckets = {}
+        for line in text.splitlines():
+            if line.startswith("sidecar_event_loop_lag_seconds_bucket{"):
+                bound = line.split('le="', 1)[1].split('"', 1)[0]
+                buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
+        if not buckets:
+            return 0, "none"
+        total = buckets[float("inf")]
+        late = int(total - max((c for b, c in buckets.items() if b <= over), default=0))
+        bounds = sorted(buckets)
+        worst = next(b for b in bounds if buckets[b] == total)
+        below = max((b for b in bounds if b < worst), default=0.0)
+        return late, f"{below:g}-{worst:g} s"
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from .fleet import Backend, SidecarProcess, agent_body, agent_ids, register
-from .load import Churn, DnsLoad, DnsperfLoad, ProxyLoad, Tally
+from .load import Churn, DnsLoad, DnsperfLoad, ProxyLoad, Tally, process_udp_drops
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,8 @@ class Rig:
         self.http: aiohttp.ClientSession | None = None
         self._stop = asyncio.Event()
         self._loads: list[tuple[str, asyncio.Task[Tally]]] = []
+        self._perfs: list[DnsperfLoad] = []
+        self._clients: list[DnsLoad] = []
         self.churn: Churn | None = None
 
     async def __aenter__(self) -> Rig:
@@ -131,10 +133,12 @@ class Rig:
         for sidecar in self.sidecars:
             dns = DnsLoad(sidecar.host, sidecar.dns_port, "stable.agents.local", len(self.stable), share)
             self._loads.append(("dns", loop.create_task(dns.run(self._stop))))
+            self._clients.append(dns)
             if perf_qps:
                 perf = DnsperfLoad(sidecar.host, sidecar.dns_port, "stable.agents.local",
                                    max(1, perf_qps // len(self.sidecars)), tempfile.gettempdir())
                 self._loads.append(("dns", loop.create_task(perf.run(self._stop))))
+                self._perfs.append(perf)
         last = self.sidecars[-1]
         proxy = ProxyLoad(last.host, last.proxy_port, proxy_capability,
                           self.scale.full_proxy_rps if full else self.scale.proxy_rps)
@@ -150,8 +154,22 @@ class Rig:
             tally = await task
             setattr(outcome, kind, getattr(outcome, kind).merge(tally))
         self._loads.clear()
-        counted = sum(s.metric("sidecar_dns_queries_total") for s in self.sidecars if s.alive())
+        alive = [s for s in self.sidecars if s.alive()]
+        counted = sum(s.metric("sidecar_dns_queries_total") for s in alive)
         outcome.figures["DNS queries the sidecars counted (cumulative)"] = int(counted)
+        # The sidecars' own count, and the kernel's per-socket counters of their UDP sockets, read from outside.
+        outcome.figures["UDP receive drops by the kernel (cumulative)"] = \
+            int(sum(s.metric("sidecar_dns_udp_receive_drops_total") for s in alive))
+        outcome.figures["drops at the sidecars' UDP sockets, /proc (cumulative)"] = \
+            sum(process_udp_drops(s.process.pid) for s in alive if s.process is not None)
+        # Replies lost at the client: dropped by the kernel at dnsperf's sockets (not the sidecar's).
+        for key, drops in (("replies dropped at dnsperf's sockets", sum(p.socket_drops for p in self._perfs)),
+                           ("replies dropped at the checker's sockets", sum(c.socket_drops for c in self._clients))):
+            outcome.figures[key] = outcome.figures.get(key, 0) + drops
+        self._perfs.clear()
+        self._clients.clear()
+        # Per sidecar: event-loop probes more than 0.1 s late, and the range of the worst one.
+        outcome.figures["event loop lags > 0.1 s, worst (cumulative)"] = [s.loop_lags() for s in alive]
         return outcome
 
     async def check_churn(self, outcome: Outcome, timeout: float = 5.0) -> None:

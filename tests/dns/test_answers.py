@@ -253,16 +253,61 @@ def test_fast_path_is_byte_identical_to_the_slow_path(pair: tuple[bytes, bytes])
     fast = cached.fast(asked)
     slow = answers_for(SHUFFLING).answer(asked)
     assert isinstance(slow, bytes)
-    if fast is None:
-        # Only replies that must be cut down for a small UDP size skip the cache.
-        assert DNSRecord.parse(slow).header.tc or len(slow) < len(cached.answer(warm, tcp=True))  # type: ignore
-    else:
-        assert fast == slow
-        # Asked again, with another ID high byte (the same weighted order): the exact-message cache.
-        again = bytes((asked[0] ^ 0xFF,)) + asked[1:]
-        assert cached.fast(asked) == slow
-        assert cached.fast(again) == again[:2] + slow[2:]
-        assert cached.fast(asked, tcp=True) == slow
+    # Every in-zone reply is cached after the warm-up, the ones cut down for a small UDP size too.
+    assert fast == slow
+    # Asked again, with another ID high byte (the same weighted order): the exact-message cache.
+    again = bytes((asked[0] ^ 0xFF,)) + asked[1:]
+    assert cached.fast(asked) == slow
+    assert cached.fast(again) == again[:2] + slow[2:]
+    assert cached.fast(asked, tcp=True) == answers_for(SHUFFLING).answer(asked, tcp=True)
+
+
+# Weighted (so several orders) and too many for 512 bytes: A fits 1232, SRV with its glue fits only 4096.
+BIG = catalog_of([make_agent(f"w{i}", "many", f"10.8.0.{i + 1}", 7000 + i, ["many"], weight=(i % 5 + 1) * 10)
+                  for i in range(40)]).snapshot
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(qtype=st.sampled_from(["A", "SRV", "ANY", "AAAA", "TXT"]), edns=st.sampled_from([None, 512, 1232, 1500, 4096]),
+       qid=st.integers(0, 0xFFFF), warm_id=st.integers(0, 0xFF), rd=st.integers(0, 1), cd=st.integers(0, 1),
+       tcp=st.booleans(), upper=st.booleans())
+def test_cut_down_replies_are_cached_byte_identical_for_any_limit(qtype: str, edns: int | None, qid: int,
+                                                                  warm_id: int, rd: int, cd: int, tcp: bool,
+                                                                  upper: bool) -> None:
+    name = "MANY.agents.LOCAL" if upper else "many.agents.local"
+    asked = query(name, qtype, qid=qid, rd=rd, cd=cd, edns=edns)
+    cached = answers_for(BIG)
+    # Warm the same weighted order with another limit first, then this one: both come from one entry.
+    cached.answer(query("many.agents.local", qtype, qid=warm_id << 8 | qid & 0xFF, edns=4096), tcp=False)
+    cached.answer(query("many.agents.local", qtype, qid=warm_id << 8 | qid & 0xFF, edns=edns), tcp=tcp)
+    slow = answers_for(BIG).answer(asked, tcp)
+    assert isinstance(slow, bytes)
+    assert cached.fast(asked, tcp) == slow
+    if not tcp:
+        assert cached.fast(asked) == slow  # the exact-message cache for what is not truncated
+
+
+def test_cut_down_replies_come_from_the_cache_and_truncation_is_counted() -> None:
+    metrics = Metrics().dns
+    answers = Answers(ZONE, BIG, metrics)
+    srv512, srv1232, srv4096 = (query("many.agents.local", "SRV", edns=size) for size in (512, 1232, 4096))
+    first = answers.answer(srv512)
+    assert isinstance(first, bytes) and DNSRecord.parse(first).header.tc == 1
+    assert (metrics.truncated, metrics.cache_misses, metrics.cache_hit_total()) == (1, 1, 0)
+    for n in range(1, 4):  # TC replies: from the entry (never the exact cache, which would not count them)
+        assert answers.fast(srv512) == first
+        assert (metrics.truncated, metrics.cache_hit_total()) == (1 + n, n)
+    # Another limit, the same entry (EDNS on in both): 40 SRV records do not fit 1232 bytes either.
+    assert answers.fast(srv1232) == first and metrics.truncated == 5
+    full = answers.answer(srv4096)
+    assert isinstance(full, bytes) and DNSRecord.parse(full).header.tc == 0 and len(DNSRecord.parse(full).rr) == 40
+    # Over 512 bytes without EDNS the A records do not fit: the bare reply has no additional section to
+    # drop, so it is the TC reply; over TCP the full answer.
+    a = query("many.agents.local", "A")
+    assert DNSRecord.parse(answers.fast(a) or answers.answer(a)).header.tc == 1  # type: ignore[arg-type]
+    assert answers.fast(a) is not None
+    over_tcp = answers.fast(a, tcp=True) or answers.answer(a, tcp=True)
+    assert isinstance(over_tcp, bytes) and len(DNSRecord.parse(over_tcp).rr) == 40
 
 
 def check_reply(data: bytes, raw: bytes | Forward | None) -> None:
@@ -319,3 +364,16 @@ def test_mutated_queries_never_break_the_parser(data: bytes) -> None:
     check_reply(data, answers.fast(data))
     if isinstance(first, bytes) and answers.fast(data) is not None:
         assert answers.fast(data) == first
+
+
+def test_a_tcp_reply_never_exceeds_what_tcp_can_frame() -> None:
+    """1,500 SRV records with their glue exceed 65,535 bytes; over TCP the reply drops the glue, from
+    the general path and the cache alike (the cache once served the full reply, which TCP's 2-byte
+    length prefix cannot carry)."""
+    answers = answers_for(big_snapshot(1500))
+    data = query("many.agents.local", "SRV")
+    slow = answers.answer(data, tcp=True)
+    assert isinstance(slow, bytes) and len(slow) <= 65535
+    record = DNSRecord.parse(slow)
+    assert record.header.tc == 0 and len(record.rr) == 1500 and record.ar == []
+    assert answers.fast(data, tcp=True) == slow

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import pytest
 
 from sidecar.errors import RevisionCompacted
-from sidecar.registry import etcd as etcd_module
+from sidecar.registry import channel
 from sidecar.registry.etcd import EtcdClient, KeyValue
 from sidecar.registry.watch import Change, Listed, PrefixWatch, Put
 
@@ -99,7 +99,7 @@ async def test_a_compaction_between_pages_fails_the_list(private_etcd: EtcdProce
 async def test_a_page_too_big_for_a_grpc_message_is_asked_again_smaller(
         etcd: EtcdProcess, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # A client that takes messages of 64 KiB at most; 12 values of 16 KiB; pages of 10 asked.
-    monkeypatch.setitem(etcd_module._CHANNEL_OPTIONS, "grpc.max_receive_message_length", 64 * 1024)
+    monkeypatch.setitem(channel.CHANNEL_OPTIONS, "grpc.max_receive_message_length", 64 * 1024)
     client = EtcdClient([etcd.endpoint], timeout=5)
     try:
         await put_all(client, prefix, 12, value=b"x" * 16 * 1024)

@@ -23,6 +23,7 @@ from ..errors import AgentExists, CardError, RegistryUnavailable, ValidationErro
 from ..metrics import HealthMetrics
 from ..model import HEALTHY, LOAD_KEY, UNHEALTHY, Agent, new_agent_id, parse_agent
 from ..registry.lease import LeaseKeeper, Registration
+from ..tasks import cancel_and_wait
 from . import a2a
 from .active import ActiveChecker, Verdict
 from .checks import HealthCheck, make, target
@@ -103,12 +104,9 @@ class LocalAgent:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                log.exception("local agent task failed")
+            failure = await cancel_and_wait(task)
+            if failure is not None:
+                log.error("local agent task failed", exc_info=failure)
         self._tasks.clear()
         registration, self.registration = self.registration, None
         if registration is not None:

@@ -30,6 +30,7 @@ from typing import Any
 from ..errors import AgentExists, LeaseNotFound, RegistryUnavailable
 from ..metrics import RegistryMetrics
 from ..model import Agent, now_rfc3339
+from ..tasks import cancel_and_wait
 from .etcd import EtcdClient
 
 log = logging.getLogger(__name__)
@@ -100,13 +101,9 @@ class Registration:
         self._closed = True
         self._keeper._forget(self)
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            except Exception as exc:  # a pending write that had failed already (etcd unreachable)
-                log.debug("last write of %s before close: %s", self.key, exc)
+            failure = await cancel_and_wait(self._task)
+            if failure is not None:  # a pending write that had failed already (etcd unreachable)
+                log.debug("last write of %s before close: %s", self.key, failure)
         if self.pending:
             # A write in flight may have landed unseen: its lease goes too (or expires within the TTL).
             self._keeper._in_background(self._keeper._revoke_quietly(self.lease_id))

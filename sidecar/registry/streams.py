@@ -12,6 +12,7 @@ import aetcd
 import aetcd.rpc
 
 from ..errors import LeaseNotFound, RegistryUnavailable
+from ..tasks import cancel_and_wait, cancelling
 from .channel import MemberClient, translate
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ class WatchStream:
         try:
             await asyncio.wait_for(self._watch.cancel(), 1.0)
         except BaseException:  # the stream may already be gone
-            pass
+            if cancelling():
+                raise  # our caller is being stopped: not the stream's failure to swallow
 
 
 async def reset_watcher(client: MemberClient) -> None:
@@ -82,6 +84,8 @@ async def reset_watcher(client: MemberClient) -> None:
     try:
         await asyncio.wait_for(asyncio.shield(watcher.shutdown()), 2.0)
     except BaseException:  # best effort: the stream may be broken already
+        if cancelling():
+            raise
         log.debug("ending the etcd watch stream failed", exc_info=True)
 
 
@@ -150,8 +154,7 @@ class KeepAliveStream:
     async def close(self) -> None:
         self.closed = True
         if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
+            # Not ``await self._reader`` under ``except CancelledError``: a lease's keepalive task
+            # cancelled while it closes a stuck stream here lost its cancellation and went on
+            # refreshing forever (its DELETE never answered, its agent kept alive).
+            await cancel_and_wait(self._reader)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from ..errors import RegistryUnavailable, RevisionCompacted
+from ..tasks import cancel_and_wait
 from .etcd import EtcdClient, WatchEvent
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,7 @@ class PrefixWatch(Generic[T]):
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(self._task)
             self._task = None
 
     def stale_seconds(self) -> float:

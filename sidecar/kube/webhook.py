@@ -8,7 +8,6 @@ serve the Deployment's probes. The certificate and key files are re-read when th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ import ssl
 from aiohttp import web
 
 from ..errors import ConfigError
+from ..tasks import cancel_and_wait
 from .admission import BadReview, review
 from .inject import InjectOptions
 
@@ -68,9 +68,7 @@ class Webhook:
 
     async def stop(self) -> None:
         if self._reloader is not None:
-            self._reloader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reloader
+            await cancel_and_wait(self._reloader)
         if self._runner is not None:
             await self._runner.cleanup()
 

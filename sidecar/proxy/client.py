@@ -139,6 +139,9 @@ class ClientConnection:
         self.paused: set[str] = set()
         self.closed = False
         self.busy = False
+        # The last request this connection serves has been read (it was not keep-alive): what the
+        # client sends after it is ignored, never answered (a 400 after `connection: close` is not HTTP).
+        self.final = False
         self.last_active = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
 
@@ -180,6 +183,8 @@ class ClientConnection:
                 upstream.write_raw(data)
             else:
                 self.raw_buffer.append(data)
+            return
+        if self.final:
             return
         try:
             self.parser.feed_data(data)
@@ -245,9 +250,12 @@ class ClientConnection:
         self.current.feed(body)
 
     def on_message_complete(self) -> None:
-        if self.current is not None:
-            self.current.finish()
+        request = self.current
+        if request is not None:
+            request.finish()
             self.current = None
+            if not request.keep_alive and not request.upgrade:
+                self.final = True
 
     # -- flow control
 
@@ -284,6 +292,8 @@ class ClientConnection:
 
     def _protocol_error(self, err: ProxyError) -> None:
         self.relay.metrics.client_errors.labels(type(err).__name__).inc()
+        if self.final:
+            return  # bytes after the connection's last request: the connection closes after its answer
         request = self.current
         self.current = None
         self.pause_reading("error")

@@ -165,7 +165,8 @@ SEEDS = [
         b"POST / HTTP/1.1\r\nHost: chat.agents.local\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"0\r\n\r\n",
 ]
-MUTATE = bool(os.environ.get("FUZZ_SMOKE"))
+# FUZZ_RAW: the inputs are requests as they are (the regression inputs in regressions/http/).
+MUTATE = bool(os.environ.get("FUZZ_SMOKE")) and not os.environ.get("FUZZ_RAW")
 
 
 def seed(directory: str) -> None:

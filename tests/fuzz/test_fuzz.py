@@ -23,3 +23,12 @@ def test_the_harness_runs_clean(harness: str, tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=300, env=smoke)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Done 2000 runs" in result.stderr
+
+
+def test_the_http_regressions_stay_fixed() -> None:
+    # Inputs that once failed, as the requests the harness fed (FUZZ_RAW: not mutated again).
+    inputs = sorted(str(p) for p in (HERE / "regressions" / "http").iterdir())
+    assert inputs
+    result = subprocess.run([sys.executable, str(HERE / "fuzz_http.py"), *inputs], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "FUZZ_SMOKE": "1", "FUZZ_RAW": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]

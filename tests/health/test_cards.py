@@ -35,6 +35,9 @@ async def test_the_card_is_stored_on_the_agents_lease_and_every_sidecar_holds_it
                               a2a={"card_refresh": 1})
     observer = await make_server()
     await eventually(lambda: observer.cards.of("trip", "card-1") is not None, 15, "the card in another sidecar")
+    # The card and the agent's record (its capabilities from the card's skills) come by two watches.
+    await eventually(lambda: [a.id for a in observer.catalog.snapshot.select(capability="plan-trip")] == ["card-1"],
+                     15, "the agent with the card's capabilities in another sidecar")
     listed = await cards(observer, "?capability=plan_trip")
     assert [(c["id"], c["health"], c["card"]["name"]) for c in listed] == [("card-1", HEALTHY, "Travel Planner")]
     assert listed[0]["key"] == f"{prefix}/cards/trip/card-1"

@@ -24,6 +24,7 @@ class Relay:
         self._writers: list[asyncio.StreamWriter] = []
         self._thawed = asyncio.Event()
         self._thawed.set()
+        self._closed = False
 
     @property
     def endpoint(self) -> str:
@@ -44,8 +45,17 @@ class Relay:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
-        self._writers += [writer, up_writer]
+        self._writers.append(writer)  # before any await: close() aborts it whatever happens next
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.append(up_writer)
+        if self._closed:  # closed while this connection was being set up: nothing may be left open
+            writer.transport.abort()
+            up_writer.transport.abort()
+            return
         for task in (self._pipe(reader, up_writer, 0.0), self._pipe(up_reader, writer, None)):
             running = asyncio.get_running_loop().create_task(task)
             self._tasks.add(running)
@@ -76,6 +86,7 @@ class Relay:
             writer.close()
 
     async def close(self) -> None:
+        self._closed = True
         if self._server is not None:
             self._server.close()
         for writer in self._writers:

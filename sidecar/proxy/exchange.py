@@ -243,10 +243,7 @@ class Machine:
 
     def ended(self, failed: bool, upstream_keep_alive: bool, no_body: bool, body_done: bool) -> int:
         """The response ended, complete or cut short (``failed``): POOL, CLOSE or ABORT (then DONE)."""
-        choice = self.choice
-        if choice is not None:
-            self.policy.finish(choice)
-        self.release()
+        self.tunnel_over()  # the same accounting: the attempt is over, the slot given back
         if failed:
             self.keep = False
             return ABORT
@@ -255,7 +252,7 @@ class Machine:
         return CLOSE
 
     def tunnel_over(self) -> None:
-        """An upgraded exchange's tunnel ended."""
+        """An upgraded exchange's tunnel ended (and the last step of ``ended``): finish the attempt, release."""
         choice = self.choice
         if choice is not None:
             self.policy.finish(choice)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -33,6 +34,14 @@ AGENT_PORT_NAME = "agent"
 UNPRIVILEGED_PORT_SYSCTL = "net.ipv4.ip_unprivileged_port_start"
 ADMIN_PORT, PROXY_PORT, GRPC_PORT, DNS_PORT = 15000, 15001, 15010, 53
 CONFIG_DIR = "/etc/sidecar"
+
+# What a controller writes on the pods it makes, read back to name the workload (Istio's heuristic, extended).
+POD_TEMPLATE_HASH = "pod-template-hash"
+JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
+STATEFULSET_POD_NAME = "statefulset.kubernetes.io/pod-name"
+# A CronJob names each run "<cronjob>-<scheduled time in minutes since the epoch>" (8 digits until 2160).
+CRONJOB_RUN = re.compile(r"(.+)-[0-9]{8,10}")
+STATEFULSET_ORDINAL = re.compile(r"(.+)-[0-9]+")
 
 # Pod-template annotations (after the prefix) that become ``sidecar run`` flags of the sidecar when the pod
 # has a local agent (``agent-port``, or a container port named ``agent``); ``agent-name`` defaults to the app label.
@@ -114,11 +123,13 @@ class Outcome:
             (f" ({self.reason})" if self.reason else "")
 
 
-def inject_pod(original: Mapping[str, Any], options: InjectOptions,
-               namespace: str | None = None) -> tuple[dict[str, Any], Outcome]:
+def inject_pod(original: Mapping[str, Any], options: InjectOptions, namespace: str | None = None,
+               workload: tuple[str, str] | None = None) -> tuple[dict[str, Any], Outcome]:
     """A copy of ``original`` (``metadata`` + ``spec``: a Pod or a pod template) with the sidecar, and what was done.
 
     Never changes its argument. ``namespace`` overrides the pod's own (the webhook knows it from the request).
+    ``workload`` is the (kind, name) whose template ``original`` is; for a Pod it is read from the pod
+    (:func:`pod_workload`), so the webhook names a controller's pod's agent as ``inject`` names its template's.
     Raises InjectError, saying what is wrong but not naming the pod (the caller knows which it is).
     """
     pod: dict[str, Any] = copy.deepcopy(dict(original))
@@ -145,7 +156,7 @@ def inject_pod(original: Mapping[str, Any], options: InjectOptions,
     namespace = namespace or meta.get("namespace") or options.namespace
 
     upstreams = _dns(spec, namespace, options)
-    sidecar = _container(meta, annotations, containers, upstreams, options)
+    sidecar = _container(meta, annotations, containers, upstreams, options, workload or pod_workload(meta))
     if not options.native:
         spec["containers"] = [sidecar, *containers]
         annotations.setdefault(DEFAULT_CONTAINER, containers[0].get("name", ""))
@@ -197,7 +208,8 @@ def inject_object(obj: Any, options: InjectOptions) -> tuple[Any, list[Outcome]]
         raise InjectError(f"{kind.lower()}/{name}: no pod template at .{'.'.join(path)}")
     try:
         # A pod template has no namespace of its own: its pods get the workload's.
-        new_template, outcome = inject_pod(template, options, namespace=meta.get("namespace") if path else None)
+        new_template, outcome = inject_pod(template, options, namespace=meta.get("namespace") if path else None,
+                                           workload=(kind, str(meta.get("name") or "")) if path else None)
     except InjectError as exc:
         raise InjectError(f"{kind.lower()}/{name}: {exc}") from None
     outcome = Outcome(kind, name, outcome.action, outcome.reason)
@@ -257,7 +269,7 @@ def _dns(spec: dict, namespace: str, options: InjectOptions) -> list[str]:
 
 
 def _container(meta: dict, annotations: Mapping[str, Any], containers: Sequence[dict], upstreams: Sequence[str],
-               options: InjectOptions) -> dict:
+               options: InjectOptions, workload: tuple[str, str]) -> dict:
     args = ["run"]
     if options.config_map:
         args += ["--config", f"{CONFIG_DIR}/sidecar.yaml"]
@@ -271,7 +283,7 @@ def _container(meta: dict, annotations: Mapping[str, Any], containers: Sequence[
         raise InjectError("no upstream DNS: pass --upstream-dns (the cluster DNS service IP)")
     port = _agent_port(annotations, containers)
     if port:
-        agent = annotations.get(ANNOTATION_PREFIX + "agent-name") or _agent_name(meta)
+        agent = annotations.get(ANNOTATION_PREFIX + "agent-name") or _agent_name(meta, workload)
         args += ["--agent-name", str(agent), "--agent-id", "$(POD_NAME)", "--agent-port", str(port)]
         for suffix, flag in ANNOTATION_FLAGS:
             value = annotations.get(ANNOTATION_PREFIX + suffix)
@@ -333,12 +345,44 @@ def _agent_port(annotations: Mapping[str, Any], containers: Sequence[dict]) -> i
     return ports.get(AGENT_PORT_NAME)
 
 
-def _agent_name(meta: Mapping[str, Any]) -> str:
+def _agent_name(meta: Mapping[str, Any], workload: tuple[str, str]) -> str:
     labels = meta.get("labels") or {}
     for key in ("app.kubernetes.io/name", "app"):
         if labels.get(key):
             return str(labels[key])
-    return str(meta.get("name") or str(meta.get("generateName") or "").rstrip("-") or "agent")
+    return workload_name(*workload, labels) or "agent"
+
+
+def pod_workload(meta: Mapping[str, Any]) -> tuple[str, str]:
+    """(kind, name) of what made the pod, from its metadata as its controller wrote it; ("Pod", name) if none did.
+
+    The controller's ownerReference, else the Job or StatefulSet pod labels, else ``generateName``
+    without its trailing ``-``, else the pod's own name. :func:`workload_name` then maps a
+    Deployment's ReplicaSet and a CronJob's Job to the object a user wrote.
+    """
+    labels = meta.get("labels") or {}
+    for owner in meta.get("ownerReferences") or []:
+        if isinstance(owner, Mapping) and owner.get("controller") is True and owner.get("name"):
+            return str(owner.get("kind") or ""), str(owner["name"])
+    for key in JOB_NAME_LABELS:
+        if labels.get(key):
+            return "Job", str(labels[key])
+    ordinal = STATEFULSET_ORDINAL.fullmatch(str(labels.get(STATEFULSET_POD_NAME) or ""))
+    if ordinal:
+        return "StatefulSet", ordinal.group(1)
+    if meta.get("generateName"):
+        return "Pod", str(meta["generateName"]).rstrip("-")
+    return "Pod", str(meta.get("name") or "")
+
+
+def workload_name(kind: str, name: str, labels: Mapping[str, Any]) -> str:
+    """The name of the object a user wrote behind ``kind``/``name``: a Deployment's for its ReplicaSet (the
+    name less ``-<pod-template-hash>``), a CronJob's for its Job (less ``-<8 to 10 digits>``), else ``name``."""
+    template_hash = str(labels.get(POD_TEMPLATE_HASH) or "")
+    if template_hash and name.endswith("-" + template_hash):
+        return name[:-len(template_hash) - 1]
+    run = CRONJOB_RUN.fullmatch(name) if kind == "Job" else None
+    return run.group(1) if run else name
 
 
 def _proxy_env(container: dict) -> None:

@@ -12,7 +12,16 @@ import yaml
 from sidecar.cli import parser
 from sidecar.errors import ConfigError
 from sidecar.kube.command import options_from
-from sidecar.kube.inject import STATUS, InjectError, InjectOptions, inject_object, inject_pod, upstream
+from sidecar.kube.inject import (
+    STATUS,
+    InjectError,
+    InjectOptions,
+    inject_object,
+    inject_pod,
+    pod_workload,
+    upstream,
+    workload_name,
+)
 
 from .golden import CASES, DATA, case_args, check_golden, run_inject
 
@@ -65,6 +74,62 @@ def test_user_nameservers_become_the_sidecar_upstreams() -> None:
     args = injected["spec"]["initContainers"][0]["args"]
     assert args[args.index("--upstream-dns") + 1] == "10.0.0.53:53,[fd00::53]:53"
     assert injected["spec"]["dnsConfig"]["nameservers"] == ["127.0.0.1"]
+
+
+def _owner(kind: str, name: str, controller: bool = True) -> dict:
+    return {"apiVersion": "apps/v1", "kind": kind, "name": name, "uid": "u", "controller": controller}
+
+
+@pytest.mark.parametrize(("metadata", "expected"), [
+    # What the API server sends the webhook: no name yet, generateName, the controller's labels and reference.
+    ({"generateName": "chat-7d9c4b9f6-", "labels": {"pod-template-hash": "7d9c4b9f6"},
+      "ownerReferences": [_owner("ReplicaSet", "chat-7d9c4b9f6")]}, ("ReplicaSet", "chat-7d9c4b9f6", "chat")),
+    ({"generateName": "chat-7d9c4b9f6-", "labels": {"pod-template-hash": "7d9c4b9f6"}},
+     ("Pod", "chat-7d9c4b9f6", "chat")),
+    ({"name": "chat-7d9c4b9f6-x2x9z", "generateName": "chat-7d9c4b9f6-", "labels": {"pod-template-hash": "7d9c4b9f6"},
+      "ownerReferences": [_owner("ReplicaSet", "chat-7d9c4b9f6")]}, ("ReplicaSet", "chat-7d9c4b9f6", "chat")),
+    ({"generateName": "planner-", "ownerReferences": [_owner("ReplicaSet", "planner")]},
+     ("ReplicaSet", "planner", "planner")),
+    ({"name": "memory-2", "generateName": "memory-", "ownerReferences": [_owner("StatefulSet", "memory")],
+      "labels": {"statefulset.kubernetes.io/pod-name": "memory-2", "controller-revision-hash": "memory-5c8d7f9b4d"}},
+     ("StatefulSet", "memory", "memory")),
+    ({"name": "memory-12", "labels": {"statefulset.kubernetes.io/pod-name": "memory-12"}},
+     ("StatefulSet", "memory", "memory")),
+    ({"generateName": "node-agent-", "labels": {"controller-revision-hash": "5c8d7f9b4d"},
+      "ownerReferences": [_owner("DaemonSet", "node-agent")]}, ("DaemonSet", "node-agent", "node-agent")),
+    ({"generateName": "node-agent-", "labels": {"controller-revision-hash": "5c8d7f9b4d"}},
+     ("Pod", "node-agent", "node-agent")),
+    # An Indexed Job's pods are generated as <job>-<index>-: the job-name label names the Job.
+    ({"generateName": "eval-3-", "labels": {"job-name": "eval", "batch.kubernetes.io/job-name": "eval"}},
+     ("Job", "eval", "eval")),
+    ({"generateName": "digest-28473920-", "ownerReferences": [_owner("Job", "digest-28473920")]},
+     ("Job", "digest-28473920", "digest")),
+    ({"generateName": "digest-28473920-", "labels": {"job-name": "digest-28473920"}},
+     ("Job", "digest-28473920", "digest")),
+    # A reference that is not the controller's does not name the workload.
+    ({"name": "solo", "ownerReferences": [_owner("ConfigMap", "settings", controller=False)]}, ("Pod", "solo", "solo")),
+    ({"name": "chat-0"}, ("Pod", "chat-0", "chat-0")),
+    ({}, ("Pod", "", "")),
+])
+def test_the_workload_of_a_pod(metadata: dict, expected: tuple[str, str, str]) -> None:
+    kind, name = pod_workload(metadata)
+    assert (kind, name, workload_name(kind, name, metadata.get("labels") or {})) == expected
+
+
+@pytest.mark.parametrize(("kind", "name", "labels", "expected"), [
+    ("Deployment", "chat", {}, "chat"),
+    ("ReplicaSet", "chat-7d9c4b9f6", {"pod-template-hash": "7d9c4b9f6"}, "chat"),
+    ("ReplicaSet", "chat-7d9c4b9f6", {}, "chat-7d9c4b9f6"),
+    ("StatefulSet", "memory", {}, "memory"),
+    ("Job", "eval", {}, "eval"),
+    # A hand-named Job ending in 8 to 10 digits is taken for a CronJob's run, as the webhook must take it.
+    ("Job", "backup-20240101", {}, "backup"),
+    ("Job", "backup-2024", {}, "backup-2024"),
+    ("Pod", "backup-20240101", {}, "backup-20240101"),
+    ("CronJob", "digest", {}, "digest"),
+])
+def test_the_name_of_a_workload(kind: str, name: str, labels: dict, expected: str) -> None:
+    assert workload_name(kind, name, labels) == expected
 
 
 @pytest.mark.parametrize(("given", "expected"), [

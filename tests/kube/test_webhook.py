@@ -31,21 +31,70 @@ OPTIONS = InjectOptions(upstream_dns=("10.96.0.10",))
 REQUESTS = sorted(p.name.removesuffix(".request.json") for p in DATA.glob("*.request.json"))
 
 
+# What the controllers put in the names and labels of the pods they make (fixed here, random in a cluster).
+TEMPLATE_HASH = "7d9c4b9f6"     # a Deployment's ReplicaSet: <deployment>-<hash>, label pod-template-hash
+REVISION_HASH = "5c8d7f9b4d"    # controller-revision-hash: <statefulset>-<hash>, or <hash> for a DaemonSet
+CRON_RUN = "28473920"           # a CronJob's Job: <cronjob>-<scheduled time in minutes since the epoch>
+OWNER_UID = "6f3c0d2e-1111-2222-3333-444455556666"
+API_VERSIONS = {"ReplicaSet": "apps/v1", "StatefulSet": "apps/v1", "DaemonSet": "apps/v1", "Job": "batch/v1"}
+# The DaemonSet controller pins each pod to its node and lets it ride out node conditions.
+DAEMON_TOLERATIONS = [{"key": f"node.kubernetes.io/{taint}", "operator": "Exists", "effect": effect}
+                      for taint, effect in (("not-ready", "NoExecute"), ("unreachable", "NoExecute"),
+                                            ("disk-pressure", "NoSchedule"), ("memory-pressure", "NoSchedule"),
+                                            ("pid-pressure", "NoSchedule"), ("unschedulable", "NoSchedule"))]
+
+
 def pods_of(document: Any) -> list[tuple[str, dict]]:
-    """(namespace, Pod) for every pod template in a document, as the API server would send it on CREATE."""
+    """(namespace, Pod) for every pod template in a document, made as its controller makes it and sent as the
+    API server sends it on CREATE (kube-controller-manager's GetPodFromTemplate and each controller's additions).
+
+    A Deployment's pod has no name yet, ``generateName: <deploy>-<hash>-``, the ``pod-template-hash`` label
+    and its ReplicaSet ``<deploy>-<hash>`` as controller; a StatefulSet's is named ``<sts>-0`` with the
+    pod-name and revision labels; a DaemonSet's has node affinity and tolerations; a Job's (a CronJob's run
+    ``<cronjob>-<minutes>``) has the ``job-name`` labels and a finalizer. A Pod is sent as it is.
+    """
     if not isinstance(document, dict):
         return []
     if document.get("kind") == "List":
         return [pod for item in document["items"] for pod in pods_of(item)]
-    path = TEMPLATE_PATHS.get(document.get("kind", ""))
+    kind = document.get("kind", "")
+    path = TEMPLATE_PATHS.get(kind)
     if path is None:
         return []
     template = document
     for key in path:
         template = template[key]
-    namespace = (document.get("metadata") or {}).get("namespace") or "default"
-    metadata = {k: v for k, v in (template.get("metadata") or {}).items() if k != "namespace"}
-    return [(namespace, {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]})]
+    meta = document.get("metadata") or {}
+    namespace = meta.get("namespace") or "default"
+    if not path:
+        return [(namespace, {**document, "metadata": {**meta, "namespace": namespace}})]
+    name = meta["name"]
+    labels = dict((template.get("metadata") or {}).get("labels") or {})
+    pod_meta: dict[str, Any] = {k: v for k, v in (template.get("metadata") or {}).items()
+                                if k not in ("name", "namespace", "labels")}
+    spec = json.loads(json.dumps(template["spec"]))
+    owner_kind, owner = kind, name
+    if kind == "Deployment":
+        owner_kind, owner = "ReplicaSet", f"{name}-{TEMPLATE_HASH}"
+        labels["pod-template-hash"] = TEMPLATE_HASH
+    elif kind == "StatefulSet":
+        pod_meta["name"] = f"{name}-0"
+        labels.update({"controller-revision-hash": f"{name}-{REVISION_HASH}", "apps.kubernetes.io/pod-index": "0",
+                       "statefulset.kubernetes.io/pod-name": f"{name}-0"})
+    elif kind == "DaemonSet":
+        labels.update({"controller-revision-hash": REVISION_HASH, "pod-template-generation": "1"})
+        spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-1"]}]}]}}}
+        spec["tolerations"] = [*spec.get("tolerations", []), *DAEMON_TOLERATIONS]
+    elif kind in ("Job", "CronJob"):
+        owner_kind, owner = "Job", (name if kind == "Job" else f"{name}-{CRON_RUN}")
+        labels.update({"batch.kubernetes.io/controller-uid": OWNER_UID, "batch.kubernetes.io/job-name": owner,
+                       "controller-uid": OWNER_UID, "job-name": owner})
+        pod_meta["finalizers"] = ["batch.kubernetes.io/job-tracking"]
+    pod_meta.update(generateName=f"{owner}-", namespace=namespace, labels=labels, ownerReferences=[
+        {"apiVersion": API_VERSIONS[owner_kind], "kind": owner_kind, "name": owner, "uid": OWNER_UID,
+         "controller": True, "blockOwnerDeletion": True}])
+    return [(namespace, {"apiVersion": "v1", "kind": "Pod", "metadata": pod_meta, "spec": spec})]
 
 
 def admission_review(pod: dict, namespace: str, uid: str = "uid-1", **request: Any) -> dict:
@@ -64,15 +113,22 @@ def patch_of(answer: dict) -> list[dict]:
 
 @pytest.mark.parametrize("case", CASES)
 def test_the_patched_pod_is_what_inject_makes(case: str) -> None:
-    pods = [p for d in yaml.safe_load_all((DATA / f"{case}.input.yaml").read_text()) for p in pods_of(d)]
+    # For every workload: the webhook's patch on the pod its controller makes is that controller's pod of the
+    # workload `sidecar inject` wrote (agent name included), and what `sidecar inject` makes of the pod itself.
+    documents = list(yaml.safe_load_all((DATA / f"{case}.input.yaml").read_text()))
+    pods = [p for d in documents for p in pods_of(d)]
     if not pods:
         pytest.skip("no pod template in this case")
-    for namespace, pod in pods:
+    _, injected, _ = run_inject(case_args(case))
+    expected = [pod for d in yaml.safe_load_all(injected) for _, pod in pods_of(d)]
+    assert len(expected) == len(pods)
+    for (namespace, pod), want in zip(pods, expected, strict=True):
         answer, _ = review(admission_review(pod, namespace), case_options(case))
+        assert answer["response"]["allowed"] is True
         patched = jsonpatch.apply_patch(pod, patch_of(answer))
+        assert patched == want
         code, out, _ = run_inject([*case_args(case)[:-1], "--namespace", namespace, "-"], stdin=yaml.safe_dump(pod))
-        assert code == 0 and answer["response"]["allowed"] is True
-        assert patched == yaml.safe_load(out)
+        assert code == 0 and patched == yaml.safe_load(out)
 
 
 @pytest.mark.parametrize("name", REQUESTS)

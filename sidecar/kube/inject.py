@@ -141,8 +141,14 @@ def inject_pod(original: Mapping[str, Any], options: InjectOptions, namespace: s
     annotations = meta.get("annotations") or {}
     if not isinstance(annotations, dict):
         raise InjectError("metadata.annotations must be a mapping")
+    labels = meta.get("labels") or {}
+    if not isinstance(labels, dict):
+        raise InjectError("metadata.labels must be a mapping")
     if _off(annotations.get(INJECT)):
         return pod, Outcome("Pod", name, "skipped", f"{INJECT}: {annotations[INJECT]}")
+    # The label the webhook's objectSelector skips; here too, so that inject and the webhook agree without it.
+    if _off(labels.get(INJECT)):
+        return pod, Outcome("Pod", name, "skipped", f"label {INJECT}: {labels[INJECT]}")
     if spec.get("hostNetwork"):
         return pod, Outcome("Pod", name, "skipped", "hostNetwork pod: its DNS and ports are the node's")
     init = _list(spec, "initContainers")

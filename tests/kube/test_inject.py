@@ -50,6 +50,7 @@ def test_every_workload_kind_and_the_skips_are_covered() -> None:
     for kind in ("pod", "deployment", "statefulset", "daemonset", "replicaset", "job", "cronjob"):
         assert re.search(f"^{kind}/[^:]+: injected$", reports, re.MULTILINE), kind
     for fragment in ("already injected, unchanged", "skipped (sidecar.agents.io/inject: disabled)",
+                     "skipped (label sidecar.agents.io/inject: disabled)",
                      "skipped (hostNetwork pod", "configmap/search-settings: passed through (not a workload)"):
         assert fragment in reports, fragment
 

@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from sidecar.kube.inject import ADMIN_PORT, CONFIG_DIR, default_etcd_endpoints
+from sidecar.kube.inject import ADMIN_PORT, CONFIG_DIR, INJECT, InjectOptions, default_etcd_endpoints, inject_pod
 from sidecar.kube.webhook import MUTATE_PATH
 
 from .commands import parse, run_settings
@@ -155,6 +155,12 @@ def test_the_webhook_configuration_matches_the_service_and_the_server() -> None:
     excluded = next(e for e in hook["namespaceSelector"]["matchExpressions"]
                     if e["key"] == "kubernetes.io/metadata.name")
     assert excluded["operator"] == "NotIn" and set(excluded["values"]) == {"sidecar-system", "kube-system"}
+    # The pods objectSelector keeps from the webhook are the ones inject skips too.
+    (skip,) = hook["objectSelector"]["matchExpressions"]
+    assert skip["key"] == INJECT and skip["operator"] == "NotIn"
+    for value in skip["values"]:
+        pod = {"metadata": {"labels": {skip["key"]: value}}, "spec": {"containers": [{"name": "a"}]}}
+        assert inject_pod(pod, InjectOptions(upstream_dns=("10.96.0.10",)))[1].action == "skipped"
     ref = hook["clientConfig"]["service"]
     assert ref["path"] == MUTATE_PATH
     service = find("Service", ref["name"])

@@ -32,6 +32,7 @@ CONTAINER = "sidecar"
 # The container port name that marks the local agent when no annotation names one.
 AGENT_PORT_NAME = "agent"
 UNPRIVILEGED_PORT_SYSCTL = "net.ipv4.ip_unprivileged_port_start"
+DNS_POLICIES = ("ClusterFirst", "ClusterFirstWithHostNet", "Default", "None")
 ADMIN_PORT, PROXY_PORT, GRPC_PORT, DNS_PORT = 15000, 15001, 15010, 53
 CONFIG_DIR = "/etc/sidecar"
 
@@ -161,7 +162,7 @@ def inject_pod(original: Mapping[str, Any], options: InjectOptions, namespace: s
         raise InjectError("spec.containers is empty")
     namespace = namespace or meta.get("namespace") or options.namespace
 
-    upstreams = _dns(spec, namespace, options)
+    upstreams, dns_note = _dns(spec, namespace, options)
     sidecar = _container(meta, annotations, containers, upstreams, options, workload or pod_workload(meta))
     if not options.native:
         spec["containers"] = [sidecar, *containers]
@@ -179,11 +180,12 @@ def inject_pod(original: Mapping[str, Any], options: InjectOptions, namespace: s
                                      sort_keys=True)
     meta["annotations"] = annotations
     pod["metadata"] = meta
-    note = ""
+    notes = [dns_note] if dns_note else []
     if not options.native and spec.get("restartPolicy") in ("Never", "OnFailure"):
         # An ordinary container never exits by itself, so such a pod (a Job's) would never complete.
-        note = f"warning: restartPolicy {spec['restartPolicy']} with --no-native: the sidecar keeps the pod running"
-    return pod, Outcome("Pod", name, "injected", note)
+        notes.append(f"warning: restartPolicy {spec['restartPolicy']} with --no-native: the sidecar keeps the pod "
+                     "running")
+    return pod, Outcome("Pod", name, "injected", "; ".join(notes))
 
 
 def inject_object(obj: Any, options: InjectOptions) -> tuple[Any, list[Outcome]]:
@@ -252,16 +254,27 @@ def upstream(nameserver: str) -> str:
     return f"[{nameserver}]:53" if ":" in nameserver else f"{nameserver}:53"
 
 
-def _dns(spec: dict, namespace: str, options: InjectOptions) -> list[str]:
-    """Point the pod's resolver at the sidecar; return the sidecar's upstreams (user nameservers kept there)."""
-    policy = spec.get("dnsPolicy", "ClusterFirst")
+def _dns(spec: dict, namespace: str, options: InjectOptions) -> tuple[list[str], str]:
+    """Point the pod's resolver at the sidecar; return the sidecar's upstreams (user nameservers kept there) and
+    a note for the report when the pod's own policy cannot be kept exactly.
+
+    ``ClusterFirst`` (and ``ClusterFirstWithHostNet``, the same for a pod without hostNetwork) gets what
+    kubelet would write: the cluster search path and ``ndots``. ``None`` keeps the user's searches and
+    options, and their nameservers replace the cluster DNS. ``Default`` (the node's resolv.conf) gets no
+    cluster search path or ``ndots``, only the user's; the node's nameservers cannot be read from a pod
+    spec, so the sidecar forwards to ``--upstream-dns`` (which it needs for etcd anyway) and then theirs.
+    """
+    policy = spec.get("dnsPolicy") or "ClusterFirst"
+    if policy not in DNS_POLICIES:
+        raise InjectError(f"dnsPolicy {policy!r} is not one of {', '.join(DNS_POLICIES)}")
     config = dict(spec.get("dnsConfig") or {})
     own = [upstream(n) for n in config.get("nameservers") or []]
     flag = [upstream(n) for n in options.upstream_dns]
-    # With dnsPolicy None the user chose every nameserver; otherwise theirs came on top of the cluster's.
+    # With dnsPolicy None the user chose every nameserver; otherwise theirs came on top of the cluster's or node's.
     upstreams = (own or flag) if policy == "None" else _unique([*flag, *own])
     config["nameservers"] = ["127.0.0.1"]
-    if policy != "None":
+    note = ""
+    if policy in ("ClusterFirst", "ClusterFirstWithHostNet"):
         cluster = options.cluster_domain
         searches = [f"{namespace}.svc.{cluster}", f"svc.{cluster}", cluster]
         config["searches"] = _unique([*searches, *(config.get("searches") or [])])
@@ -269,9 +282,13 @@ def _dns(spec: dict, namespace: str, options: InjectOptions) -> list[str]:
         if not any(isinstance(o, dict) and o.get("name") == "ndots" for o in opts):
             opts.insert(0, {"name": "ndots", "value": str(options.ndots)})
         config["options"] = opts
+    elif policy == "Default":
+        note = ("warning: dnsPolicy Default: no cluster searches or ndots added; the node's nameservers and "
+                "searches are not in the pod spec, so the sidecar forwards to --upstream-dns "
+                "(give others in dnsConfig)")
     spec["dnsPolicy"] = "None"
     spec["dnsConfig"] = config
-    return upstreams
+    return upstreams, note
 
 
 def _container(meta: dict, annotations: Mapping[str, Any], containers: Sequence[dict], upstreams: Sequence[str],

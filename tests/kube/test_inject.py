@@ -147,6 +147,8 @@ def test_upstream_address(given: str, expected: str) -> None:
      "pod/p: sidecar.agents.io/agent-port: 'web' is neither a port number nor a named container port (named: http)"),
     ({"kind": "Deployment", "metadata": {"name": "d"}, "spec": {}}, "deployment/d: no pod template at .spec.template"),
     ({"kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": []}}, "pod/p: spec.containers is empty"),
+    ({"kind": "Pod", "metadata": {"name": "p"}, "spec": {"dnsPolicy": "clusterfirst", "containers": [{"name": "a"}]}},
+     "pod/p: dnsPolicy 'clusterfirst' is not one of ClusterFirst, ClusterFirstWithHostNet, Default, None"),
     ({"kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": {"name": "a"}}},
      "pod/p: containers must be a list (got dict)"),
 ])

@@ -23,12 +23,19 @@ def review(body: Any, options: InjectOptions) -> tuple[dict[str, Any], Outcome]:
     Pods on CREATE get the injection as a base64 JSONPatch; anything else, and skipped or already
     injected pods, are allowed with no patch. A dry run gets the same answer (the webhook has no side
     effects to hold back, and ``kubectl apply --dry-run=server`` then shows the injected pod). A pod
-    whose annotations make no sense is denied with the reason.
+    whose annotations make no sense is denied with the reason. A body that is not an
+    ``admission.k8s.io/v1`` AdmissionReview with a ``request.uid`` raises BadReview (HTTP 400).
     """
     if not isinstance(body, Mapping) or body.get("kind") != "AdmissionReview":
         raise BadReview("the body must be an AdmissionReview (kind: AdmissionReview)")
+    if body.get("apiVersion") != API_VERSION:
+        # An answer in another version than the request's is rejected by the API server; say why instead.
+        raise BadReview(f"apiVersion {body.get('apiVersion')!r} is not served: this webhook answers {API_VERSION} "
+                        "only (admissionReviewVersions: [v1])")
     request = body.get("request")
-    if not isinstance(request, Mapping) or not isinstance(request.get("uid"), str) or not request["uid"]:
+    if not isinstance(request, Mapping):
+        raise BadReview("request is missing")
+    if not isinstance(request.get("uid"), str) or not request["uid"]:
         raise BadReview("request.uid is missing")
     response: dict[str, Any] = {"uid": request["uid"], "allowed": True}
     answer = {"apiVersion": API_VERSION, "kind": "AdmissionReview", "response": response}

@@ -167,11 +167,23 @@ def test_anything_but_a_pod_create_is_allowed_untouched(request_fields: dict) ->
     assert answer["response"] == {"uid": "uid-1", "allowed": True} and outcome.action == "passed"
 
 
+V1 = "admission.k8s.io/v1"
+
+
 @pytest.mark.parametrize(("body", "message"), [
     ({"kind": "Pod"}, "the body must be an AdmissionReview (kind: AdmissionReview)"),
-    ({"kind": "AdmissionReview", "request": {"kind": {"kind": "Pod"}}}, "request.uid is missing"),
-    ({"kind": "AdmissionReview", "request": {"uid": "u", "kind": {"kind": "Pod"}, "operation": "CREATE"}},
-     "request.object must be the Pod"),
+    ([], "the body must be an AdmissionReview (kind: AdmissionReview)"),
+    ({"apiVersion": V1, "kind": "AdmissionReviewList"}, "the body must be an AdmissionReview"),
+    ({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview", "request": {"uid": "u"}},
+     "apiVersion 'admission.k8s.io/v1beta1' is not served: this webhook answers admission.k8s.io/v1 only "
+     "(admissionReviewVersions: [v1])"),
+    ({"kind": "AdmissionReview", "request": {"uid": "u"}}, "apiVersion None is not served"),
+    ({"apiVersion": V1, "kind": "AdmissionReview"}, "request is missing"),
+    ({"apiVersion": V1, "kind": "AdmissionReview", "request": "x"}, "request is missing"),
+    ({"apiVersion": V1, "kind": "AdmissionReview", "request": {"kind": {"kind": "Pod"}}}, "request.uid is missing"),
+    ({"apiVersion": V1, "kind": "AdmissionReview", "request": {"uid": ""}}, "request.uid is missing"),
+    ({"apiVersion": V1, "kind": "AdmissionReview",
+      "request": {"uid": "u", "kind": {"kind": "Pod"}, "operation": "CREATE"}}, "request.object must be the Pod"),
 ])
 def test_a_body_that_is_not_a_review_is_refused(body: dict, message: str) -> None:
     with pytest.raises(BadReview, match=re.escape(message)):
@@ -225,6 +237,13 @@ async def test_the_server_answers_reviews_over_tls(certs: tuple[Path, Path]) -> 
                 answer = await response.json()
             async with client.post("/mutate", data=b"{not json", ssl=trust) as response:
                 assert response.status == 400 and "error" in await response.json()
+            old = {**body, "apiVersion": "admission.k8s.io/v1beta1"}
+            async with client.post("/mutate", json=old, ssl=trust) as response:
+                assert response.status == 400
+                assert "admission.k8s.io/v1beta1" in (await response.json())["error"]
+            async with client.post("/mutate", json={"apiVersion": V1, "kind": "AdmissionReview"},
+                                   ssl=trust) as response:
+                assert response.status == 400 and (await response.json())["error"] == "request is missing"
             async with client.get("/healthz", ssl=trust) as response:
                 assert response.status == 200
         assert answer == review(body, OPTIONS)[0]

@@ -20,8 +20,9 @@ def add_inject_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--upstream-dns", required=True,
                          help="the cluster DNS service as IP[:PORT][,...] (kubectl -n kube-system get svc kube-dns)")
     command.add_argument("--image", default=InjectOptions.image, help=f"sidecar image (default {InjectOptions.image})")
-    command.add_argument("--etcd-endpoints", help="comma-separated etcd URLs for the sidecars "
-                         "(default the three members of deploy/kubernetes/etcd.yaml)")
+    command.add_argument("--etcd-endpoints", help="comma-separated etcd URLs for the sidecars (default the "
+                         "headless Service of deploy/kubernetes/etcd.yaml, one name for every member: "
+                         f"{default_etcd_endpoints('<cluster-domain>')[0]})")
     command.add_argument("--domain", default=InjectOptions.domain, help="DNS zone the sidecars serve")
     command.add_argument("--cluster-domain", default=InjectOptions.cluster_domain,
                          help=f"the cluster's DNS domain, for the search path (default {InjectOptions.cluster_domain})")

@@ -3,6 +3,7 @@ refer to each other correctly, and every sidecar command line is one the real pa
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from sidecar.cli import parser
 from sidecar.kube.inject import ADMIN_PORT, CONFIG_DIR, INJECT, InjectOptions, default_etcd_endpoints, inject_pod
 from sidecar.kube.webhook import MUTATE_PATH
 
@@ -143,6 +145,14 @@ def test_the_default_etcd_endpoint_is_the_statefulsets_headless_service() -> Non
     initial = next(a for a in args if a.startswith("--initial-cluster=")).split("=", 1)[1]
     assert initial.replace(":2380", ":2379").replace("etcd-0=", "").replace("etcd-1=", "") \
         .replace("etcd-2=", "").split(",") == members
+
+
+def test_the_words_about_the_default_etcd_endpoint_name_the_service() -> None:
+    (inject,) = [a.choices["inject"] for a in parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    (option,) = [a for a in inject._actions if a.dest == "etcd_endpoints"]
+    assert default_etcd_endpoints("<cluster-domain>")[0] in str(option.help) and "member" in str(option.help)
+    header = (KUBE / "etcd.yaml").read_text().split("\napiVersion:", 1)[0]
+    assert default_etcd_endpoints()[0] in header
 
 
 def test_the_webhook_configuration_matches_the_service_and_the_server() -> None:

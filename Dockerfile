@@ -1,7 +1,9 @@
 # The sidecar daemon. Build: docker build -t sidecar:0.1.0 .
 # Two stages: the first installs the package into a virtualenv (compiling the proxy's hot path with
-# mypyc, setup.py), the second copies only that virtualenv onto a clean slim base, so no pip cache,
-# build tree or compiler ends up in the image.
+# mypyc, setup.py), the second copies only that virtualenv onto a clean slim base and removes the base's
+# own pip, so no pip, pip cache, build tree or compiler ends up in the image. .dockerignore keeps the
+# build context to what the first stage copies (never a host's compiled .so or bytecode).
+# Optional: --build-arg REVISION=$(git rev-parse HEAD) --build-arg CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
@@ -15,13 +17,18 @@ RUN /opt/sidecar/bin/pip install --no-cache-dir . \
 
 FROM python:3.11-slim-bookworm
 ARG VERSION=0.1.0
+ARG REVISION=""
+ARG CREATED=""
 LABEL org.opencontainers.image.title="sidecar" \
       org.opencontainers.image.description="Discovery and routing sidecar for networks of AI agents: etcd registry, DNS, HTTP proxy, health" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.documentation="docs/kubernetes.md"
-# uid/gid 1337, as the injected container's securityContext expects.
-RUN groupadd --system --gid 1337 sidecar \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}"
+# The base image's pip, setuptools and wheel (/usr/local): the virtualenv never used them, nothing here
+# installs anything. Then uid/gid 1337, as the injected container's securityContext expects.
+RUN python -m pip uninstall --yes pip setuptools wheel \
+    && groupadd --system --gid 1337 sidecar \
     && useradd --system --uid 1337 --gid 1337 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin sidecar
 COPY --from=build /opt/sidecar /opt/sidecar
 # Bytecode was compiled at install time; a read-only root filesystem needs nothing written at run time.

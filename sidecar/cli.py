@@ -280,6 +280,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 code = _run_until_signal("asyncio", lambda stop: kube.webhook(args, stop))
         else:  # pragma: no cover - argparse rejects unknown commands
             code = 2
+    except BrokenPipeError:
+        # The reader went away (| head): what it wanted was printed; end quietly. Before the
+        # OSError clause below, which would catch it (BrokenPipeError is an OSError).
+        _quiet_stdout()
+        sys.exit(0)
     except (SidecarError, OSError) as exc:
         for kind, what, status in _FAILURES:
             if isinstance(exc, kind):
@@ -288,10 +293,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise
     except KeyboardInterrupt:
         code = 130
-    except BrokenPipeError:
-        # The reader went away (| head): what it wanted was printed; end quietly.
-        _quiet_stdout()
-        sys.exit(0)
     try:
         sys.stdout.flush()
     except BrokenPipeError:

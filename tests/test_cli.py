@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,6 +14,8 @@ import urllib.request
 import pytest
 
 from sidecar.cli import parser, settings_from
+from sidecar.config import EtcdSettings, build
+from sidecar.registry.etcd import EtcdClient
 
 from .etcd_process import EtcdProcess, free_port
 
@@ -154,3 +157,34 @@ def test_a_closed_pipe_ends_quietly(tmp_path) -> None:
     err = process.stderr.read()
     process.stderr.close()
     assert process.wait(60) == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, err[-2000:]
+
+
+def _put_agents(endpoint: str, prefix: str, count: int, capability: str = "bulk") -> None:
+    """Write ``count`` agent records straight to etcd (no lease: the test's prefix isolates them)."""
+    async def put() -> None:
+        client = EtcdClient.from_settings(build(EtcdSettings, {"endpoints": [endpoint], "prefix": prefix}, "etcd."))
+        try:
+            for i in range(count):
+                agent = {"id": f"bulk-{i}", "name": "bulk", "address": "127.0.0.1", "port": 8000 + i % 1000,
+                         "capabilities": [capability], "tags": ["t"], "health": {"status": "healthy"}}
+                await client.put(f"{prefix}/services/bulk/bulk-{i}", json.dumps(agent).encode())
+        finally:
+            await client.close()
+
+    asyncio.run(put())
+
+
+@pytest.mark.etcd
+@pytest.mark.parametrize("form", [["--json"], []], ids=["json", "table"])
+def test_agents_into_a_closed_pipe_ends_quietly(etcd: EtcdProcess, prefix: str, form: list[str]) -> None:
+    """``sidecar agents [--json] | head -1`` with more output than a pipe holds: exit 0, nothing on stderr."""
+    _put_agents(etcd.endpoint, prefix, 600)
+    process = subprocess.Popen([sys.executable, "-m", "sidecar", "agents", *form, "--etcd-endpoints", etcd.endpoint,
+                                "--prefix", prefix], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.readline()
+    process.stdout.close()  # as head does after its line
+    err = process.stderr.read()
+    process.stderr.close()
+    assert process.wait(60) == 0, err[-2000:]
+    assert b"Broken pipe" not in err and b"Traceback" not in err, err[-2000:]

@@ -16,7 +16,7 @@ from .cards import CardIndex
 from .catalog import Catalog
 from .config import AdminSettings, HostPort
 from .control import Control
-from .discovery import Kind, Query, Subscription, Update, WatchHub, agent_document, agents_document
+from .discovery import SIDECAR_FIELDS, Kind, Query, Subscription, Update, WatchHub, agent_document, agents_document
 from .dynamic import ConfigStore
 from .errors import AgentExists, ConfigConflict, ConfigError, RegistryUnavailable, ValidationError
 from .metrics import Metrics
@@ -132,7 +132,7 @@ class AdminApi:
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     def _annotate(self, key: str, agent: Agent) -> dict[str, Any]:
-        extra: dict[str, Any] = {"owned": key in self._leases.registrations}
+        extra: dict[str, Any] = {**SIDECAR_FIELDS, "owned": key in self._leases.registrations}
         for annotate in self._annotators:
             extra.update(annotate(agent))
         return extra
@@ -151,9 +151,9 @@ class AdminApi:
             query = self._query(request)
         except ConfigError as exc:
             return _error(400, "bad_query", str(exc), value=exc.value)
-        body = agents_document(self._catalog.snapshot, query, self._leases.prefix, self._annotate)
-        # This sidecar's registrations not in etcd yet (accepted with 202 while etcd was unreachable).
-        body["pending"] = [self._pending_json(r) for r in self._leases.pending.values() if query.matches(r.agent)]
+        # Pending: this sidecar's registrations not in etcd yet (accepted with 202 while etcd was unreachable).
+        body = agents_document(self._catalog.snapshot, query, self._leases.prefix, self._annotate, [
+            self._pending_json(r) for r in self._leases.pending.values() if query.matches(r.agent)])
         self._metrics.registry.discovery_seconds.observe(time.perf_counter() - started)
         return web.json_response(body)
 

@@ -173,6 +173,9 @@ def parser() -> argparse.ArgumentParser:
     agents.add_argument("--tag", action="append", default=[])
     agents.add_argument("--name")
     agents.add_argument("--json", action="store_true", help="the document GET /v1/agents gives, instead of a table")
+    agents.add_argument("--admin", metavar="URL",
+                        help="ask the sidecar whose admin API is at URL (e.g. http://127.0.0.1:15000) instead of "
+                             "etcd: its exact GET /v1/agents, with its owned, breaker and pending")
 
     config = commands.add_parser("config", help="the dynamic configuration stored in etcd")
     actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -109,7 +109,28 @@ async def register(args: argparse.Namespace, etcd: EtcdSettings, stop: asyncio.E
 
 
 async def agents(args: argparse.Namespace, etcd: EtcdSettings) -> int:
-    """The agents in etcd as a table, or (``--json``) the document ``GET /v1/agents`` gives."""
+    """The ``GET /v1/agents`` document (``--json``) or a table of it: read from etcd, or with ``--admin``
+    asked of that sidecar (whose document also has its ``owned``, ``breaker`` and ``pending``)."""
+    if args.admin:
+        document = await _admin_agents(args.admin, args.capability, args.tag, args.name)
+    else:
+        document = await _etcd_agents(etcd, Query.of(args.capability, args.tag, args.name))
+    if args.json:
+        print(json.dumps(document, indent=2))
+        return 0
+    rows = [("ID", "NAME", "ADDRESS", "PORT", "HEALTH", "WEIGHT", "ZONE", "CAPABILITIES", "TAGS")]
+    for agent in document["agents"]:
+        rows.append((agent["id"], agent["name"], agent["address"], str(agent["port"]), agent["health"]["status"],
+                     str(agent["weight"]), agent["zone"] or "-", ",".join(agent["capabilities"]) or "-",
+                     ",".join(agent["tags"]) or "-"))
+    _table(rows)
+    pending = f", {len(document['pending'])} pending" if document["pending"] else ""
+    print(f"{len(document['agents'])} agent(s) at revision {document['revision']}{pending}", file=sys.stderr)
+    return 0
+
+
+async def _etcd_agents(etcd: EtcdSettings, query: Query) -> dict[str, Any]:
+    """The document as a reader of etcd alone makes it (no lease kept, no proxy: see ``SIDECAR_FIELDS``)."""
     client = _client(etcd)
     try:
         revision, kvs = await client.get_prefix(services_prefix(etcd.prefix))
@@ -121,19 +142,27 @@ async def agents(args: argparse.Namespace, etcd: EtcdSettings) -> int:
             found[kv.key] = decode_agent(kv.value)
         except (ValueError, ValidationError) as exc:
             print(f"warning: skipping {kv.key}: {exc}", file=sys.stderr)
-    snapshot = Catalog().apply([Reset(revision, found)])
-    query = Query.of(args.capability, args.tag, args.name)
-    if args.json:
-        print(json.dumps(agents_document(snapshot, query, etcd.prefix), indent=2))
-        return 0
-    selected = query.select(snapshot)
-    rows = [("ID", "NAME", "ADDRESS", "PORT", "HEALTH", "WEIGHT", "ZONE", "CAPABILITIES", "TAGS")]
-    for agent in selected:
-        rows.append((agent.id, agent.name, agent.address, str(agent.port), agent.health.status, str(agent.weight),
-                     agent.zone or "-", ",".join(agent.capabilities) or "-", ",".join(agent.tags) or "-"))
-    _table(rows)
-    print(f"{len(selected)} agent(s) at revision {revision}", file=sys.stderr)
-    return 0
+    return agents_document(Catalog().apply([Reset(revision, found)]), query, etcd.prefix)
+
+
+async def _admin_agents(admin: str, capability: str | None, tags: Sequence[str], name: str | None) -> dict[str, Any]:
+    """``GET /v1/agents`` of the sidecar whose admin API is at ``admin`` (a URL, or HOST:PORT)."""
+    import aiohttp
+
+    base = (admin if "://" in admin else f"http://{admin}").rstrip("/")
+    params = [("capability", capability or ""), *(("tag", tag) for tag in tags), ("name", name or "")]
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, \
+                session.get(f"{base}/v1/agents", params=[(k, v) for k, v in params if v]) as response:
+            if response.status != 200:
+                raise SidecarError(f"admin API {base}: GET /v1/agents answered {response.status}: "
+                                   f"{(await response.text())[:500]}")
+            document = await response.json()
+    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+        raise SidecarError(f"admin API {base}: {exc or type(exc).__name__}") from None
+    if not isinstance(document, dict):
+        raise SidecarError(f"admin API {base}: GET /v1/agents did not answer a JSON object")
+    return document
 
 
 def _table(rows: Sequence[Sequence[str]]) -> None:

@@ -69,10 +69,24 @@ def agent_document(key: str, agent: Agent, annotate: Annotate | None = None) -> 
     return body
 
 
-def agents_document(snapshot: Snapshot, query: Query, prefix: str, annotate: Annotate | None = None) -> dict[str, Any]:
-    """The ``GET /v1/agents`` document (also ``sidecar agents --json``): revision and matching agents."""
+# The per-agent fields of ``GET /v1/agents`` that only a running sidecar knows: ``owned`` (it keeps
+# the agent's lease) and ``breaker`` (its proxy's breaker state). A reader of etcd alone keeps no
+# lease and has no proxy, so its document has them as these values (``sidecar agents --json``).
+SIDECAR_FIELDS: Mapping[str, Any] = {"owned": False, "breaker": None}
+
+
+def without_sidecar(key: str, agent: Agent) -> Mapping[str, Any]:
+    """The sidecar-only fields as a reader of etcd alone has them (see ``SIDECAR_FIELDS``)."""
+    return SIDECAR_FIELDS
+
+
+def agents_document(snapshot: Snapshot, query: Query, prefix: str, annotate: Annotate = without_sidecar,
+                    pending: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """The ``GET /v1/agents`` document (also ``sidecar agents --json``): the revision, the matching agents
+    (each with the sidecar fields ``annotate`` gives), and the registrations ``pending`` in this sidecar."""
     return {"revision": snapshot.revision,
-            "agents": [agent_document(a.key(prefix), a, annotate) for a in query.select(snapshot)]}
+            "agents": [agent_document(a.key(prefix), a, annotate) for a in query.select(snapshot)],
+            "pending": list(pending)}
 
 
 class Kind(enum.StrEnum):

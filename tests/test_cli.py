@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 
+import aiohttp
 import pytest
 
 from sidecar.cli import parser, settings_from
@@ -18,6 +19,7 @@ from sidecar.config import EtcdSettings, build
 from sidecar.registry.etcd import EtcdClient
 
 from .etcd_process import EtcdProcess, free_port
+from .waiting import eventually
 
 
 def sidecar(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -159,19 +161,20 @@ def test_a_closed_pipe_ends_quietly(tmp_path) -> None:
     assert process.wait(60) == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, err[-2000:]
 
 
-def _put_agents(endpoint: str, prefix: str, count: int, capability: str = "bulk") -> None:
+async def _write_agents(endpoint: str, prefix: str, count: int, capability: str = "bulk") -> None:
     """Write ``count`` agent records straight to etcd (no lease: the test's prefix isolates them)."""
-    async def put() -> None:
-        client = EtcdClient.from_settings(build(EtcdSettings, {"endpoints": [endpoint], "prefix": prefix}, "etcd."))
-        try:
-            for i in range(count):
-                agent = {"id": f"bulk-{i}", "name": "bulk", "address": "127.0.0.1", "port": 8000 + i % 1000,
-                         "capabilities": [capability], "tags": ["t"], "health": {"status": "healthy"}}
-                await client.put(f"{prefix}/services/bulk/bulk-{i}", json.dumps(agent).encode())
-        finally:
-            await client.close()
+    client = EtcdClient.from_settings(build(EtcdSettings, {"endpoints": [endpoint], "prefix": prefix}, "etcd."))
+    try:
+        for i in range(count):
+            agent = {"id": f"bulk-{i}", "name": "bulk", "address": "127.0.0.1", "port": 8000 + i % 1000,
+                     "capabilities": [capability], "tags": ["t"], "health": {"status": "healthy"}}
+            await client.put(f"{prefix}/services/bulk/bulk-{i}", json.dumps(agent).encode())
+    finally:
+        await client.close()
 
-    asyncio.run(put())
+
+def _put_agents(endpoint: str, prefix: str, count: int, capability: str = "bulk") -> None:
+    asyncio.run(_write_agents(endpoint, prefix, count, capability))
 
 
 @pytest.mark.etcd
@@ -188,3 +191,82 @@ def test_agents_into_a_closed_pipe_ends_quietly(etcd: EtcdProcess, prefix: str, 
     process.stderr.close()
     assert process.wait(60) == 0, err[-2000:]
     assert b"Broken pipe" not in err and b"Traceback" not in err, err[-2000:]
+
+
+@pytest.mark.etcd
+@pytest.mark.asyncio
+async def test_agents_json_is_the_document_of_get_v1_agents(make_server, etcd: EtcdProcess, prefix: str) -> None:
+    """``--admin URL`` prints that sidecar's ``GET /v1/agents`` exactly; from etcd the same document, with
+    the sidecar-only fields as a reader of etcd alone has them (owned false, breaker null, pending [])."""
+    server = await make_server()
+    assert server.admin.address is not None
+    admin = "http://{}:{}".format(*server.admin.address[:2])
+    await _write_agents(etcd.endpoint, prefix, 2, capability="chat")  # not this sidecar's
+    async with aiohttp.ClientSession() as http:
+        async with http.post(admin + "/v1/agents", json={"id": "mine", "name": "mine", "address": "127.0.0.1",
+                                                         "port": 9100, "capabilities": ["chat"], "ttl": "30s"}) as r:
+            assert r.status == 201, await r.text()
+        await eventually(lambda: len(server.catalog.snapshot.agents) == 3, what="three agents in the snapshot")
+
+        async def rest() -> dict:
+            async with http.get(admin + "/v1/agents", params={"capability": "chat"}) as response:
+                assert response.status == 200
+                return dict(await response.json())
+
+        def cli(*args: str) -> dict:
+            result = sidecar("agents", "--json", "--capability", "chat", *args)
+            assert result.returncode == 0, result.stderr
+            return dict(json.loads(result.stdout))
+
+        before = await rest()
+        asked = await asyncio.to_thread(cli, "--admin", admin)
+        assert asked == before == await rest()
+        read = await asyncio.to_thread(cli, "--etcd-endpoints", etcd.endpoint, "--prefix", prefix)
+    assert list(read) == list(before) == ["revision", "agents", "pending"]
+    assert read["revision"] >= before["revision"] and read["pending"] == before["pending"] == []
+    assert [list(agent) for agent in read["agents"]] == [list(agent) for agent in before["agents"]]
+    assert {a["id"]: (a["owned"], a["breaker"]) for a in before["agents"]} == {
+        "bulk-0": (False, "closed"), "bulk-1": (False, "closed"), "mine": (True, "closed")}
+    assert all(a["owned"] is False and a["breaker"] is None for a in read["agents"])
+    sidecar_only = ("owned", "breaker")
+    assert [{k: v for k, v in a.items() if k not in sidecar_only} for a in read["agents"]] == [
+        {k: v for k, v in a.items() if k not in sidecar_only} for a in before["agents"]]
+
+
+def test_agents_says_when_the_admin_api_is_unreachable() -> None:
+    result = sidecar("agents", "--admin", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 1 and "sidecar: admin API http://127.0.0.1:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.etcd
+def test_agents_and_register_read_etcd_from_the_config_file(etcd: EtcdProcess, prefix: str, tmp_path) -> None:
+    """``--config FILE``: its etcd endpoints and prefix, for ``register`` and ``agents``; a flag still wins."""
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(f"service_discovery:\n  etcd: {{endpoints: ['{etcd.endpoint}'], prefix: '{prefix}'}}\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ETCD_ENDPOINTS", "SIDECAR_PREFIX", "SIDECAR_CONFIG", "SIDECAR_ETCD_ENDPOINTS")}
+    with subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "register", "--config", str(config), "--name", "filed", "--id", "filed-1",
+         "--address", "127.0.0.1", "--port", "9000", "--capability", "files", "--ttl", "5s"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as process:
+        try:
+            assert process.stdout is not None and process.stderr is not None
+            line = process.stdout.readline()
+            assert line.startswith(f"registered {prefix}/services/filed/filed-1"), line + process.stderr.read()
+
+            def agents(*args: str) -> subprocess.CompletedProcess:
+                return subprocess.run([sys.executable, "-m", "sidecar", "agents", "--json", *args],
+                                      capture_output=True, text=True, timeout=30, env=env)
+
+            found = agents("--config", str(config))
+            assert found.returncode == 0, found.stderr
+            assert [a["key"] for a in json.loads(found.stdout)["agents"]] == [f"{prefix}/services/filed/filed-1"]
+            other = agents("--config", str(config), "--prefix", prefix + "-other")
+            assert other.returncode == 0 and json.loads(other.stdout)["agents"] == []
+            process.send_signal(signal.SIGINT)
+            assert process.wait(20) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()

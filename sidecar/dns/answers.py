@@ -455,8 +455,15 @@ class Answers:
 RCODE_BADVERS = 16
 
 
+# The qtype label of sidecar_dns_queries_total: these types by name, every other one as "other",
+# so the label stays bounded whatever types clients send (docs/metrics.md).
+COUNTED_QTYPES = ("A", "AAAA", "SRV", "TXT", "PTR", "SOA", "NS", "CNAME", "MX", "NAPTR", "ANY", "HTTPS", "SVCB",
+                  "CAA", "DS", "DNSKEY", "AXFR", "IXFR")
+_QTYPE_LABELS = {int(getattr(QTYPE, name)): name for name in COUNTED_QTYPES}
+
+
 def _stat(qtype: int, rcode: int) -> tuple[str, str]:
-    return str(QTYPE.get(qtype, qtype)), str(RCODE.get(rcode, rcode))
+    return _QTYPE_LABELS.get(qtype, "other"), str(RCODE.get(rcode, rcode))
 
 
 def _valid_name(labels: Sequence[bytes]) -> bool:

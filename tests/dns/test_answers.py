@@ -147,6 +147,21 @@ def test_forwarded_reply_is_relayed_or_truncated_or_servfail(snapshot: Snapshot)
     assert truncated.header.tc == 1 and truncated.rr == []
 
 
+def test_qtype_label_is_a_known_name_or_other(snapshot: Snapshot) -> None:
+    """sidecar_dns_queries_total's qtype: a type of the fixed list by name, any other one "other",
+    on every path (the general one, the caches, forwarded and refused), whatever the client sends."""
+    metrics = Metrics().dns
+    answers = Answers(ZONE, snapshot, metrics, forwarding=False)
+    for qtype in ("A", "SRV", "HINFO", 65, 12345, 65535, 3000):
+        for _ in range(2):  # the second from the caches
+            answers.fast(query("chat.agents.local", qtype, qid=0x0101)) or answers.answer(
+                query("chat.agents.local", qtype, qid=0x0101))
+    answers.answer(query("example.com", 999))  # refused: not forwarding
+    totals = metrics.query_totals()
+    assert {qtype for qtype, _ in totals} == {"A", "SRV", "HTTPS", "other"}
+    assert sum(count for (qtype, _), count in totals.items() if qtype == "other") == 4 * 2 + 1
+
+
 @pytest.mark.parametrize("opcode", [OPCODE.IQUERY, OPCODE.STATUS, OPCODE.NOTIFY, OPCODE.UPDATE])
 def test_other_opcodes_are_notimp(snapshot: Snapshot, opcode: int) -> None:
     record = reply(answers_for(snapshot), query("chat.agents.local", opcode=opcode))

@@ -7,7 +7,8 @@ module globals, so two servers in one process (the tests) never collide.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -138,9 +139,6 @@ class DnsMetrics:
         return list(self.collect())
 
     def collect(self) -> list[object]:
-        from collections.abc import Mapping
-        from typing import Any
-
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         def counter(name: str, doc: str, labels: list[str], values: Mapping[Any, int]) -> CounterMetricFamily:
@@ -191,8 +189,8 @@ class DnsMetrics:
 
 
 class Buckets:
-    """A histogram kept as plain counts: ``observe`` is a bisect and two additions; ``family``
-    turns it into a Prometheus histogram at scrape time."""
+    """A histogram kept as plain counts: ``observe`` is a bisect and two additions; ``add_to``
+    puts it into a Prometheus histogram family at scrape time."""
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
@@ -206,34 +204,55 @@ class Buckets:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
 
-    def family(self, name: str, documentation: str) -> object:
-        """The histogram as a ``HistogramMetricFamily`` (cumulative buckets)."""
-        from prometheus_client.core import HistogramMetricFamily
-
+    def add_to(self, family: Any, labels: list[str]) -> None:
+        """Add the histogram (cumulative buckets) to a ``HistogramMetricFamily`` as the series of ``labels``."""
         buckets, running = [], 0
         for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
             running += count
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
-        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
+        family.add_metric(labels, buckets, self.sum)
+
+
+class CapabilityStats:
+    """The proxy's per-request numbers of one ``capability`` label value: the value and its latencies."""
+
+    __slots__ = ("capability", "durations")
+
+    def __init__(self, capability: str, bounds: tuple[float, ...]) -> None:
+        self.capability = capability
+        self.durations = Buckets(bounds)
 
 
 class ProxyMetrics:
     """Proxy metrics. Per-request ones are plain ints and dicts bumped on the request path
     and turned into families at scrape time (as ``DnsMetrics``); rare events use
     prometheus_client objects directly.
+
+    The ``capability`` label is the in-zone capability a request was routed to, ``-`` when its
+    target names none (a name, an id, passthrough, CONNECT, a bad request). At most
+    ``MAX_CAPABILITIES`` capabilities get a value of their own, in the order they are first
+    answered; requests to any later one (and to one nobody registered: ``unknown_target``) are
+    counted under ``_other``, so the series stay bounded whatever gets registered or asked for.
+    The request path finds a capability's ``CapabilityStats`` with one dict lookup.
     """
 
     DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+    MAX_CAPABILITIES = 200
+    NO_CAPABILITY = "-"
+    OTHER_CAPABILITY = "_other"
 
     def __init__(self, registry: CollectorRegistry) -> None:
         import collections
 
         # Read at scrape time by ``collect``.
-        self.requests: collections.Counter[tuple[str, str]] = collections.Counter()  # (kind, outcome)
+        self.requests: collections.Counter[tuple[str, str, str]] = collections.Counter()  # (kind, capability, outcome)
+        # By route capability ("" for none); the values are the label values' stats (see the class docstring).
+        self.capabilities: dict[str, CapabilityStats] = {"": CapabilityStats(self.NO_CAPABILITY,
+                                                                             self.DURATION_BUCKETS)}
+        self._other = CapabilityStats(self.OTHER_CAPABILITY, self.DURATION_BUCKETS)
         self.attempts: collections.Counter[str] = collections.Counter()  # by outcome kind
         # A2A calls that name a task or context: owner found (hit), not known (miss), owner gone; cards served.
         self.a2a: collections.Counter[str] = collections.Counter()
-        self.durations = Buckets(self.DURATION_BUCKETS)
         self.connections = 0
         self.upstream_connections = 0
         self.pool_reuses = 0
@@ -253,21 +272,40 @@ class ProxyMetrics:
             ["kind"], registry=registry)
         registry.register(self)  # type: ignore[arg-type]
 
-    def observe_duration(self, seconds: float) -> None:
+    def of_capability(self, capability: str, new: bool = True) -> CapabilityStats:
+        """The stats of requests routed to ``capability`` ("": none): its own, or ``_other``'s once
+        ``MAX_CAPABILITIES`` have one (or, with ``new`` false, when it has none yet)."""
+        found = self.capabilities.get(capability)
+        if found is not None:
+            return found
+        if (not new or len(self.capabilities) > self.MAX_CAPABILITIES
+                or capability in (self.NO_CAPABILITY, self.OTHER_CAPABILITY)):
+            return self._other
+        found = self.capabilities[capability] = CapabilityStats(capability, self.DURATION_BUCKETS)
+        return found
+
+    def observe_duration(self, seconds: float, capability: str = "") -> None:
         """Record one request's time from request head to response head sent."""
-        self.durations.observe(seconds)
+        self.of_capability(capability).durations.observe(seconds)
 
     def describe(self) -> list[object]:
         return list(self.collect())
 
     def collect(self) -> list[object]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         requests = CounterMetricFamily(
-            "sidecar_proxy_requests", "Requests answered, by kind (capability, name, id, external, connect) "
-            "and outcome (ok or an error code).", labels=["kind", "outcome"])
-        for (kind, outcome), count in sorted(self.requests.items()):
-            requests.add_metric([kind, outcome], count)
+            "sidecar_proxy_requests", "Requests answered, by kind (capability, name, id, external, connect), "
+            "capability (- for none, _other past the limit) and outcome (ok or an error code).",
+            labels=["kind", "capability", "outcome"])
+        for (kind, capability, outcome), count in sorted(self.requests.items()):
+            requests.add_metric([kind, capability, outcome], count)
+        durations = HistogramMetricFamily("sidecar_proxy_request_duration_seconds",
+                                          "Time from request head to response head sent, by capability.",
+                                          labels=["capability"])
+        timed = [*self.capabilities.values(), *([self._other] if any(self._other.durations.counts) else [])]
+        for stats in sorted(timed, key=lambda stats: stats.capability):
+            stats.durations.add_to(durations, [stats.capability])
         attempts = CounterMetricFamily("sidecar_proxy_upstream_attempts", "Upstream attempts, by outcome kind.",
                                        labels=["outcome"])
         for outcome, count in sorted(self.attempts.items()):
@@ -281,8 +319,7 @@ class ProxyMetrics:
         return [
             a2a,
             requests,
-            self.durations.family("sidecar_proxy_request_duration_seconds",
-                                  "Time from request head to response head sent."),
+            durations,
             attempts,
             GaugeMetricFamily("sidecar_proxy_client_connections", "Client connections open.",
                               value=self.connections),

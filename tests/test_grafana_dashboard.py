@@ -167,6 +167,12 @@ def test_the_dashboard_shows_what_the_issue_asks(dashboard: dict[str, Any]) -> N
         "sidecar_registry_snapshot_stale_seconds", "sidecar_registry_etcd_up",  # snapshot age, etcd
         "sidecar_config_version",
     } <= used
+    # Proxy rps, errors and latency per capability: every expression over them groups by capability.
+    per_request = {"sidecar_proxy_requests_total", "sidecar_proxy_request_duration_seconds_bucket"}
+    ungrouped = [where for where, expr in expressions(dashboard)
+                 if metric_names(expr) & per_request and not where.startswith("variable")
+                 and "capability" not in {n.strip() for g in _GROUPING_LABELS.findall(expr) for n in g.split(",")}]
+    assert not ungrouped, f"not by (capability): {ungrouped}"
 
 
 def test_panels_are_well_formed(dashboard: dict[str, Any]) -> None:

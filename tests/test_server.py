@@ -42,7 +42,7 @@ async def test_proxy_traffic_shows_in_metrics_and_breaker_state_in_agents(make_s
             # Scraped right away: the proxy's cheap counters are folded in before rendering.
             async with http.get(url + "/metrics") as response:
                 text = await response.text()
-            assert 'sidecar_proxy_requests_total{kind="capability",outcome="ok"} 3.0' in text
+            assert 'sidecar_proxy_requests_total{capability="echo",kind="capability",outcome="ok"} 3.0' in text
             async with http.get(url + "/v1/agents/echo-1") as response:
                 assert (await response.json())["breaker"] == "closed"
     finally:

@@ -205,12 +205,17 @@ class Machine:
                 self.last_agent = choice.agent.id
                 return RETRY
         metrics = self.metrics
-        # ``metrics.observe_duration`` without its two Python calls (this module is compiled).
+        route = self.route
+        # ``metrics.observe_duration`` without its Python calls (this module is compiled): one dict
+        # lookup for the capability's stats (``of_capability`` only the first time, or past the limit).
+        stats = metrics.capabilities.get(route.capability)
+        if stats is None:
+            stats = metrics.of_capability(route.capability)
         elapsed = now - self.started
-        durations = metrics.durations
+        durations = stats.durations
         durations.counts[bisect_left(durations.bounds, elapsed)] += 1
         durations.sum += elapsed
-        metrics.requests[(self.route.kind, "ok")] += 1
+        metrics.requests[(route.kind, stats.capability, "ok")] += 1
         return UPGRADE if upgraded else RELAY
 
     def _account(self, choice: Choice, kind: OutcomeKind, status: int, backoff: float, sent: bool,

@@ -95,8 +95,20 @@ class Relay:
         self._routes.clear()
 
     # Per-request counters are plain ints and dicts, read by the metrics collector at scrape time.
-    def count(self, kind: str, outcome: str) -> None:
-        self.metrics.requests[(kind, outcome)] += 1
+    def count(self, kind: str, outcome: str, capability: str = ProxyMetrics.NO_CAPABILITY) -> None:
+        self.metrics.requests[(kind, capability, outcome)] += 1
+
+    def _capability(self, request: Request, kind: str, outcome: str) -> str:
+        """The ``capability`` label of a request answered with an error: its route's capability, routed again
+        from the request (errors only: the answered path never pays for it); ``-`` when it names none."""
+        if kind != "capability":
+            return ProxyMetrics.NO_CAPABILITY
+        try:
+            route = self._route(self._target(request)[0])
+        except ProxyError:
+            return ProxyMetrics.NO_CAPABILITY
+        # A capability nobody registered gets no label value of its own.
+        return self.metrics.of_capability(route.capability, outcome != "unknown_target").capability
 
     # -- one request
 
@@ -140,7 +152,7 @@ class Relay:
     def answer(self, client: ClientConnection, request: Request, kind: str, err: ProxyError) -> bool:
         """Send ``err`` as the response; whether the client connection may stay open."""
         status, code = error_status(err)
-        self.count(kind, code)
+        self.count(kind, code, self._capability(request, kind, code))
         if request.trace is not None:
             request.trace.answered(status, code, err.agent_id)
         keep = request.keep_alive and request.body_done and request.error is None and not request.upgrade
@@ -382,7 +394,7 @@ class Relay:
         if body is None:
             return False
         self.metrics.a2a["card_served" if stored is not None else "card_fetched"] += 1
-        self.count(route.kind, "ok")
+        self.count(route.kind, "ok", self.metrics.of_capability(route.capability).capability)
         client.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                      b"x-sidecar-agent: %s\r\n%s\r\n%s" % (len(body), agent.id.encode(),
                                                            b"" if request.keep_alive else b"connection: close\r\n",

@@ -78,7 +78,7 @@ def test_success_relays_and_pools() -> None:
     assert m.head(200, [], False, True, rig.clock()) == RELAY
     assert m.fold  # the success opened a batch: the driver folds it at the end of the loop turn
     assert m.reported == "success"
-    assert rig.metrics.attempts["success"] == 1 and rig.metrics.requests[("capability", "ok")] == 1
+    assert rig.metrics.attempts["success"] == 1 and rig.metrics.requests[("capability", "chat", "ok")] == 1
     assert m.ended(False, True, False, True) == POOL
     assert m.keep and rig.in_flight(picked) == 0 and rig.admitted() == 0
     assert m.tried == [picked]
@@ -272,7 +272,7 @@ def test_passthrough() -> None:
     m.depart(rig.clock())
     assert m.head(200, [], False, True, rig.clock()) == RELAY
     assert m.reported == "" and not rig.metrics.attempts  # no agent outcome
-    assert rig.metrics.requests[("external", "ok")] == 1
+    assert rig.metrics.requests[("external", "-", "ok")] == 1
     assert m.ended(False, True, False, True) == POOL
     m = rig.machine(target=OUTSIDE)
     m.choose()

@@ -16,25 +16,46 @@ def lines(text: bytes, name: str) -> list[str]:
 def test_duration_histogram_equals_a_prometheus_histogram_fed_each_value() -> None:
     metrics = Metrics()
     direct_registry = CollectorRegistry()
-    direct = Histogram("sidecar_proxy_request_duration_seconds", "d", buckets=ProxyMetrics.DURATION_BUCKETS,
-                       registry=direct_registry)
+    direct = Histogram("sidecar_proxy_request_duration_seconds", "d", ["capability"],
+                       buckets=ProxyMetrics.DURATION_BUCKETS, registry=direct_registry)
+    direct.labels("-")  # requests naming no capability: always exported, first by label value
     for value in VALUES:
-        metrics.proxy.observe_duration(value)
-        direct.observe(value)
+        metrics.proxy.observe_duration(value, "chat")
+        direct.labels("chat").observe(value)
     name = "sidecar_proxy_request_duration_seconds"
     assert lines(metrics.exposition(), name) == lines(generate_latest(direct_registry), name)
 
 
 def test_request_and_attempt_counters_are_exposed_with_their_labels() -> None:
     metrics = Metrics()
-    metrics.proxy.requests[("capability", "ok")] += 2
-    metrics.proxy.requests[("id", "upstream_error")] += 1
+    metrics.proxy.requests[("capability", "chat", "ok")] += 2
+    metrics.proxy.requests[("id", "-", "upstream_error")] += 1
     metrics.proxy.attempts["success"] += 3
     metrics.proxy.pool_reuses += 4
     metrics.proxy.connections += 1
     text = metrics.exposition().decode()
-    assert 'sidecar_proxy_requests_total{kind="capability",outcome="ok"} 2.0' in text
-    assert 'sidecar_proxy_requests_total{kind="id",outcome="upstream_error"} 1.0' in text
+    assert 'sidecar_proxy_requests_total{capability="chat",kind="capability",outcome="ok"} 2.0' in text
+    assert 'sidecar_proxy_requests_total{capability="-",kind="id",outcome="upstream_error"} 1.0' in text
     assert 'sidecar_proxy_upstream_attempts_total{outcome="success"} 3.0' in text
     assert "sidecar_proxy_upstream_connection_reuses_total 4.0" in text
     assert "sidecar_proxy_client_connections 1.0" in text
+
+
+def test_capability_label_values_are_bounded() -> None:
+    """The first MAX_CAPABILITIES capabilities get a value each; later ones, reserved words and (when asked
+    not to make one) unknown ones share ``_other``; "" is ``-``. Whatever is asked, the series stay bounded."""
+    proxy = ProxyMetrics(CollectorRegistry())
+    limit = ProxyMetrics.MAX_CAPABILITIES
+    assert proxy.of_capability("").capability == "-"
+    assert proxy.of_capability("typo", new=False).capability == "_other" and "typo" not in proxy.capabilities
+    for i in range(limit + 50):
+        proxy.observe_duration(0.001, f"cap{i}")
+    assert proxy.of_capability("cap0").capability == "cap0"
+    assert proxy.of_capability(f"cap{limit - 1}").capability == f"cap{limit - 1}"
+    assert proxy.of_capability(f"cap{limit}").capability == "_other"
+    assert proxy.of_capability("_other") is proxy.of_capability("-") is proxy.of_capability(f"cap{limit + 9}")
+    assert len(proxy.capabilities) == limit + 1  # and "" for "-"
+    [durations] = [f for f in proxy.collect() if getattr(f, "name", "") == "sidecar_proxy_request_duration_seconds"]
+    counts = {s.labels["capability"]: s.value for s in durations.samples if s.name.endswith("_count")}
+    assert len(counts) == limit + 2 and counts["_other"] == 50 and counts["cap7"] == 1 and counts["-"] == 0
+

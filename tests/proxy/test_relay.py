@@ -270,6 +270,28 @@ async def test_passthrough_plain_and_connect(harness: Harness) -> None:
         writer.close()
 
 
+async def test_request_metrics_carry_the_capability_routed_to(harness: Harness) -> None:
+    """capability: the in-zone capability (also for a tagged name and for errors); "-" for a name, an id,
+    passthrough; a capability nobody registered is counted under "_other" and gets no value of its own."""
+    b0, b1, b2 = harness.backends
+    harness.register(b0.agent(), b1.agent(capabilities=("sick",), status="unhealthy"))
+    proxy = await harness.start()
+    for host in ("chat.agents.local", "chat.agents.local", "gpu.chat.agents.local", "nothing.agents.local",
+                 "sick.agents.local", "chatbot.service.agents.local", f"127.0.0.1:{b2.port}"):
+        await harness.get(host)
+    metrics = proxy.metrics
+    assert dict(metrics.requests) == {
+        ("capability", "chat", "ok"): 2,
+        ("capability", "chat", "unknown_target"): 1,  # no agent has the tag: the capability is known
+        ("capability", "_other", "unknown_target"): 1,
+        ("capability", "sick", "no_healthy_agent"): 1,
+        ("name", "-", "ok"): 1,
+        ("external", "-", "ok"): 1,
+    }
+    assert "nothing" not in metrics.capabilities
+    assert {c: sum(s.durations.counts) for c, s in metrics.capabilities.items()} == {"": 2, "chat": 2, "sick": 0}
+
+
 async def test_smuggling_bad_request_line_and_oversized_headers(harness: Harness) -> None:
     await harness.start(proxy={"listen": "127.0.0.1:0", "max_header_bytes": 2048})
     smuggle = (b"POST / HTTP/1.1\r\nHost: chat.agents.local\r\nContent-Length: 4\r\n"
@@ -417,8 +439,8 @@ async def test_fast_path_retries_a_failure_status_elsewhere(harness: Harness) ->
     attempts = proxy.metrics.attempts
     assert attempts["failure_status"] == 2
     assert attempts["success"] == 4 + 4
-    assert proxy.metrics.requests["capability", "ok"] == 4 + 4
-    assert proxy.metrics.durations.sum > 0
+    assert proxy.metrics.requests["capability", "chat", "ok"] == 4 + 4
+    assert proxy.metrics.capabilities["chat"].durations.sum > 0
 
 
 async def test_fast_path_follows_a_new_snapshot(harness: Harness) -> None:

@@ -234,12 +234,18 @@ class ProxyMetrics:
     answered; requests to any later one (and to one nobody registered: ``unknown_target``) are
     counted under ``_other``, so the series stay bounded whatever gets registered or asked for.
     The request path finds a capability's ``CapabilityStats`` with one dict lookup.
+
+    Breaker states are read at scrape time from ``breakers`` (the proxy sets it): the number of
+    breakers in each state, and the state of each agent whose breaker is not closed (at most
+    ``MAX_BREAKER_AGENTS`` of them, by agent id).
     """
 
     DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
     MAX_CAPABILITIES = 200
     NO_CAPABILITY = "-"
     OTHER_CAPABILITY = "_other"
+    MAX_BREAKER_AGENTS = 100
+    BREAKER_STATES = ("closed", "open", "half_open")
 
     def __init__(self, registry: CollectorRegistry) -> None:
         import collections
@@ -257,13 +263,12 @@ class ProxyMetrics:
         self.upstream_connections = 0
         self.pool_reuses = 0
         self.tunnels = 0
+        # (number of breakers, {agent id: state} of those not closed); set by the proxy.
+        self.breakers: Callable[[], tuple[int, Mapping[str, str]]] = lambda: (0, {})
         self.retries = Counter(
             "sidecar_proxy_retries_total", "Requests sent again to another agent.", registry=registry)
         self.retry_budget_exhausted = Counter(
             "sidecar_proxy_retry_budget_exhausted_total", "Retries refused by the retry budget.", registry=registry)
-        self.breaker_state = Gauge(
-            "sidecar_proxy_breaker_state", "Circuit breaker state per agent: 0 closed, 1 open, 2 half_open.",
-            ["agent"], registry=registry)
         self.breaker_transitions = Counter(
             "sidecar_proxy_breaker_transitions_total", "Circuit breaker state changes, by new state.", ["state"],
             registry=registry)
@@ -328,7 +333,29 @@ class ProxyMetrics:
             CounterMetricFamily("sidecar_proxy_upstream_connection_reuses",
                                 "Requests sent on a pooled upstream connection.", value=self.pool_reuses),
             GaugeMetricFamily("sidecar_proxy_tunnels", "CONNECT and Upgrade tunnels open.", value=self.tunnels),
+            *self._breaker_families(),
         ]
+
+    def _breaker_families(self) -> list[object]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        total, tripped = self.breakers()
+        counts = dict.fromkeys(self.BREAKER_STATES, 0)
+        for state in tripped.values():
+            counts[state] = counts.get(state, 0) + 1
+        counts["closed"] = total - sum(counts[state] for state in counts if state != "closed")
+        breakers = GaugeMetricFamily("sidecar_proxy_breakers", "Circuit breakers held, by state.", labels=["state"])
+        for state, count in counts.items():
+            breakers.add_metric([state], count)
+        per_agent = GaugeMetricFamily(
+            "sidecar_proxy_breaker_state", f"Circuit breaker state of agents whose breaker is not closed (at most "
+            f"{self.MAX_BREAKER_AGENTS}, by agent id): 1 open, 2 half_open.", labels=["agent"])
+        for agent_id in sorted(tripped)[:self.MAX_BREAKER_AGENTS]:
+            per_agent.add_metric([agent_id], _BREAKER_VALUES.get(tripped[agent_id], 1))
+        return [breakers, per_agent]
+
+
+_BREAKER_VALUES = {"closed": 0, "open": 1, "half_open": 2}
 
 
 class HealthMetrics:

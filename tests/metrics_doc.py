@@ -107,7 +107,8 @@ def series(families: dict[str, Family]) -> set[str]:
 @contextlib.asynccontextmanager
 async def busy_sidecar(make_server: Callable[..., object]) -> AsyncIterator[Server]:
     """A running sidecar that has served DNS (in-zone, forwarded to a dead upstream, malformed, a stray response),
-    a proxied request to its healthy local agent, and active health checks: most families have samples."""
+    proxied requests to its healthy local agent and to a dead one (whose breaker opens), and active health
+    checks: most families have samples."""
     backend = await HttpAgent().start()
     port = backend.port
     try:
@@ -142,6 +143,16 @@ async def busy_sidecar(make_server: Callable[..., object]) -> AsyncIterator[Serv
             async with http.post(f"http://{proxy_host}:{proxy_port}/health", headers={"Host": "echo.agents.local"},
                                  json={"jsonrpc": "2.0", "id": 1, "method": "tasks/get", "params": {"id": "t"}}):
                 pass
+            # An agent nobody listens for: its requests fail until its breaker opens (the breaker gauges).
+            await server.control.register({"id": "dead-1", "name": "dead", "address": "127.0.0.1",
+                                           "port": free_port(), "capabilities": ["dead"], "ttl": "30s"})
+            await eventually(lambda: "dead-1" in server.catalog.snapshot.by_id, what="the dead agent in the snapshot")
+            for _ in range(20):
+                if server.proxy.breaker_state("dead-1") == "open":
+                    break
+                async with http.get(f"http://{proxy_host}:{proxy_port}/", headers={"Host": "dead.agents.local"}):
+                    pass
+            assert server.proxy.breaker_state("dead-1") == "open"
         yield server
     finally:
         await backend.stop()

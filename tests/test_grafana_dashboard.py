@@ -163,7 +163,7 @@ def test_the_dashboard_shows_what_the_issue_asks(dashboard: dict[str, Any]) -> N
     assert {
         "sidecar_dns_queries_total", "sidecar_dns_query_duration_seconds_bucket",  # DNS qps and latency
         "sidecar_proxy_requests_total", "sidecar_proxy_request_duration_seconds_bucket",  # proxy rps, errors, latency
-        "sidecar_proxy_breaker_state", "sidecar_proxy_breaker_transitions_total",  # breakers
+        "sidecar_proxy_breakers", "sidecar_proxy_breaker_state", "sidecar_proxy_breaker_transitions_total",
         "sidecar_registry_snapshot_stale_seconds", "sidecar_registry_etcd_up",  # snapshot age, etcd
         "sidecar_config_version",
     } <= used

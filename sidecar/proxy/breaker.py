@@ -126,6 +126,12 @@ class Breakers:
         """The state of every agent this sidecar has a breaker for (for /v1/agents and metrics)."""
         return {agent_id: _STATES[b.cb.current_state] for agent_id, b in self._breakers.items()}
 
+    def not_closed(self) -> tuple[int, dict[str, State]]:
+        """(how many breakers there are, the state of each that is not closed): for metrics, in
+        proportion to the breakers not closed, not to every breaker."""
+        return len(self._breakers), {agent_id: _STATES[self._breakers[agent_id].cb.current_state]
+                                     for agent_id in self._tripped if agent_id in self._breakers}
+
     def available(self, agent_id: str) -> bool:
         """Whether ``admit`` would let an attempt through now (no side effects)."""
         if not self.settings.enabled or agent_id not in self._tripped:

@@ -23,8 +23,6 @@ from .relay import Relay
 
 log = logging.getLogger(__name__)
 
-_STATE_VALUES = {"closed": 0, "open": 1, "half_open": 2}
-
 
 def _registered(snapshot: Snapshot, agent_id: str) -> bool:
     return any(a.id == agent_id for a in snapshot.by_id.get(label(agent_id), ()))
@@ -52,6 +50,7 @@ class ProxyServer:
         # A2A routing: who holds each task and context, and the registry's cards to answer from.
         self.a2a = A2aRouting(Owners(a2a.max_tasks, a2a.max_contexts, a2a.ttl, clock), cards or CardIndex(),
                               a2a.max_body, settings.proxy.stream_idle_timeout)
+        metrics.breakers = lambda: self.policy.breakers.not_closed()  # read at scrape time
         self._relay: Relay | None = None
         self._server: asyncio.Server | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -62,18 +61,16 @@ class ProxyServer:
         self.address: tuple[str, int] | None = None
 
     def _breaker_changed(self, agent_id: str, state: State) -> None:
-        self.metrics.breaker_state.labels(agent_id).set(_STATE_VALUES[state])
         self.metrics.breaker_transitions.labels(state).inc()
         log.info("circuit breaker of agent %s is %s", agent_id, state)
 
     def _on_snapshot(self, snapshot: Snapshot, events: Sequence[Event]) -> None:
-        """Forget the per-agent state (breakers, loads, breaker gauges) of agents that left: those the
+        """Forget the per-agent state (breakers, loads) of agents that left: those the
         events removed, found in the previous snapshot, so a change costs in proportion to its events,
         not to the registry; a Reset (or the first snapshot seen) checks every agent."""
         previous, self._previous = self._previous, snapshot
         if previous is None or any(isinstance(event, Reset) for event in events):
             live = set(snapshot.agents[k].id for k in snapshot.agents)
-            self._drop_gauges([a for a in self.policy.breakers.states() if a not in live])
             self._lingering = set(self.policy.retain(live))
             return
         gone = set(self._lingering)
@@ -85,17 +82,9 @@ class ProxyServer:
                 gone.add(old.id)
         gone = {agent_id for agent_id in gone if not _registered(snapshot, agent_id)}
         if gone:
-            self._drop_gauges(gone)
             self._lingering = set(self.policy.forget(gone))
         else:
             self._lingering = set()
-
-    def _drop_gauges(self, agent_ids: Iterable[str]) -> None:
-        for agent_id in agent_ids:
-            try:
-                self.metrics.breaker_state.remove(agent_id)
-            except KeyError:
-                pass
 
     async def start(self) -> None:
         """Listen on ``proxy.listen``."""

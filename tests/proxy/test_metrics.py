@@ -59,3 +59,16 @@ def test_capability_label_values_are_bounded() -> None:
     counts = {s.labels["capability"]: s.value for s in durations.samples if s.name.endswith("_count")}
     assert len(counts) == limit + 2 and counts["_other"] == 50 and counts["cap7"] == 1 and counts["-"] == 0
 
+
+def test_breakers_are_counted_by_state_and_listed_per_agent_only_when_not_closed() -> None:
+    metrics = Metrics()
+    not_closed = {f"a{i:03}": "open" for i in range(ProxyMetrics.MAX_BREAKER_AGENTS + 20)} | {"h": "half_open"}
+    metrics.proxy.breakers = lambda: (len(not_closed) + 5, not_closed)
+    registry = metrics.collector_registry
+    assert registry.get_sample_value("sidecar_proxy_breakers", {"state": "closed"}) == 5
+    assert registry.get_sample_value("sidecar_proxy_breakers", {"state": "open"}) == 120
+    assert registry.get_sample_value("sidecar_proxy_breakers", {"state": "half_open"}) == 1
+    per_agent = [line for line in lines(metrics.exposition(), "sidecar_proxy_breaker_state{")]
+    assert len(per_agent) == ProxyMetrics.MAX_BREAKER_AGENTS  # by agent id: a000..a099
+    assert per_agent[0] == 'sidecar_proxy_breaker_state{agent="a000"} 1.0'
+    assert registry.get_sample_value("sidecar_proxy_breaker_state", {"agent": "h"}) is None  # past the limit

@@ -24,8 +24,8 @@ from .dynamic import (
     document_at,
     document_history,
     read_document,
+    starting_document,
     validate_document,
-    with_document,
     write_document,
 )
 from .errors import ConfigError, SidecarError, ValidationError
@@ -43,10 +43,11 @@ async def run(settings: Settings, stop: asyncio.Event, reread: Callable[[], Sett
 
     client = _client(settings.etcd)
     try:
-        settings = await with_document(settings, client)
+        starting = await starting_document(settings, client)
     finally:
         await client.close()
-    server = Server(settings)
+    # The store keeps ``settings`` as the base every version is laid over; the document is not merged in.
+    server = Server(settings, starting=starting)
 
     def reload() -> None:
         try:

@@ -2,9 +2,10 @@
 
 The document at ``{prefix}/config/sidecar`` is JSON with the settings'
 sections at its top level. Its version is its etcd mod revision. Every
-sidecar watches it; a valid document is laid over the settings the sidecar
-started with (document > flag > env > file > default, for the keys it sets)
-and handed to ``apply(old, new)``; keys that are only read at start are
+sidecar watches it; a valid document is laid over the sidecar's own settings
+(document > flag > env > file > default, for the keys it sets; never over an
+earlier version, so the keys a version leaves out fall back) and handed to
+``apply(old, new)``; keys that are only read at start are
 reported as needing a restart. An invalid document is rejected with the key
 and value named, and the last good configuration stays in force.
 """
@@ -133,22 +134,31 @@ async def document_at(etcd: EtcdClient, prefix: str, version: int) -> dict[str, 
     return parse_document(kv.value, f"version {version}")
 
 
-async def with_document(settings: Settings, etcd: EtcdClient) -> Settings:
-    """``settings`` with the stored document over it, read once at start (restart-only keys included)."""
+@dataclass(frozen=True, slots=True)
+class Starting:
+    """The stored document a sidecar starts with: its version, the document and what it gives over the base."""
+
+    version: int
+    document: dict[str, Any]
+    settings: Settings
+
+
+async def starting_document(base: Settings, etcd: EtcdClient) -> Starting | None:
+    """The stored document over ``base``, read once at start (restart-only keys included); None without one."""
     try:
-        version, document = await read_document(etcd, settings.etcd.prefix)
+        version, document = await read_document(etcd, base.etcd.prefix)
     except (RegistryUnavailable, ConfigError) as exc:
         log.warning("starting without the dynamic configuration (%s); it is applied once it can be read", exc)
-        return settings
+        return None
     if document is None:
-        return settings
+        return None
     try:
-        layered = validate_document(document, settings)
+        layered = validate_document(document, base)
     except ConfigError as exc:
         log.error("the dynamic configuration version %d is invalid, starting without it: %s", version, exc)
-        return settings
+        return None
     log.info("starting with the dynamic configuration version %d", version)
-    return layered
+    return Starting(version, document, layered)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,20 +172,25 @@ Apply = Callable[[Settings, Settings], None]
 class ConfigStore:
     """Follows the document in etcd and applies each valid version through ``apply(old, new)``."""
 
-    def __init__(self, etcd: EtcdClient, base: Settings, apply: Apply, metrics: ConfigMetrics) -> None:
+    def __init__(self, etcd: EtcdClient, base: Settings, apply: Apply, metrics: ConfigMetrics,
+                 starting: Starting | None = None) -> None:
+        """``base``: what flags, env and the file say; ``starting``: the document the process started with.
+
+        Every version (and a deleted document) is laid over ``base``, never over an earlier version, so
+        the keys a version leaves out fall back to file > default.
+        """
         self._etcd = etcd
         self.prefix = base.etcd.prefix
         self.key = config_key(self.prefix)
-        # What flags, env and the file say (restart-only keys as the process started with them).
         self._base = base
-        self.running = base
+        self.running = base if starting is None else starting.settings
         self._apply = apply
         self._metrics = metrics
-        self.version = 0
-        self.document: dict[str, Any] | None = None
+        self.version = 0 if starting is None else starting.version
+        self.document: dict[str, Any] | None = None if starting is None else dict(starting.document)
         self.error: dict[str, Any] | None = None
         self.needs_restart: list[str] = []
-        self.applied_at: float | None = None
+        self.applied_at: float | None = None if starting is None else time.time()
         self.watch: PrefixWatch[_Stored] = PrefixWatch(etcd, self.key, self._decode, self._on_changes,
                                                        name="config")
         metrics.version.set_function(lambda: self.version)

@@ -20,7 +20,7 @@ from .config import Settings, changes
 from .control import Control
 from .discovery import WatchHub
 from .dns import DnsServer
-from .dynamic import ConfigStore
+from .dynamic import ConfigStore, Starting
 from .errors import RevisionCompacted
 from .grpc_api import GrpcApi
 from .health import agent as local_agent
@@ -48,11 +48,14 @@ class Component(Protocol):
 class Server:
     """One sidecar: etcd sync, catalog, listeners and local agent, from one Settings."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, *, starting: Starting | None = None) -> None:
+        """``settings``: flags, env, file and defaults; ``starting``: the stored document read before start."""
         self.metrics = metrics or Metrics()
         etcd_settings = settings.etcd
         self.etcd = EtcdClient.from_settings(etcd_settings)
+        self.config = ConfigStore(self.etcd, settings, self.apply, self.metrics.config, starting)
+        # What is in force: the base with the starting document over it (the store keeps the base apart).
+        settings = self.settings = self.config.running
         self.catalog = Catalog()
         self.sync = CatalogSync(self.etcd, etcd_settings.prefix, self.catalog, self.metrics.registry)
         self.leases = LeaseKeeper(self.etcd, etcd_settings.prefix, self.metrics.registry,
@@ -65,7 +68,6 @@ class Server:
         self.cards = CardIndex()
         self.card_sync = CardSync(self.etcd, etcd_settings.prefix, self.cards, self.metrics.health,
                                   settings.a2a.max_card_bytes)
-        self.config = ConfigStore(self.etcd, settings, self.apply, self.metrics.config)
         # Listeners and workers, started in this order after the sync task.
         self.components: list[Component] = []
         self.dns = DnsServer(settings.dns, self.catalog, self.metrics.dns, local_zone=settings.agent.zone,

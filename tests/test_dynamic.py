@@ -5,17 +5,23 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import dns.asyncquery
 import dns.message
 import pytest
 
+from sidecar.dynamic import config_key
 from sidecar.server import Server
 
-from .etcd_process import EtcdProcess
+from .etcd_process import EtcdProcess, free_port
 from .sse import next_event
 from .waiting import eventually
 
@@ -214,56 +220,106 @@ async def test_a_change_keeps_streams_and_proxied_requests_going(make_server) ->
         await runner.cleanup()
 
 
-def test_sighup_rereads_the_file(etcd: EtcdProcess, prefix: str, tmp_path) -> None:
-    import signal
-    import time
-    import urllib.request
+class RunningSidecar:
+    """``sidecar run`` as a process (the path that reads the stored document at start), read through /v1/config."""
 
-    from .etcd_process import free_port
+    def __init__(self, etcd: EtcdProcess, prefix: str, config: Path, *, etcd_flags: bool = True) -> None:
+        self.admin = free_port()
+        self.proxy = free_port()
+        flags = ["--etcd-endpoints", etcd.endpoint, "--prefix", prefix] if etcd_flags else []
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("SIDECAR_", "ETCD_"))}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run", "--config", str(config), *flags,
+             "--admin-listen", f"127.0.0.1:{self.admin}", "--dns-listen", f"127.0.0.1:{free_port()}",
+             "--proxy-listen", f"127.0.0.1:{self.proxy}", "--grpc-listen", f"127.0.0.1:{free_port()}",
+             "--upstream-dns", "none", "--loop", "asyncio"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=environ)
 
-    config = tmp_path / "sidecar.yaml"
-    config.write_text("service_discovery:\n  dns: {ttl: 5}\n")
-    admin = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "run", "--config", str(config), "--etcd-endpoints", etcd.endpoint,
-         "--prefix", prefix, "--admin-listen", f"127.0.0.1:{admin}", "--dns-listen", f"127.0.0.1:{free_port()}",
-         "--proxy-listen", f"127.0.0.1:{free_port()}", "--grpc-listen", f"127.0.0.1:{free_port()}",
-         "--upstream-dns", "none", "--loop", "asyncio"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    def effective() -> dict | None:
+    def status(self) -> dict | None:
+        """``GET /v1/config``, or None while the admin API is not up."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/v1/config", timeout=2) as response:
-                return json.loads(response.read())["effective"]
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/v1/config", timeout=2) as response:
+                return json.loads(response.read())
         except OSError:
             return None
 
-    def wait(predicate) -> None:
+    def effective(self) -> dict:
+        return (self.status() or {}).get("effective", {})
+
+    def wait(self, predicate: Callable[[], object], what: str = "the sidecar") -> None:
         deadline = time.monotonic() + 30
         while not predicate():
-            assert process.poll() is None and time.monotonic() < deadline, "sidecar died or took too long"
+            assert self.process.poll() is None, "the sidecar died: " + self.process.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
             time.sleep(0.05)
 
-    try:
-        wait(lambda: (effective() or {}).get("dns", {}).get("ttl") == 5)
+    def stop(self) -> bytes:
+        """SIGTERM; the sidecar must end with status 0. Returns its stderr."""
+        self.process.send_signal(signal.SIGTERM)
+        _, err = self.process.communicate(timeout=30)
+        assert self.process.returncode == 0, err.decode()[-2000:]
+        return err
+
+    def __enter__(self) -> RunningSidecar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+
+def test_sighup_rereads_the_file(etcd: EtcdProcess, prefix: str, tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text("service_discovery:\n  dns: {ttl: 5}\n")
+    with RunningSidecar(etcd, prefix, config) as sidecar:
+        sidecar.wait(lambda: sidecar.effective().get("dns", {}).get("ttl") == 5)
         config.write_text("service_discovery:\n  dns: {ttl: 42}\n")
-        process.send_signal(signal.SIGHUP)
-        wait(lambda: effective()["dns"]["ttl"] == 42)
+        sidecar.process.send_signal(signal.SIGHUP)
+        sidecar.wait(lambda: sidecar.effective()["dns"]["ttl"] == 42)
         config.write_text("service_discovery:\n  dns: {ttl: [\n")
-        process.send_signal(signal.SIGHUP)
-        process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=30)
-        assert process.returncode == 0
-        assert b"SIGHUP: the configuration file is invalid" in err
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+        sidecar.process.send_signal(signal.SIGHUP)
+        assert b"SIGHUP: the configuration file is invalid" in sidecar.stop()
+
+
+def test_keys_a_version_drops_revert_on_a_sidecar_started_with_a_document(etcd: EtcdProcess, prefix: str,
+                                                                          tmp_path: Path) -> None:
+    """The document read at start is laid over the file like every later version, never merged into the base."""
+    first = cli("config", "set", "-", etcd=etcd, prefix=prefix,
+                stdin="dns: {ttl: 10}\nload_balancer: {algorithm: least_conn}\n")
+    assert first.returncode == 0, first.stderr
+    version = json.loads(cli("config", "show", etcd=etcd, prefix=prefix).stdout)["version"]
+    config = tmp_path / "sidecar.yaml"
+    config.write_text("service_discovery:\n  dns: {negative_ttl: 3, ttl: 7}\n")
+
+    def in_force() -> tuple[int, int, str, bool]:
+        effective = sidecar.effective()
+        return (effective["dns"]["ttl"], effective["dns"]["negative_ttl"], effective["load_balancer"]["algorithm"],
+                effective["sticky"]["enabled"])
+
+    with RunningSidecar(etcd, prefix, config) as sidecar:
+        sidecar.wait(lambda: (sidecar.status() or {}).get("version") == version, "the stored version")
+        assert in_force() == (10, 3, "least_conn", True)
+        assert sidecar.status()["needs_restart"] == []  # type: ignore[index]
+
+        dropped = cli("config", "set", "-", etcd=etcd, prefix=prefix, stdin="sticky: {enabled: false}\n")
+        assert dropped.returncode == 0, dropped.stderr
+        sidecar.wait(lambda: not sidecar.effective()["sticky"]["enabled"], "the second version")
+        assert in_force() == (7, 3, "weighted_random", False), "keys the version leaves out: file, else default"
+
+        rolled = cli("config", "rollback", str(version), etcd=etcd, prefix=prefix)
+        assert rolled.returncode == 0, rolled.stderr
+        sidecar.wait(lambda: sidecar.effective()["sticky"]["enabled"], "the rollback")
+        assert in_force() == (10, 3, "least_conn", True)
+
+        etcd.ctl("del", config_key(prefix))
+        sidecar.wait(lambda: (sidecar.status() or {}).get("version") == 0, "the deletion")
+        assert in_force() == (7, 3, "weighted_random", True), "no document: the file, else the defaults"
+        sidecar.stop()
 
 
 @pytest.mark.asyncio
 async def test_breaker_states_survive_a_change(make_server) -> None:
-    from .etcd_process import free_port
-
     server = await make_server()
     async with aiohttp.ClientSession() as http:
         async with http.post(base(server) + "/v1/agents", json={**AGENT, "id": "dead-1", "capabilities": ["dead"],

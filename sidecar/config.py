@@ -427,6 +427,18 @@ def changes(old: Any, new: Any, path: str = "", restart: bool = False) -> Iterat
             yield key, needs_restart
 
 
+def live_keys(schema: type[Any], path: str = "") -> Iterator[str]:
+    """The dotted keys of ``schema`` that change at run time (not marked restart, nor in a section that is)."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if f.metadata.get("restart"):
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from live_keys(hints[f.name], f"{path}{f.name}.")
+        else:
+            yield f"{path}{f.name}"
+
+
 def to_document(settings: Any) -> dict[str, Any]:
     """A settings object as plain JSON-able data (the document layout: sections at top level)."""
     def plain(value: Any) -> Any:

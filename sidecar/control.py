@@ -8,6 +8,7 @@ from dataclasses import replace
 from typing import Any
 
 from .catalog import Catalog
+from .config import RegistrySettings
 from .errors import FieldError, ValidationError
 from .model import Agent, new_agent_id, parse_agent
 from .registry.etcd import EtcdClient
@@ -24,6 +25,10 @@ class Control:
         self._etcd = etcd
         self._catalog = catalog
         self.default_ttl = default_ttl
+
+    def update(self, registry: RegistrySettings) -> None:
+        """Hot-apply ``registry.default_ttl`` for the next registrations (the current leases keep theirs)."""
+        self.default_ttl = registry.default_ttl
 
     def parse(self, data: object) -> Agent:
         """An agent from a client's JSON; ``id`` defaults to ``<name>-<random>``, ``ttl`` to the registry's."""

@@ -98,7 +98,7 @@ class DnsMetrics:
         self.forward_cache_misses = 0  # forwarded questions the forward cache did not have
         self.truncated = 0
         self.tcp_connections = 0
-        # The UDP listener's SO_RCVBUF as the kernel reports it, and its kernel drop count (set by the server).
+        # The UDP listener's SO_RCVBUF as the kernel reports it, and its kernel drop count (see udp_listener).
         self.udp_receive_buffer = 0
         self.udp_receive_drops: Callable[[], int | None] = lambda: None
         self._latency_counts = [0] * (len(self.LATENCY_BUCKETS) + 1)
@@ -107,6 +107,11 @@ class DnsMetrics:
             "sidecar_dns_forward_duration_seconds", "Time to answer a forwarded query (all upstream attempts).",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=registry)
         registry.register(self)  # type: ignore[arg-type]
+
+    def udp_listener(self, receive_buffer: int, drops: Callable[[], int | None]) -> None:
+        """The UDP listener's SO_RCVBUF as granted, and a reader of its kernel drop count (called at scrape)."""
+        self.udp_receive_buffer = receive_buffer
+        self.udp_receive_drops = drops
 
     def slot(self, stat: tuple[str, str]) -> int:
         """The index in ``exact_hits`` that counts queries answered with this (qtype, rcode)."""

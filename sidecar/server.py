@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from .admin import AdminApi
@@ -93,6 +93,8 @@ class Server:
             self.local_agent = local_agent.LocalAgent(settings.agent, settings.health_check, self.leases,
                                                       self.metrics.health, a2a_settings=settings.a2a)
             self.components.append(self.local_agent)
+        # Who takes which live sections at run time (see apply).
+        self.updates = self._updates()
         self._started: list[Component] = []
         self._listening = False
         self._member_sync: asyncio.Task[None] | None = None
@@ -109,29 +111,31 @@ class Server:
         return False
 
     def apply(self, old: Settings, new: Settings) -> None:
-        """Hand each component the sections of ``new`` that differ from ``old`` (live keys only)."""
+        """Hand each component the live sections it reads, when one of them differs between ``old`` and ``new``."""
         changed = {key.split(".", 1)[0] for key, restart in changes(old, new) if not restart}
         self.settings = new
-        if changed & {"load_balancer", "sticky", "proxy", "health_check"}:
-            self.proxy.update(new)
-        if changed & {"dns", "health_check"}:
-            self.dns.update(new.dns, panic=new.health_check.panic)
-        if "health_check" in changed:
-            self.outliers.update(new.health_check.outlier_detection)
-            if self.local_agent is not None:
-                self.local_agent.update(new.health_check)
-        if "registry" in changed:
-            self.control.default_ttl = new.registry.default_ttl
-            self.leases.update(new.registry.refresh_interval)
-        if "admin" in changed:
-            self.admin.update(new.admin)
-            self.grpc.update(new.admin)
-        if "a2a" in changed:
-            self.card_sync.max_card_bytes = new.a2a.max_card_bytes
-            if self.local_agent is not None:
-                self.local_agent.a2a = new.a2a
-        if "log_level" in changed:
-            logging.getLogger().setLevel(new.log_level.upper())
+        for sections, update in self.updates:
+            if sections & changed:
+                update(new)
+
+    def _updates(self) -> list[tuple[frozenset[str], Callable[[Settings], None]]]:
+        # Each component's update with the live sections it reads (a test checks that every live section of
+        # the schema is somebody's); each is given its sections, never another component's attributes.
+        agent = self.local_agent
+        return [
+            (frozenset({"load_balancer", "sticky", "proxy", "a2a", "health_check"}),
+             lambda s: self.proxy.update(s.load_balancer, s.sticky, s.proxy, s.a2a, panic=s.health_check.panic)),
+            (frozenset({"dns", "health_check"}), lambda s: self.dns.update(s.dns, panic=s.health_check.panic)),
+            (frozenset({"health_check"}), lambda s: self.outliers.update(s.health_check.outlier_detection)),
+            (frozenset({"health_check", "a2a"}),
+             lambda s: agent.update(s.health_check, s.a2a) if agent is not None else None),
+            (frozenset({"a2a"}), lambda s: self.card_sync.update(s.a2a)),
+            (frozenset({"registry"}), lambda s: self.control.update(s.registry)),
+            (frozenset({"registry"}), lambda s: self.leases.update(s.registry.refresh_interval)),
+            (frozenset({"admin"}), lambda s: self.admin.update(s.admin)),
+            (frozenset({"admin"}), lambda s: self.grpc.update(s.admin)),
+            (frozenset({"log_level"}), lambda s: logging.getLogger().setLevel(s.log_level.upper())),
+        ]
 
     def readiness(self) -> dict[str, Any]:
         """Ready once the first snapshot has synced and every listener is up."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import aiohttp
 import pytest
 from aiohttp import web
 
+from sidecar.config import Settings, live_keys
 from sidecar.server import Server
 
 from .test_admin import base
@@ -47,3 +50,22 @@ async def test_proxy_traffic_shows_in_metrics_and_breaker_state_in_agents(make_s
                 assert (await response.json())["breaker"] == "closed"
     finally:
         await runner.cleanup()
+
+
+async def test_every_live_section_reaches_a_component(make_server) -> None:
+    """``apply`` hands a changed section to the components that read it: none is left out."""
+    server: Server = await make_server()
+    taken = set().union(*(sections for sections, _ in server.updates))
+    live = {key.split(".", 1)[0] for key in live_keys(Settings)}
+    assert live <= taken, f"no component takes {sorted(live - taken)}"
+    assert "etcd" not in taken and "grpc" not in taken, "restart-only sections have no update"
+
+
+async def test_an_a2a_only_change_reaches_the_proxy_cards_and_local_agent(make_server) -> None:
+    server: Server = await make_server(agent={"name": "me", "port": 9})
+    old = server.settings
+    a2a = replace(old.a2a, max_body=4096, max_card_bytes=8192, max_tasks=64, card_refresh=45.0)
+    server.apply(old, replace(old, a2a=a2a))
+    assert server.proxy.a2a.max_body == 4096 and server.proxy.a2a.owners.max_tasks == 64
+    assert server.card_sync.max_card_bytes == 8192
+    assert server.local_agent is not None and server.local_agent.a2a == a2a

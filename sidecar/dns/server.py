@@ -136,8 +136,7 @@ class DnsServer:
     def _note_receive_buffer(self, protocol: UdpServer) -> None:
         """Expose the UDP listener's granted receive buffer and its kernel drop count; warn when capped."""
         requested, granted = self.settings.udp_receive_buffer, protocol.granted_buffer
-        self.metrics.udp_receive_buffer = granted
-        self.metrics.udp_receive_drops = protocol.drops
+        self.metrics.udp_listener(granted, protocol.drops)
         # Linux reports twice the size it granted: below the request means net.core.rmem_max capped it.
         if requested and granted < requested:
             log.warning("DNS UDP receive buffer: asked for %d bytes, the kernel gave %d (raise net.core.rmem_max "

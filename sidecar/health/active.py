@@ -70,6 +70,11 @@ class Tracker:
         self._penalty = 0.0
         self._penalty_at = 0.0
 
+    def update(self, failure_threshold: int, success_threshold: int) -> None:
+        """New thresholds, counted from the current streaks (the verdict and the flap penalty are kept)."""
+        self.failure_threshold = failure_threshold
+        self.success_threshold = success_threshold
+
     def penalty(self, now: float) -> float:
         """The decayed flap penalty at ``now``."""
         if self._penalty == 0.0 or self.damping.half_life <= 0:
@@ -140,8 +145,7 @@ class ActiveChecker:
     def update(self, settings: HealthCheckSettings) -> None:
         """Hot-apply interval, timeout and thresholds; the current verdict is kept."""
         self.settings = settings
-        self.tracker.failure_threshold = settings.failure_threshold
-        self.tracker.success_threshold = settings.success_threshold
+        self.tracker.update(settings.failure_threshold, settings.success_threshold)
 
     async def probe(self) -> Result:
         """One check, bounded by the timeout even if the check itself forgets to be."""

@@ -78,9 +78,10 @@ class LocalAgent:
             out["error"] = self.error
         return out
 
-    def update(self, checking: HealthCheckSettings) -> None:
-        """Hot-apply interval, timeout, thresholds and drain period; the current verdict is kept."""
+    def update(self, checking: HealthCheckSettings, a2a: A2aSettings) -> None:
+        """Hot-apply interval, timeout, thresholds, drain period and the card limits; the verdict is kept."""
         self.checking = checking
+        self.a2a = a2a
         if self.checker is not None:
             self.checker.update(checking)
 

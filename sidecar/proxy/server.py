@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -11,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from ..cards import CardIndex
 from ..catalog import Catalog, Delete, Event, Reset, Snapshot
-from ..config import HostPort, Settings
+from ..config import A2aSettings, HostPort, LoadBalancerSettings, ProxySettings, Settings, StickySettings
 from ..metrics import ProxyMetrics
 from ..model import Agent, label
 from ..tracing import Tracing
@@ -116,14 +117,16 @@ class ProxyServer:
             # Export the spans still queued (bounded by tracing.export_timeout) without blocking the loop.
             await asyncio.to_thread(self.tracing.shutdown)
 
-    def update(self, settings: Settings) -> None:
-        """Hot-apply the balancer, breaker, retry, sticky and proxy settings (not the listener)."""
-        self.settings = settings
-        self.policy.update(settings.load_balancer, settings.sticky, settings.proxy, panic=settings.health_check.panic)
-        self.a2a.update(settings.a2a, settings.proxy.stream_idle_timeout)
+    def update(self, load_balancer: LoadBalancerSettings, sticky: StickySettings, proxy: ProxySettings,
+               a2a: A2aSettings, *, panic: bool) -> None:
+        """Hot-apply the balancer, breaker, retry, sticky, proxy (not the listener) and A2A sections, and
+        ``health_check.panic``; breaker states, pins, load estimates and learnt task owners are kept."""
+        self.settings = dataclasses.replace(self.settings, load_balancer=load_balancer, sticky=sticky, proxy=proxy,
+                                            a2a=a2a)
+        self.policy.update(load_balancer, sticky, proxy, panic=panic)
+        self.a2a.update(a2a, proxy.stream_idle_timeout)
         if self._relay is not None:
-            self._relay.zone = settings.dns.domain
-            self._relay.update(settings.proxy)
+            self._relay.update(proxy)
 
     def breaker_state(self, agent_id: str) -> State:
         """closed, open or half_open: for ``/v1/agents``."""

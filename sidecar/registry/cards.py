@@ -10,6 +10,7 @@ import logging
 from collections.abc import Sequence
 
 from ..cards import CardIndex, StoredCard, decode_card
+from ..config import A2aSettings
 from ..errors import CardError
 from ..metrics import HealthMetrics
 from .etcd import EtcdClient
@@ -34,6 +35,10 @@ class CardSync:
         self._prefix = cards_prefix(prefix)
         self.watch: PrefixWatch[StoredCard] = PrefixWatch(etcd, self._prefix, self._decode, self._apply,
                                                           name="cards")
+
+    def update(self, a2a: A2aSettings) -> None:
+        """Hot-apply ``a2a.max_card_bytes`` for the cards read from now on (those held are kept)."""
+        self.max_card_bytes = a2a.max_card_bytes
 
     async def start(self) -> None:
         await self.watch.start()

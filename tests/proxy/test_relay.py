@@ -422,8 +422,8 @@ async def test_sticky_cookie_through_the_relay(harness: Harness) -> None:
 
 async def test_settings_swap_live(harness: Harness) -> None:
     proxy = await harness.start(load_balancer={"algorithm": "round_robin"})
-    settings = dataclasses.replace(proxy.settings, proxy=dataclasses.replace(proxy.settings.proxy, passthrough=False))
-    proxy.update(settings)
+    s = proxy.settings
+    proxy.update(s.load_balancer, s.sticky, dataclasses.replace(s.proxy, passthrough=False), s.a2a, panic=False)
     assert (await harness.get(f"127.0.0.1:{harness.backends[0].port}"))[0] == 403
 
 

@@ -28,6 +28,14 @@ Endpoints = typing.Annotated[tuple[str, ...], "endpoints"]
 # IP[:PORT] resolvers (port 53 by default), or the single word "none".
 Upstreams = typing.Annotated[tuple[str, ...], "upstreams"]
 FORWARDING_OFF = "none"
+# An HTTP header name: an RFC 7230 token.
+HeaderName = typing.Annotated[str, "header"]
+# A cookie name: an RFC 6265 cookie-name, which is the same token (never "=", ";", spaces or control bytes).
+CookieName = typing.Annotated[str, "cookie"]
+# The zone served: a DNS name of LDH labels (RFC 1035 / 1123), e.g. agents.local.
+Domain = typing.Annotated[str, "domain"]
+# The etcd key prefix: empty, or /segment[/segment...] (keys are {prefix}/services/..., {prefix}/config/...).
+Prefix = typing.Annotated[str, "prefix"]
 
 
 class HostPort(NamedTuple):
@@ -119,7 +127,7 @@ def _opt(default: Any = dataclasses.MISSING, *, min: float | None = None, max: f
 @dataclass(frozen=True)
 class EtcdSettings:
     endpoints: Endpoints = _opt(("http://127.0.0.1:2379",), restart=True)
-    prefix: str = _opt("", restart=True)
+    prefix: Prefix = _opt("", restart=True)
     dial_timeout: Duration = _opt(5.0, min=0.1, restart=True)
     request_timeout: Duration = _opt(5.0, min=0.1, restart=True)
     # How often the member list is read to dial added members and drop removed ones (0: never).
@@ -226,8 +234,9 @@ class LoadBalancerSettings:
     algorithm: Algorithm = "weighted_random"
     zone_preference: bool = False
     per_capability: Mapping[str, Algorithm] = _opt({})
-    hash_header: str = "X-Session-Id"
-    hash_cookie: str = ""
+    hash_header: HeaderName = "X-Session-Id"
+    # Empty: no cookie is hashed.
+    hash_cookie: typing.Annotated[str, "cookie", "or empty"] = ""
     circuit_breaker: CircuitBreakerSettings = _opt(CircuitBreakerSettings())
     retries: RetrySettings = _opt(RetrySettings())
 
@@ -240,7 +249,7 @@ class LoadBalancerSettings:
 @dataclass(frozen=True)
 class DnsSettings:
     listen: Listen = _opt("127.0.0.1:15053", restart=True)
-    domain: str = _opt("agents.local", restart=True)
+    domain: Domain = _opt("agents.local", restart=True)
     ttl: int = _opt(5, min=0, max=86400)
     negative_ttl: int = _opt(5, min=0, max=86400)
     # Empty: the nameservers of /etc/resolv.conf; ("none",) turns forwarding off.
@@ -294,8 +303,8 @@ class A2aSettings:
 @dataclass(frozen=True)
 class StickySettings:
     enabled: bool = True
-    cookie: str = "sidecar_affinity"
-    header: str = "X-Session-Id"
+    cookie: CookieName = "sidecar_affinity"
+    header: HeaderName = "X-Session-Id"
     cookie_max_age: Duration = _opt(3600.0, min=0.0)
 
 
@@ -500,6 +509,14 @@ def _coerce(hint: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
             parse_endpoints(coerced, key)
         elif "upstreams" in marks:
             _check_upstreams(coerced, key)
+        elif "header" in marks:
+            _check_token(coerced, key, "an HTTP header name (RFC 7230 token)")
+        elif "cookie" in marks and (coerced or "or empty" not in marks):
+            _check_token(coerced, key, "a cookie name (RFC 6265 token)")
+        elif "domain" in marks:
+            _check_domain(coerced, key)
+        elif "prefix" in marks:
+            _check_prefix(coerced, key)
         return coerced
     if dataclasses.is_dataclass(hint):
         return build(typing.cast(type, hint), value, key + ".")
@@ -554,6 +571,33 @@ def _coerce(hint: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
             raise ConfigError(key, value, "must be a mapping")
         return MappingProxyType({str(k): _coerce(item, v, f"{key}.{k}", {}) for k, v in value.items()})
     raise ConfigError(key, value, f"unsupported setting type {hint!r}")  # pragma: no cover
+
+
+# RFC 7230 tchar: what a header name (and an RFC 6265 cookie name) is made of.
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_LABEL = frozenset("-0123456789abcdefghijklmnopqrstuvwxyz")
+
+
+def _check_token(value: str, key: str, what: str) -> None:
+    if not value or not _TOKEN.issuperset(value):
+        raise ConfigError(key, value, f"must be {what}: letters, digits and !#$%&'*+-.^_`|~, not empty")
+
+
+def _check_domain(value: str, key: str) -> None:
+    name = value[:-1] if value.endswith(".") else value
+    if not name or len(name) > 253:
+        raise ConfigError(key, value, "must be a DNS name of 1 to 253 characters, e.g. agents.local")
+    for part in name.split("."):
+        if not 1 <= len(part) <= 63 or not _LABEL.issuperset(part.lower()) or part[0] == "-" or part[-1] == "-":
+            raise ConfigError(key, value, "must be a DNS name: labels of 1 to 63 letters, digits and inner "
+                              "hyphens, separated by dots, e.g. agents.local")
+
+
+def _check_prefix(value: str, key: str) -> None:
+    if value and (not value.startswith("/") or value.endswith("/") or "//" in value
+                  or any(c.isspace() or not c.isprintable() for c in value)):
+        raise ConfigError(key, value, "must be empty or /name[/name...] (a leading /, no trailing /), "
+                          "e.g. /prod: keys are {prefix}/services/...")
 
 
 def _check_upstreams(upstreams: tuple[str, ...], key: str) -> None:

@@ -9,6 +9,7 @@ import pytest
 from sidecar.config import HostPort, Settings, build, changes, to_document
 from sidecar.dynamic import validate_document
 from sidecar.errors import ConfigError
+from sidecar.model import parse_duration
 
 # (document, the dotted key the error names, a piece of its reason)
 BAD = [
@@ -66,6 +67,31 @@ BAD = [
     ({"tracing": {"sample_ratio": 1.5}}, "tracing.sample_ratio", "at most 1"),
     ({"log_level": "loud"}, "log_level", "one of"),
     ({"log_format": "xml"}, "log_format", "one of"),
+    ({"etcd": {"prefix": "noslash/"}}, "etcd.prefix", "leading /"),
+    ({"etcd": {"prefix": "/trailing/"}}, "etcd.prefix", "no trailing /"),
+    ({"etcd": {"prefix": "/a//b"}}, "etcd.prefix", "/name[/name...]"),
+    ({"etcd": {"prefix": "/with space"}}, "etcd.prefix", "/name[/name...]"),
+    ({"dns": {"domain": ""}}, "dns.domain", "1 to 253"),
+    ({"dns": {"domain": "bad domain!"}}, "dns.domain", "DNS name"),
+    ({"dns": {"domain": "agents..local"}}, "dns.domain", "labels of 1 to 63"),
+    ({"dns": {"domain": "-agents.local"}}, "dns.domain", "inner hyphens"),
+    ({"dns": {"domain": "a" * 64 + ".local"}}, "dns.domain", "1 to 63"),
+    ({"dns": {"domain": ".".join(["a" * 60] * 5)}}, "dns.domain", "253"),
+    ({"load_balancer": {"hash_header": "bad header"}}, "load_balancer.hash_header", "RFC 7230"),
+    ({"load_balancer": {"hash_header": ""}}, "load_balancer.hash_header", "not empty"),
+    ({"load_balancer": {"hash_cookie": "a=b"}}, "load_balancer.hash_cookie", "RFC 6265"),
+    ({"sticky": {"cookie": "a;b=c\r\nX: y"}}, "sticky.cookie", "RFC 6265"),
+    ({"sticky": {"cookie": ""}}, "sticky.cookie", "not empty"),
+    ({"sticky": {"header": ""}}, "sticky.header", "not empty"),
+    ({"sticky": {"header": "X-Session:\r\n"}}, "sticky.header", "RFC 7230"),
+    ({"sticky": {"enabled": "sometimes"}}, "sticky.enabled", "true or false"),
+    ({"a2a": {"max_body": 100}}, "a2a.max_body", "at least 1024"),
+    ({"a2a": {"max_card_bytes": 32 << 20}}, "a2a.max_card_bytes", "at most"),
+    ({"a2a": {"card_refresh": "500ms"}}, "a2a.card_refresh", "at least 1"),
+    ({"a2a": {"ttl": "for a while"}}, "a2a.ttl", "duration"),
+    ({"a2a": {"max_tasks": 1}}, "a2a.max_tasks", "at least 16"),
+    ({"a2a": {"max_contexts": "many"}}, "a2a.max_contexts", "integer"),
+    ({"a2a": {"max_bodies": 1}}, "a2a.max_bodies", "unknown key"),
     ({"dns": {"tll": 5}}, "dns.tll", "unknown key"),
     ({"dns": [1]}, "dns", "mapping"),
 ]
@@ -77,6 +103,24 @@ def test_every_bad_value_is_named(document: dict, key: str, reason: str) -> None
         build(Settings, document)
     assert caught.value.key == key, str(caught.value)
     assert reason in caught.value.reason
+    node: object = document
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if node is not None and not isinstance(node, dict):
+        # The value refused: the one given, one item of a list, or a duration in seconds.
+        named = caught.value.value
+        assert named == node or (isinstance(node, list) and named in node) or \
+            (isinstance(node, str) and named == parse_duration(node)), f"{named!r} is not the value given ({node!r})"
+        assert repr(named) in str(caught.value)
+
+
+def test_names_that_are_tokens_and_domains_that_are_dns_names_pass() -> None:
+    settings = build(Settings, {"sticky": {"cookie": "__Host-pin", "header": "X-Session-ID"},
+                                "load_balancer": {"hash_header": "x-user", "hash_cookie": "uid"},
+                                "dns": {"domain": "Agents.Example-1.local.", "max_udp_payload": 4096},
+                                "etcd": {"prefix": "/prod/team-a"}})
+    assert settings.sticky.cookie == "__Host-pin" and settings.dns.domain == "Agents.Example-1.local."
+    assert build(Settings, {"load_balancer": {"hash_cookie": ""}}).load_balancer.hash_cookie == ""
 
 
 def test_defaults_are_valid_and_never_shared() -> None:

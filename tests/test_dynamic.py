@@ -105,6 +105,9 @@ async def test_an_invalid_document_is_rejected_and_the_last_good_one_stays(make_
         assert status == 400 and body["code"] == "invalid_config" and body["key"] == "dns.ttl" and body["value"] == -5
         status, body = await put_config(http, server, {"proxy": {"listen": "127.0.0.1:1"}, "agent": {"name": "x"}})
         assert status == 400 and body["key"] == "agent"
+        injected = "a;b=c\r\nX-Injected: y"
+        status, body = await put_config(http, server, {"sticky": {"cookie": injected}})
+        assert status == 400 and body["key"] == "sticky.cookie" and body["value"] == injected, "no header injection"
         status, body = await put_config(http, server, {"sticky": {"enabled": False}})
         assert status == 200
         good = body["version"]

@@ -21,9 +21,11 @@ from .catalog import Catalog, Reset
 from .config import EtcdSettings, Settings, load_file_document
 from .discovery import Query, agents_document
 from .dynamic import (
+    config_key,
     document_at,
     document_history,
-    read_document,
+    parse_document,
+    read_stored,
     starting_document,
     validate_document,
     write_document,
@@ -211,11 +213,7 @@ async def config(args: argparse.Namespace, etcd: EtcdSettings) -> int:
     client = _client(etcd)
     try:
         if args.action == "show":
-            version, stored = await read_document(client, etcd.prefix)
-            print(json.dumps({"version": version, "document": stored or {}}, indent=2))
-            if not version:
-                print("no dynamic configuration is stored; every sidecar runs on its own settings", file=sys.stderr)
-            return 0
+            return await _show(client, etcd.prefix)
         if args.action == "history":
             versions = await document_history(client, etcd.prefix, args.limit)
             if args.json:
@@ -234,10 +232,35 @@ async def config(args: argparse.Namespace, etcd: EtcdSettings) -> int:
             document = await document_at(client, etcd.prefix, args.version)
         expected = args.expect_version
         if expected is None:
-            expected, _ = await read_document(client, etcd.prefix)
+            # Only the version: a stored value that does not parse is replaced like any other.
+            expected, _ = await read_stored(client, etcd.prefix)
         written = await write_document(client, etcd.prefix, document, expected)
         what = f"rolled back to version {args.version}" if args.action == "rollback" else "stored"
         print(f"{what}: configuration version {written} (was {expected or 'none'})")
         return 0
     finally:
         await client.close()
+
+
+async def _show(client: EtcdClient, prefix: str) -> int:
+    """The stored document and its version; one that does not parse or validate is shown with its error, status 1."""
+    version, raw = await read_stored(client, prefix)
+    if raw is None:
+        print(json.dumps({"version": 0, "document": {}}, indent=2))
+        print("no dynamic configuration is stored; every sidecar runs on its own settings", file=sys.stderr)
+        return 0
+    shown: dict[str, Any] = {"version": version}
+    try:
+        shown["document"] = parse_document(raw, config_key(prefix))
+        validate_document(shown["document"])
+    except ConfigError as exc:
+        shown.setdefault("document", None)
+        shown["error"] = str(exc)
+        if shown["document"] is None:
+            shown["raw"] = raw.decode(errors="replace")
+        print(json.dumps(shown, indent=2))
+        print(f"sidecar: the stored configuration version {version} is refused by every sidecar: {exc}; "
+              "`sidecar config set FILE` or `rollback VERSION` replaces it", file=sys.stderr)
+        return 1
+    print(json.dumps(shown, indent=2))
+    return 0

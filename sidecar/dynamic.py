@@ -85,12 +85,16 @@ def redacted(document: dict[str, Any]) -> dict[str, Any]:
     return document
 
 
-async def read_document(etcd: EtcdClient, prefix: str) -> tuple[int, dict[str, Any] | None]:
-    """(version, document) as stored now; (0, None) when there is none."""
+async def read_stored(etcd: EtcdClient, prefix: str) -> tuple[int, bytes | None]:
+    """(version, raw value) as stored now, parsed or not; (0, None) when there is none."""
     kv = await etcd.get_at(config_key(prefix))
-    if kv is None:
-        return 0, None
-    return kv.mod_revision, parse_document(kv.value, config_key(prefix))
+    return (0, None) if kv is None else (kv.mod_revision, kv.value)
+
+
+async def read_document(etcd: EtcdClient, prefix: str) -> tuple[int, dict[str, Any] | None]:
+    """(version, document) as stored now; (0, None) when there is none; ConfigError when it is not JSON."""
+    version, raw = await read_stored(etcd, prefix)
+    return version, None if raw is None else parse_document(raw, config_key(prefix))
 
 
 async def write_document(etcd: EtcdClient, prefix: str, document: Mapping[str, Any], expected: int) -> int:
@@ -187,6 +191,8 @@ class ConfigStore:
         self._apply = apply
         self._metrics = metrics
         self.version = 0 if starting is None else starting.version
+        # The version last seen stored, valid or not (0: none): what a write without If-Match replaces.
+        self.seen = self.version
         self.document: dict[str, Any] | None = None if starting is None else dict(starting.document)
         self.error: dict[str, Any] | None = None
         self.needs_restart: list[str] = []
@@ -216,9 +222,11 @@ class ConfigStore:
 
     def _take(self, stored: tuple[bytes, int] | None) -> None:
         if stored is None:
+            self.seen = 0
             self.reload(self._base, {}, 0)
             return
         raw, version = stored
+        self.seen = max(self.seen, version)
         if version < self.version or (version == self.version and self.error is None and self.document is not None):
             return  # already in force (a relist), or older than what is
         try:
@@ -287,10 +295,11 @@ class ConfigStore:
         }
 
     async def put(self, document: Any, expected: int | None = None) -> int:
-        """Validate and store a new version (CAS on ``expected``, default the version in force here)."""
+        """Validate and store a new version (CAS on ``expected``, default the version last seen stored, which is
+        the one in force here unless this sidecar rejected a later one)."""
         if not isinstance(document, Mapping):
             raise ConfigError("<document>", document, "must be a JSON object with the settings' sections")
-        return await write_document(self._etcd, self.prefix, document, self.version if expected is None else expected)
+        return await write_document(self._etcd, self.prefix, document, self.seen if expected is None else expected)
 
     async def history(self) -> list[dict[str, Any]]:
         return await document_history(self._etcd, self.prefix)

@@ -23,7 +23,7 @@ from .model import parse_agent, parse_duration
 Duration = typing.Annotated[float, "duration"]
 # HOST:PORT or [V6]:PORT; port 0 asks the kernel for a free one (tests).
 Listen = typing.Annotated[str, "listen"]
-# http://host:port URLs (a bare host:port is read as http://).
+# http:// or https:// host:port URLs, not mixed (a bare host:port is read as http://).
 Endpoints = typing.Annotated[tuple[str, ...], "endpoints"]
 # IP[:PORT] resolvers (port 53 by default), or the single word "none".
 Upstreams = typing.Annotated[tuple[str, ...], "upstreams"]
@@ -256,7 +256,8 @@ class DnsSettings:
     upstreams: Upstreams = ()
     upstream_timeout: Duration = _opt(2.0, min=0.05)
     a_mode: Literal["direct", "proxy"] = "direct"
-    max_udp_payload: int = _opt(4096, min=512, max=65535)
+    # 4096 at most: larger UDP answers fragment, and resolvers offer no more (RFC 6891 suggests 4096).
+    max_udp_payload: int = _opt(4096, min=512, max=4096)
     tcp_idle_timeout: Duration = _opt(10.0, min=0.1)
     # SO_RCVBUF asked for the UDP listener (bytes; 0: the kernel's default); Linux caps it at net.core.rmem_max.
     udp_receive_buffer: int = _opt(4 << 20, min=0, max=1 << 30, restart=True)

@@ -49,6 +49,7 @@ BAD = [
     ({"dns": {"ttl": -1}}, "dns.ttl", "at least 0"),
     ({"dns": {"a_mode": "proxy"}, "proxy": {"listen": "0.0.0.0:15001"}}, "dns.a_mode", "specific IP"),
     ({"dns": {"max_udp_payload": 100}}, "dns.max_udp_payload", "at least 512"),
+    ({"dns": {"max_udp_payload": 65535}}, "dns.max_udp_payload", "at most 4096"),
     ({"proxy": {"listen": "[::1]"}}, "proxy.listen", "needs a port"),
     ({"proxy": {"connect_timeout": "soon"}}, "proxy.connect_timeout", "duration"),
     ({"proxy": {"max_concurrency": 0}}, "proxy.max_concurrency", "at least 1"),

@@ -80,7 +80,7 @@ class DnsServer:
         if self.upstreams and settings.cache_size:
             forward_cache = ForwardCache(settings.cache_size, settings.cache_max_ttl)
         self.answers = Answers(self.zone, self.catalog.snapshot, self.metrics, forwarding=bool(self.upstreams),
-                               max_udp_payload=min(settings.max_udp_payload, 4096), forward_cache=forward_cache)
+                               max_udp_payload=settings.max_udp_payload, forward_cache=forward_cache)
         forwarder = Forwarder(self.upstreams, settings.upstream_timeout, self.metrics) if self.upstreams else None
         return self.answers, forwarder
 

@@ -6,18 +6,23 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import dns.asyncquery
 import dns.message
 import pytest
+import pytest_asyncio
+import yaml
+from aiohttp import web
 
+from sidecar.config import merge
 from sidecar.dynamic import config_key
 from sidecar.server import Server
 
@@ -166,75 +171,197 @@ async def test_keys_read_only_at_start_are_reported_as_needing_a_restart(make_se
     assert server.dns.port == port and server.settings.dns.listen != "127.0.0.1:1"
 
 
-@pytest.mark.asyncio
-async def test_a_change_keeps_streams_and_proxied_requests_going(make_server) -> None:
-    from aiohttp import web
+@pytest_asyncio.fixture
+async def backend() -> AsyncIterator[Callable[[web.Application], Awaitable[int]]]:
+    """``await backend(app)`` serves an aiohttp app on a free loopback port (its port); stopped after the test."""
+    runners: list[web.AppRunner] = []
 
-    hits = 0
+    async def start(app: web.Application) -> int:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def register(http: aiohttp.ClientSession, server: Server, count: int, **fields: object) -> None:
+    for i in range(count):
+        async with http.post(base(server) + "/v1/agents", json={**AGENT, "id": f"chat-{i}", **fields}) as response:
+            assert response.status == 201
+    await eventually(lambda: len(server.catalog.snapshot.by_capability.get("chat", ())) == count)
+
+
+@pytest.mark.asyncio
+async def test_a_change_keeps_streams_and_requests_in_flight_going(make_server, backend) -> None:
+    """Each change is applied while requests are held open at the agents, and while others keep arriving."""
+    inside = 0
+    release = asyncio.Event()
 
     async def hello(request: web.Request) -> web.Response:
-        nonlocal hits
-        hits += 1
         return web.Response(text="hi")
+
+    async def slow(request: web.Request) -> web.Response:
+        nonlocal inside
+        inside += 1
+        try:
+            await asyncio.wait_for(release.wait(), 10)
+            await asyncio.sleep(0.5)  # the answer itself takes a while, too
+            return web.Response(text="late")
+        finally:
+            inside -= 1
 
     app = web.Application()
     app.router.add_get("/hello", hello)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    backend_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    app.router.add_get("/slow", slow)
+    port = await backend(app)
     server = await make_server()
-    try:
-        async with aiohttp.ClientSession() as http:
-            for i in range(3):
-                async with http.post(base(server) + "/v1/agents",
-                                     json={**AGENT, "id": f"chat-{i}", "port": backend_port}) as response:
-                    assert response.status == 201
-            await eventually(lambda: len(server.catalog.snapshot.by_capability.get("chat", ())) == 3)
-            async with http.get(base(server) + "/v1/watch") as stream:
-                kind, _, first = await next_event(stream)
-                assert kind == "snapshot" and len(first["agents"]) == 3
-                proxy = "http://{}:{}".format(*server.proxy.address)
+    async with aiohttp.ClientSession() as http:
+        await register(http, server, 3, port=port)
+        async with http.get(base(server) + "/v1/watch") as stream:
+            kind, _, first = await next_event(stream)
+            assert kind == "snapshot" and len(first["agents"]) == 3
+            proxy = "http://{}:{}".format(*server.proxy.address)
+            changing = True
 
-                async def load() -> list[int]:
-                    statuses = []
-                    async with aiohttp.ClientSession() as client:
-                        for _ in range(60):
-                            async with client.get(proxy + "/hello", headers={"Host": "chat.agents.local"}) as r:
-                                statuses.append(r.status)
-                    return statuses
+            async def steady(client: aiohttp.ClientSession) -> list[int]:
+                statuses = []
+                while changing:
+                    async with client.get(proxy + "/hello", headers={"Host": "chat.agents.local"}) as r:
+                        statuses.append(r.status)
+                return statuses
 
-                running = asyncio.ensure_future(load())
-                versions = []
+            async def held(client: aiohttp.ClientSession) -> tuple[int, str]:
+                async with client.get(proxy + "/slow", headers={"Host": "chat.agents.local"}) as r:
+                    return r.status, await r.text()
+
+            async with aiohttp.ClientSession() as client:
+                arriving = asyncio.ensure_future(steady(client))
                 for algorithm in ("round_robin", "least_conn", "p2c_ewma", "consistent_hash", "weighted_random"):
+                    release.clear()
+                    wave = [asyncio.ensure_future(held(client)) for _ in range(10)]
+                    await eventually(lambda: inside == 10, what="ten requests held at the agents")
                     status, body = await put_config(http, server, {"load_balancer": {"algorithm": algorithm},
                                                                     "proxy": {"read_timeout": "30s"}})
                     assert status == 200
-                    versions.append(body["version"])
                     await eventually(lambda v=body["version"]: server.config.version == v)
-                statuses = await running
-                assert statuses == [200] * 60 and hits >= 60
-                async with http.post(base(server) + "/v1/agents", json={**AGENT, "id": "chat-9"}) as response:
-                    assert response.status == 201
-                kind, _, change = await next_event(stream)
-                assert kind == "upsert" and change["agent"]["id"] == "chat-9", "the stream survived the changes"
-    finally:
-        await runner.cleanup()
+                    assert server.settings.load_balancer.algorithm == algorithm
+                    assert inside == 10, "the change was applied while the ten were in flight"
+                    release.set()
+                    assert await asyncio.gather(*wave) == [(200, "late")] * 10
+                changing = False
+                statuses = await arriving
+            assert len(statuses) > 5 and set(statuses) == {200}
+            async with http.post(base(server) + "/v1/agents", json={**AGENT, "id": "chat-9"}) as response:
+                assert response.status == 201
+            kind, _, change = await next_event(stream)
+            assert kind == "upsert" and change["agent"]["id"] == "chat-9", "the stream survived the changes"
+
+
+@pytest.mark.asyncio
+async def test_sticky_pins_survive_a_change(make_server, backend) -> None:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    port = await backend(app)
+    server = await make_server()
+    async with aiohttp.ClientSession() as http:
+        await register(http, server, 3, port=port)
+        proxy = "http://{}:{}".format(*server.proxy.address)
+
+        async def agent_of(session: str) -> str:
+            async with http.get(proxy + "/", headers={"Host": "chat.agents.local", "X-Session-Id": session}) as r:
+                assert r.status == 200
+                return r.headers["x-sidecar-agent"]
+
+        sessions = [f"s-{i}" for i in range(8)]
+        pinned = {session: await agent_of(session) for session in sessions}
+        assert len(set(pinned.values())) > 1, "the sessions were spread over the agents"
+        assert {session: await agent_of(session) for session in sessions} == pinned
+        status, body = await put_config(http, server, {"load_balancer": {"algorithm": "round_robin"},
+                                                        "sticky": {"cookie_max_age": "2h"},
+                                                        "proxy": {"read_timeout": "30s"}})
+        assert status == 200
+        await eventually(lambda: server.config.version == body["version"])
+        assert server.settings.sticky.cookie_max_age == 7200
+        for _ in range(2):
+            assert {session: await agent_of(session) for session in sessions} == pinned, "a change keeps pins"
+
+
+@pytest.mark.asyncio
+async def test_latency_estimates_survive_a_change(make_server, backend) -> None:
+    async def fast(request: web.Request) -> web.Response:
+        return web.Response(text="fast")
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.3)
+        return web.Response(text="slow")
+
+    ports = {}
+    for name, handler in (("fast", fast), ("slow", slow)):
+        app = web.Application()
+        app.router.add_get("/", handler)
+        ports[name] = await backend(app)
+    server = await make_server(load_balancer={"algorithm": "p2c_ewma"})
+
+    def estimates() -> dict[str, float]:
+        server.proxy.policy.fold()  # successes are taken in batches
+        return {name: server.proxy.policy.loads.peek(name).rtt for name in ports}  # type: ignore[union-attr]
+
+    async with aiohttp.ClientSession() as http:
+        for name, port in ports.items():
+            async with http.post(base(server) + "/v1/agents", json={**AGENT, "id": name, "port": port}) as response:
+                assert response.status == 201
+        await eventually(lambda: len(server.catalog.snapshot.by_capability.get("chat", ())) == 2)
+        proxy = "http://{}:{}".format(*server.proxy.address)
+
+        async def get(host: str) -> str:
+            async with http.get(proxy + "/", headers={"Host": host}) as r:
+                assert r.status == 200
+                return r.headers["x-sidecar-agent"]
+
+        for name in ports:  # one measured answer from each agent (by id, past the balancer)
+            for _ in range(2):
+                assert await get(f"{name}.id.agents.local") == name
+        before = estimates()
+        assert before["slow"] >= 0.3 > before["fast"] >= 0, before
+        status, body = await put_config(http, server, {"load_balancer": {"algorithm": "p2c_ewma",
+                                                                          "retries": {"attempts": 1}},
+                                                        "proxy": {"read_timeout": "30s"}})
+        assert status == 200
+        await eventually(lambda: server.config.version == body["version"])
+        assert server.settings.load_balancer.retries.attempts == 1
+        assert estimates() == before, "a change keeps latency estimates"
+        # p2c compares both agents: with the estimates kept, the slow one is not picked again.
+        assert [await get("chat.agents.local") for _ in range(5)] == ["fast"] * 5
 
 
 class RunningSidecar:
     """``sidecar run`` as a process (the path that reads the stored document at start), read through /v1/config."""
 
-    def __init__(self, etcd: EtcdProcess, prefix: str, config: Path, *, etcd_flags: bool = True) -> None:
+    def __init__(self, etcd: EtcdProcess, prefix: str, config: Path, *, file: dict | None = None) -> None:
+        """With ``file``, etcd and the listeners are written into the file, over ``file``'s sections (no flags)."""
         self.admin = free_port()
         self.proxy = free_port()
-        flags = ["--etcd-endpoints", etcd.endpoint, "--prefix", prefix] if etcd_flags else []
+        ours = {"etcd": {"endpoints": [etcd.endpoint], "prefix": prefix},
+                "admin": {"listen": f"127.0.0.1:{self.admin}"}, "proxy": {"listen": f"127.0.0.1:{self.proxy}"},
+                "dns": {"listen": f"127.0.0.1:{free_port()}"}, "grpc": {"listen": f"127.0.0.1:{free_port()}"}}
+        if file is None:
+            flags = [f"--{section}-listen={ours[section]['listen']}" for section in ("admin", "proxy", "dns", "grpc")]
+            flags += ["--etcd-endpoints", etcd.endpoint, "--prefix", prefix]
+        else:
+            flags = []
+            self.sections = merge(ours, file)
+            config.write_text(yaml.safe_dump({"service_discovery": self.sections}))
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("SIDECAR_", "ETCD_"))}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "run", "--config", str(config), *flags,
-             "--admin-listen", f"127.0.0.1:{self.admin}", "--dns-listen", f"127.0.0.1:{free_port()}",
-             "--proxy-listen", f"127.0.0.1:{self.proxy}", "--grpc-listen", f"127.0.0.1:{free_port()}",
              "--upstream-dns", "none", "--loop", "asyncio"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=environ)
 
@@ -283,6 +410,30 @@ def test_sighup_rereads_the_file(etcd: EtcdProcess, prefix: str, tmp_path: Path)
         config.write_text("service_discovery:\n  dns: {ttl: [\n")
         sidecar.process.send_signal(signal.SIGHUP)
         assert b"SIGHUP: the configuration file is invalid" in sidecar.stop()
+
+
+def test_sighup_reports_etcd_and_listener_changes_as_needing_a_restart(etcd: EtcdProcess, prefix: str,
+                                                                      tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.yaml"
+    with RunningSidecar(etcd, prefix, config, file={"dns": {"ttl": 5}}) as sidecar:
+        sidecar.wait(lambda: sidecar.effective().get("dns", {}).get("ttl") == 5)
+        started = sidecar.effective()
+        moved = merge(sidecar.sections, {"etcd": {"endpoints": [etcd.endpoint, "http://127.0.0.1:1"],
+                                                  "prefix": prefix + "-moved"},
+                                         "proxy": {"listen": f"127.0.0.1:{free_port()}"}, "dns": {"ttl": 6}})
+        config.write_text(yaml.safe_dump({"service_discovery": moved}))
+        sidecar.process.send_signal(signal.SIGHUP)
+        sidecar.wait(lambda: sidecar.effective()["dns"]["ttl"] == 6, "the re-read file")
+        assert sidecar.status()["needs_restart"] == ["etcd.endpoints", "etcd.prefix", "proxy.listen"]  # type: ignore[index]
+        effective = sidecar.effective()
+        assert effective["etcd"] == started["etcd"] and effective["proxy"]["listen"] == started["proxy"]["listen"]
+        with socket.create_connection(("127.0.0.1", sidecar.proxy), timeout=5):
+            pass  # the proxy still listens where it started
+        # ... and the sidecar still follows the document under the prefix it started with.
+        assert cli("config", "set", "-", etcd=etcd, prefix=prefix, stdin="dns: {ttl: 8}\n").returncode == 0
+        sidecar.wait(lambda: sidecar.effective()["dns"]["ttl"] == 8, "the document under the old prefix")
+        assert sidecar.status()["needs_restart"] == ["etcd.endpoints", "etcd.prefix", "proxy.listen"]  # type: ignore[index]
+        sidecar.stop()
 
 
 def test_keys_a_version_drops_revert_on_a_sidecar_started_with_a_document(etcd: EtcdProcess, prefix: str,

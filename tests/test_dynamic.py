@@ -134,6 +134,43 @@ async def test_an_invalid_document_is_rejected_and_the_last_good_one_stays(make_
 
 
 @pytest.mark.asyncio
+async def test_a_corrupt_stored_document_is_shown_raw_and_can_be_replaced(make_server, etcd, prefix) -> None:
+    """set, rollback and PUT need only the stored version, not a document that parses."""
+    server = await make_server()
+    key = config_key(prefix)
+    assert cli("config", "set", "-", etcd=etcd, prefix=prefix, stdin="dns: {ttl: 9}\n").returncode == 0
+    good = json.loads(cli("config", "show", etcd=etcd, prefix=prefix).stdout)["version"]
+    await eventually(lambda: server.settings.dns.ttl == 9)
+
+    etcd.ctl("put", key, "{bad")
+    await eventually(lambda: server.config.error is not None, what="the rejection")
+    shown = cli("config", "show", etcd=etcd, prefix=prefix)
+    assert shown.returncode == 1 and "not valid JSON" in shown.stderr
+    body = json.loads(shown.stdout)
+    assert body["version"] > good and body["document"] is None and body["raw"] == "{bad"
+    assert "not valid JSON" in body["error"]
+    replaced = cli("config", "set", "-", etcd=etcd, prefix=prefix, stdin="dns: {ttl: 12}\n")
+    assert replaced.returncode == 0, replaced.stderr
+    await eventually(lambda: server.settings.dns.ttl == 12 and server.config.error is None)
+
+    etcd.ctl("put", key, "[1,")
+    await eventually(lambda: server.config.error is not None, what="the second rejection")
+    rolled = cli("config", "rollback", str(good), etcd=etcd, prefix=prefix)
+    assert rolled.returncode == 0, rolled.stderr
+    await eventually(lambda: server.settings.dns.ttl == 9 and server.config.error is None)
+
+    etcd.ctl("put", key, '{"dns": {"ttl": "x"}}')  # JSON, but not a valid document: shown with its error
+    await eventually(lambda: server.config.error is not None, what="the third rejection")
+    shown = cli("config", "show", etcd=etcd, prefix=prefix)
+    assert shown.returncode == 1 and json.loads(shown.stdout)["document"] == {"dns": {"ttl": "x"}}
+    assert "dns.ttl" in json.loads(shown.stdout)["error"]
+    async with aiohttp.ClientSession() as http:
+        status, body = await put_config(http, server, {"dns": {"ttl": 13}})  # no If-Match: the version seen last
+        assert status == 200, body
+    await eventually(lambda: server.settings.dns.ttl == 13)
+
+
+@pytest.mark.asyncio
 async def test_writers_cannot_overwrite_each_other_silently(make_server, etcd, prefix) -> None:
     server = await make_server()
     async with aiohttp.ClientSession() as http:
@@ -513,40 +550,3 @@ async def test_a_document_stored_before_start_keeps_its_version(make_server, etc
         assert (await get_config(http, server))["version"] == version
         status, body = await put_config(http, server, {"dns": {"ttl": 18}})  # CAS on the version in force
         assert status == 200, body
-
-
-@pytest.mark.asyncio
-async def test_a_corrupt_stored_document_is_shown_raw_and_can_be_replaced(make_server, etcd, prefix) -> None:
-    """set, rollback and PUT need only the stored version, not a document that parses."""
-    server = await make_server()
-    key = config_key(prefix)
-    assert cli("config", "set", "-", etcd=etcd, prefix=prefix, stdin="dns: {ttl: 9}\n").returncode == 0
-    good = json.loads(cli("config", "show", etcd=etcd, prefix=prefix).stdout)["version"]
-    await eventually(lambda: server.settings.dns.ttl == 9)
-
-    etcd.ctl("put", key, "{bad")
-    await eventually(lambda: server.config.error is not None, what="the rejection")
-    shown = cli("config", "show", etcd=etcd, prefix=prefix)
-    assert shown.returncode == 1 and "not valid JSON" in shown.stderr
-    body = json.loads(shown.stdout)
-    assert body["version"] > good and body["document"] is None and body["raw"] == "{bad"
-    assert "not valid JSON" in body["error"]
-    replaced = cli("config", "set", "-", etcd=etcd, prefix=prefix, stdin="dns: {ttl: 12}\n")
-    assert replaced.returncode == 0, replaced.stderr
-    await eventually(lambda: server.settings.dns.ttl == 12 and server.config.error is None)
-
-    etcd.ctl("put", key, "[1,")
-    await eventually(lambda: server.config.error is not None, what="the second rejection")
-    rolled = cli("config", "rollback", str(good), etcd=etcd, prefix=prefix)
-    assert rolled.returncode == 0, rolled.stderr
-    await eventually(lambda: server.settings.dns.ttl == 9 and server.config.error is None)
-
-    etcd.ctl("put", key, '{"dns": {"ttl": "x"}}')  # JSON, but not a valid document: shown with its error
-    await eventually(lambda: server.config.error is not None, what="the third rejection")
-    shown = cli("config", "show", etcd=etcd, prefix=prefix)
-    assert shown.returncode == 1 and json.loads(shown.stdout)["document"] == {"dns": {"ttl": "x"}}
-    assert "dns.ttl" in json.loads(shown.stdout)["error"]
-    async with aiohttp.ClientSession() as http:
-        status, body = await put_config(http, server, {"dns": {"ttl": 13}})  # no If-Match: the version seen last
-        assert status == 200, body
-    await eventually(lambda: server.settings.dns.ttl == 13)

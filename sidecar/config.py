@@ -34,7 +34,7 @@ HeaderName = typing.Annotated[str, "header"]
 CookieName = typing.Annotated[str, "cookie"]
 # The zone served: a DNS name of LDH labels (RFC 1035 / 1123), e.g. agents.local.
 Domain = typing.Annotated[str, "domain"]
-# The etcd key prefix: empty, or /segment[/segment...] (keys are {prefix}/services/..., {prefix}/config/...).
+# The etcd key prefix: empty, or [/]segment[/segment...] (keys are {prefix}/services/..., {prefix}/config/...).
 Prefix = typing.Annotated[str, "prefix"]
 
 
@@ -595,9 +595,10 @@ def _check_domain(value: str, key: str) -> None:
 
 
 def _check_prefix(value: str, key: str) -> None:
-    if value and (not value.startswith("/") or value.endswith("/") or "//" in value
-                  or any(c.isspace() or not c.isprintable() for c in value)):
-        raise ConfigError(key, value, "must be empty or /name[/name...] (a leading /, no trailing /), "
+    # A leading / is usual (etcd keys are plain bytes, so ``prod`` works too and is kept as given); a
+    # trailing / or an empty segment would make keys like /prod//services/... that no other tool expects.
+    if value and (value.endswith("/") or "//" in value or any(c.isspace() or not c.isprintable() for c in value)):
+        raise ConfigError(key, value, "must be empty or [/]name[/name...] (no trailing /, no empty segment), "
                           "e.g. /prod: keys are {prefix}/services/...")
 
 

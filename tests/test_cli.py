@@ -53,7 +53,7 @@ def test_precedence_flag_over_env_over_file(tmp_path) -> None:
         (["--etcd-endpoints", "ftp://x"], "etcd.endpoints: must be http://host:port or https://host:port"),
         (["--agent-port", "99999"], "agent.port: must be at most 65535"),
         (["--domain", "bad domain!"], "dns.domain: must be a DNS name"),
-        (["--prefix", "noslash/"], "etcd.prefix: must be empty or /name"),
+        (["--prefix", "noslash/"], "etcd.prefix: must be empty or [/]name"),
     ],
 )
 def test_invalid_flags_exit_2_naming_key_and_value(args: list[str], message: str) -> None:

@@ -68,10 +68,10 @@ BAD = [
     ({"tracing": {"sample_ratio": 1.5}}, "tracing.sample_ratio", "at most 1"),
     ({"log_level": "loud"}, "log_level", "one of"),
     ({"log_format": "xml"}, "log_format", "one of"),
-    ({"etcd": {"prefix": "noslash/"}}, "etcd.prefix", "leading /"),
+    ({"etcd": {"prefix": "noslash/"}}, "etcd.prefix", "no trailing /"),
     ({"etcd": {"prefix": "/trailing/"}}, "etcd.prefix", "no trailing /"),
-    ({"etcd": {"prefix": "/a//b"}}, "etcd.prefix", "/name[/name...]"),
-    ({"etcd": {"prefix": "/with space"}}, "etcd.prefix", "/name[/name...]"),
+    ({"etcd": {"prefix": "/a//b"}}, "etcd.prefix", "[/]name[/name...]"),
+    ({"etcd": {"prefix": "/with space"}}, "etcd.prefix", "[/]name[/name...]"),
     ({"dns": {"domain": ""}}, "dns.domain", "1 to 253"),
     ({"dns": {"domain": "bad domain!"}}, "dns.domain", "DNS name"),
     ({"dns": {"domain": "agents..local"}}, "dns.domain", "labels of 1 to 63"),
@@ -122,6 +122,7 @@ def test_names_that_are_tokens_and_domains_that_are_dns_names_pass() -> None:
                                 "etcd": {"prefix": "/prod/team-a"}})
     assert settings.sticky.cookie == "__Host-pin" and settings.dns.domain == "Agents.Example-1.local."
     assert build(Settings, {"load_balancer": {"hash_cookie": ""}}).load_balancer.hash_cookie == ""
+    assert build(Settings, {"etcd": {"prefix": "prod"}}).etcd.prefix == "prod"  # kept as given
 
 
 def test_defaults_are_valid_and_never_shared() -> None:

@@ -273,7 +273,8 @@ class ProxySettings:
     connect_timeout: Duration = _opt(2.0, min=0.01)
     # Per phase (time to response head, then idle time between body bytes); no total timeout.
     read_timeout: Duration = _opt(60.0, min=0.01)
-    # A text/event-stream response or an upgraded connection that sends nothing for this long is ended.
+    # A text/event-stream response that sends nothing for this long, or a tunnel (Upgrade, CONNECT) that
+    # passes no byte either way for this long, is ended.
     stream_idle_timeout: Duration = _opt(300.0, min=0.1)
     idle_timeout: Duration = _opt(60.0, min=0.1)
     max_header_bytes: int = _opt(65536, min=1024)

@@ -179,6 +179,7 @@ class ClientConnection:
     def data_received(self, data: bytes) -> None:
         upstream = self.upstream
         if self.raw_buffer is not None:
+            self.last_active = self.loop.time()  # a tunnel's activity, for its stream idle timeout
             if upstream is not None and upstream.tunnel:
                 upstream.write_raw(data)
             else:
@@ -283,12 +284,32 @@ class ClientConnection:
             self.transport.abort()
 
     def _idle_check(self) -> None:
-        timeout = self.relay.settings.idle_timeout
+        settings = self.relay.settings
         now = self.loop.time()
-        if not self.busy and not self.queue and now - self.last_active >= timeout:
-            self.close()
-            return
+        upstream = self.upstream
+        if upstream is not None and upstream.tunnel:
+            # A tunnel: ``last_active`` is its last byte either way (both sides' data_received).
+            timeout = settings.stream_idle_timeout
+            if upstream.read_paused or "upstream" in self.paused:
+                self.last_active = now  # a side that cannot take more is slow, not idle
+            elif now - self.last_active >= timeout:
+                upstream.close()
+                self.close()
+                return
+        else:
+            timeout = settings.idle_timeout
+            if not self.busy and not self.queue and now - self.last_active >= timeout:
+                self.close()
+                return
         self.idle_timer = self.loop.call_at(max(now, self.last_active) + timeout, self._idle_check)
+
+    def watch_tunnel(self) -> None:
+        """This connection is now a tunnel: its idle timer counts ``proxy.stream_idle_timeout`` from now."""
+        self.last_active = self.loop.time()
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        self.idle_timer = self.loop.call_at(self.last_active + self.relay.settings.stream_idle_timeout,
+                                            self._idle_check)
 
     def _protocol_error(self, err: ProxyError) -> None:
         self.relay.metrics.client_errors.labels(type(err).__name__).inc()

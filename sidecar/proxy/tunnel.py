@@ -16,11 +16,13 @@ if typing.TYPE_CHECKING:
 
 
 async def tunnel(relay: Relay, client: ClientConnection, conn: Upstream, upstream_early: bytes) -> bool:
-    """Relay raw bytes both ways until either side closes."""
+    """Relay raw bytes both ways until either side closes, or no byte has passed either way for
+    ``proxy.stream_idle_timeout`` (the client connection's idle timer then closes both)."""
     conn.exchange = None
     conn.tunnel = True
     conn.client = client
     client.upstream = conn
+    client.watch_tunnel()
     if upstream_early:
         client.write(upstream_early)
     for chunk in client.raw_buffer or ():

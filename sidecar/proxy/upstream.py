@@ -55,8 +55,10 @@ class Upstream:
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel:
-            if self.client is not None:
-                self.client.write(data)
+            client = self.client
+            if client is not None:
+                client.last_active = client.loop.time()  # the tunnel's activity (ClientConnection._idle_check)
+                client.write(data)
             return
         exchange = self.exchange
         if exchange is None:

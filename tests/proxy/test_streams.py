@@ -111,3 +111,156 @@ async def test_a_client_that_leaves_in_the_middle_of_an_a2a_call_leaves_nothing_
 
     await eventually(lambda: not server.proxy._relay.connections and task.done(),  # type: ignore[union-attr]
                      what="the connection and its task gone")
+
+
+# -- tunnels (WebSocket Upgrade and CONNECT) end after proxy.stream_idle_timeout without a byte either way
+
+IDLE = "0.5s"
+
+
+class WsAgent:
+    """An aiohttp WebSocket agent that echoes every message; ``ended`` is set when a socket closes."""
+
+    def __init__(self) -> None:
+        self.ended = asyncio.Event()
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def ws(self, request: web.Request) -> web.WebSocketResponse:
+        socket_ = web.WebSocketResponse()
+        await socket_.prepare(request)
+        try:
+            async for message in socket_:
+                await socket_.send_str("echo:" + message.data)
+        finally:
+            self.ended.set()
+        return socket_
+
+    async def start(self) -> WsAgent:
+        app = web.Application()
+        app.router.add_get("/ws", self.ws)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+class EchoAgent:
+    """A raw TCP agent that echoes bytes (what a CONNECT tunnel reaches); ``ended`` is set at its EOF."""
+
+    def __init__(self) -> None:
+        self.ended = asyncio.Event()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def echo(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            self.ended.set()
+            writer.close()
+
+    async def start(self) -> EchoAgent:
+        self._server = await asyncio.start_server(self.echo, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+
+async def register(server, agent_id: str, capability: str, port: int) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.post("http://{}:{}/v1/agents".format(*server.admin.address), json={
+                "id": agent_id, "name": capability, "address": "127.0.0.1", "port": port,
+                "capabilities": [capability], "ttl": "10s"}) as response:
+            assert response.status == 201
+    await eventually(lambda: agent_id in server.catalog.snapshot.by_id)
+
+
+async def test_a_websocket_lives_while_messages_flow_and_ends_when_idle(make_server) -> None:
+    agent = await WsAgent().start()
+    try:
+        server = await make_server(proxy={"stream_idle_timeout": IDLE})
+        await register(server, "ws-1", "ws", agent.port)
+        proxy = "http://{}:{}".format(*server.proxy.address)
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(proxy + "/ws", headers={"Host": "ws.agents.local"}) as ws:
+                # A message every 0.2 s for 1.5 s: three times the idle timeout, and the tunnel stays.
+                loop = asyncio.get_running_loop()
+                for i in range(8):
+                    await asyncio.sleep(0.2 if i else 0)
+                    await ws.send_str(f"m{i}")
+                    assert (await asyncio.wait_for(ws.receive(), 10)).data == f"echo:m{i}"
+                quiet_since = loop.time()
+                assert not ws.closed and server.metrics.proxy.tunnels == 1
+                message = await asyncio.wait_for(ws.receive(), 10)  # nothing is sent: the proxy ends it
+                assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+                assert loop.time() - quiet_since >= 0.4
+        await asyncio.wait_for(agent.ended.wait(), 10)  # the agent's side was closed too
+        await eventually(lambda: server.metrics.proxy.tunnels == 0, 10, "the tunnel counted out")
+    finally:
+        await agent.stop()
+
+
+async def connect_through(server, authority: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(*server.proxy.address)
+    writer.write(b"CONNECT " + authority + b" HTTP/1.1\r\nHost: " + authority + b"\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200")
+    return reader, writer
+
+
+async def test_a_connect_tunnel_lives_while_bytes_flow_and_ends_when_idle(make_server) -> None:
+    agent = await EchoAgent().start()
+    try:
+        server = await make_server(proxy={"stream_idle_timeout": IDLE})
+        await register(server, "echo-1", "echo", agent.port)
+        reader, writer = await connect_through(server, b"echo.agents.local:443")
+        try:
+            loop = asyncio.get_running_loop()
+            for i in range(8):  # 0.2 s apart, 1.5 s in all
+                await asyncio.sleep(0.2 if i else 0)
+                writer.write(b"ping %d\n" % i)
+                assert await asyncio.wait_for(reader.readline(), 10) == b"ping %d\n" % i
+            quiet_since = loop.time()
+            assert await asyncio.wait_for(reader.read(), 10) == b"", "the proxy closes an idle tunnel"
+            assert loop.time() - quiet_since >= 0.4
+            await asyncio.wait_for(agent.ended.wait(), 10)
+        finally:
+            writer.close()
+    finally:
+        await agent.stop()
+
+
+async def test_the_tunnel_idle_timeout_follows_a_configuration_change(make_server) -> None:
+    agent = await EchoAgent().start()
+    try:
+        server = await make_server()  # 300 s
+        await register(server, "echo-1", "echo", agent.port)
+        async with aiohttp.ClientSession() as http:
+            async with http.put("http://{}:{}/v1/config".format(*server.admin.address),
+                                json={"proxy": {"stream_idle_timeout": IDLE}}) as response:
+                assert response.status == 200, await response.text()
+        await eventually(lambda: server.settings.proxy.stream_idle_timeout == 0.5, 10, "the change applied")
+        reader, writer = await connect_through(server, b"echo.agents.local:443")
+        try:
+            writer.write(b"hello\n")
+            assert await asyncio.wait_for(reader.readline(), 10) == b"hello\n"
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        finally:
+            writer.close()
+    finally:
+        await agent.stop()

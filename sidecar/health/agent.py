@@ -151,14 +151,13 @@ class LocalAgent:
     async def _lifecycle(self) -> None:
         s = self.settings
         fields = self._fields
-        # A card named by flag, or needed for the name, must be read; one found by itself is optional.
-        if s.card or not s.name:
+        # A card that must supply the name or the port is waited for; otherwise it only adds to the flags and
+        # is read once the agent answers its first check (a card that cannot be read or is refused then).
+        if (s.card or not s.name) and not (s.name and s.port):
             self.card = await self._load_card_until_read()
-            if self.card is not None:
-                fields = merge_card(fields, self.card, self._explicit)
+            fields = merge_card(fields, self.card, self._explicit)
             if not fields["port"]:
-                named = repr(self.card.url) if self.card is not None else "(none read)"
-                self.error = f"agent.port: not set, and the card's URL {named} names no port"
+                self.error = f"agent.port: not set, and the card's URL {self.card.url!r} names no port"
                 log.error("local agent: %s", self.error)
                 return
         kind = s.health.type
@@ -175,19 +174,18 @@ class LocalAgent:
         self._tasks.append(asyncio.get_running_loop().create_task(self.checker.run(), name="local-agent-check"))
         log.info("checking the local agent (%s %s) before registering it", kind, url)
         await self._passed.wait()
-        if self.card is None and not s.capabilities:
+        if self.card is None and (s.card or not s.capabilities):
             try:
-                self.card = await a2a.discover_card(fields["port"], self.checking.timeout * 2,
-                                                    limit=self.a2a.max_card_bytes)
+                self.card = await self._read_card(fields["port"])
                 fields = merge_card(fields, self.card, self._explicit)
                 log.info("read the local agent's A2A card: capabilities %s", ",".join(self.card.capabilities()))
             except CardError as exc:
                 self.metrics.card_errors.labels(exc.kind).inc()
-                if exc.missing:
+                if exc.missing and not s.card:
                     log.info("local agent serves no A2A card (%s); registering it from the flags", exc.source)
                 else:
                     self.error = str(exc)
-                    log.error("%s; registering the local agent from the flags", exc)
+                    log.error("%s; registering the local agent from the flags, without its card", exc)
         # A StatefulSet pod keeps its name across restarts: its new record then replaces the old
         # one at once instead of standing beside it until the old lease expires.
         fields["id"] = fields["id"] or self.environ.get("POD_NAME", "").strip() or new_agent_id(fields["name"])
@@ -200,8 +198,10 @@ class LocalAgent:
         await self._register(agent)
         if self.card is not None:
             await self._publish_card(self.card)
-            if self.card.source.startswith(("http://", "https://")):
-                self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_card(), name="local-card"))
+        source = self.card.source if self.card is not None else s.card
+        if source.startswith(("http://", "https://")):
+            # Kept current; a named card that could not be read is stored once it can.
+            self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_card(source), name="local-card"))
 
     async def _publish_card(self, card: Card) -> None:
         """Store the card beside the agent, on its lease (kept and rewritten by the lease keeper)."""
@@ -214,23 +214,25 @@ class LocalAgent:
         except RegistryUnavailable as exc:
             log.warning("could not store the local agent's card now (%s); it is written when etcd is back", exc)
 
-    async def _refresh_card(self) -> None:
-        """Read the card again now and then (a conditional GET); store it and the record when it changed."""
+    async def _refresh_card(self, source: str) -> None:
+        """Read the card at ``source`` again now and then (a conditional GET once one was read); store it and
+        the record when it changed."""
         while True:
             await asyncio.sleep(max(self.a2a.card_refresh, self.checking.interval))
             card = self.card
-            assert card is not None
             try:
-                fresh = await a2a.load_card(card.source, self.checking.timeout * 2, limit=self.a2a.max_card_bytes,
-                                            etag=card.etag)
+                fresh = await a2a.load_card(source, self.checking.timeout * 2, limit=self.a2a.max_card_bytes,
+                                            etag=card.etag if card is not None else "")
             except CardError as exc:
                 self.metrics.card_errors.labels(exc.kind).inc()
-                log.warning("could not read the local agent's card again: %s; keeping the last one", exc)
+                log.warning("could not read the local agent's card again: %s; %s", exc,
+                            "keeping the last one" if card is not None else "the agent stays registered without it")
                 continue
-            if fresh is None or fresh.raw == card.raw:
+            if fresh is None or (card is not None and fresh.raw == card.raw):
                 continue
             self.card = fresh
-            log.info("the local agent's card changed; storing it")
+            self.error = ""
+            log.info("the local agent's card %s; storing it", "changed" if card is not None else "could be read")
             await self._publish_card(fresh)
             async with self._writing:
                 registration = self.registration
@@ -246,26 +248,28 @@ class LocalAgent:
                     except RegistryUnavailable as exc:
                         log.warning("could not store the local agent's new capabilities now (%s)", exc)
 
-    async def _load_card_until_read(self) -> Card | None:
-        source = self.settings.card
-        limit = self.a2a.max_card_bytes
+    async def _read_card(self, port: int) -> Card:
+        """The card ``agent.card`` names, else the one the agent serves at the well-known paths."""
+        timeout, limit = self.checking.timeout * 2, self.a2a.max_card_bytes
+        if self.settings.card:
+            return await a2a.read_card(self.settings.card, timeout, limit=limit)
+        return await a2a.discover_card(port, timeout, limit=limit)
+
+    async def _load_card_until_read(self) -> Card:
+        """The card, read again every check interval until it can be (it supplies the name or the port)."""
         last = ""
         while True:
             try:
-                if source:
-                    card = await a2a.read_card(source, self.checking.timeout * 2, limit=limit)
-                else:
-                    card = await a2a.discover_card(self.settings.port, self.checking.timeout * 2, limit=limit)
+                card = await self._read_card(self.settings.port)
                 self.error = ""
                 return card
             except CardError as exc:
                 self.metrics.card_errors.labels(exc.kind).inc()
                 self.error = str(exc)
-                if exc.kind == "too_large" and self.settings.name:
-                    log.error("%s; registering the local agent from the flags, without its card", exc)
-                    return None
                 if self.error != last:
-                    log.error("%s; the local agent is not registered until it can be read (retrying)", exc)
+                    needed = "name" if not self.settings.name else "port"
+                    log.error("%s; the local agent is not registered until it can be read (it gives the agent's "
+                              "%s; retrying)", exc, needed)
                     last = self.error
             await asyncio.sleep(self.checking.interval)
 

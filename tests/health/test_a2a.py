@@ -177,6 +177,66 @@ async def test_malformed_card_file_is_an_error_and_the_sidecar_keeps_running(
     assert "error" not in local.readiness()["local_agent"]
 
 
+@pytest.mark.etcd
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("content", "reason"), [
+    (json.dumps({"name": "x", "skills": []}), "invalid"),  # parses as JSON, not as a card
+    ("{not json", "invalid"),
+    (json.dumps({**V03, "description": "x" * 5000}), "too_large"),
+])
+async def test_a_refused_named_card_does_not_keep_a_named_agent_out(
+        make_server: Callable[..., Any], http_agent: HttpAgent, tmp_path: Path, content: str, reason: str) -> None:
+    """With --agent-name (and a port) the card only adds to the flags: refused, the agent registers without it."""
+    path = tmp_path / "card.json"
+    path.write_text(content)
+    local = await make_server(agent=_agent(http_agent.port, name="named", capabilities=["chat"], card=str(path)),
+                              health_check=FAST, a2a={"max_card_bytes": 4096})
+    observer = await make_server()
+    await eventually(lambda: observer.catalog.snapshot.select(agent_id="card-1"), 10, "the agent registered")
+    agent = observer.catalog.snapshot.select(agent_id="card-1")[0]
+    assert (agent.name, agent.capabilities, agent.port) == ("named", ("chat",), http_agent.port)
+    assert "a2a.card" not in agent.metadata and observer.cards.of("named", "card-1") is None
+    detail = local.readiness()["local_agent"]
+    assert detail["registered"] and str(path) in detail["error"]
+    assert local.metrics.health.card_errors.labels(reason)._value.get() >= 1
+
+
+@pytest.mark.etcd
+@pytest.mark.asyncio
+async def test_a_named_card_url_refused_at_start_is_stored_once_it_reads(
+        make_server: Callable[..., Any], http_agent: HttpAgent) -> None:
+    card_url = f"http://127.0.0.1:{http_agent.port}/.well-known/agent-card.json"
+    http_agent.cards["/.well-known/agent-card.json"] = b"<html>not a card</html>"
+    local = await make_server(agent=_agent(http_agent.port, name="trip", card=card_url), health_check=FAST,
+                              a2a={"card_refresh": 1})
+    observer = await make_server()
+    await eventually(lambda: observer.catalog.snapshot.select(agent_id="card-1"), 10, "registered from the flags")
+    assert observer.catalog.snapshot.select(agent_id="card-1")[0].capabilities == ()
+    assert "is not valid JSON" in local.readiness()["local_agent"]["error"]
+    http_agent.cards["/.well-known/agent-card.json"] = V1  # fixed: the next read stores it
+    await eventually(lambda: observer.cards.of("trip", "card-1") is not None, 15, "the card in the registry")
+    await eventually(lambda: [a.id for a in observer.catalog.snapshot.select(capability="plan-trip")] == ["card-1"],
+                     15, "the card's capabilities on the record")
+    assert "error" not in local.readiness()["local_agent"]
+
+
+@pytest.mark.etcd
+@pytest.mark.asyncio
+async def test_a_card_that_must_give_the_port_is_waited_for(
+        make_server: Callable[..., Any], http_agent: HttpAgent, tmp_path: Path) -> None:
+    path = tmp_path / "card.json"
+    path.write_text("{not json")
+    local = await make_server(agent={"id": "card-1", "address": "127.0.0.1", "name": "trip", "card": str(path)},
+                              health_check=FAST)
+    observer = await make_server()
+    await eventually(lambda: "error" in local.readiness()["local_agent"], 10, "the card error")
+    assert not local.readiness()["local_agent"]["registered"]
+    path.write_text(json.dumps({**V03, "url": f"http://127.0.0.1:{http_agent.port}/"}))
+    await eventually(lambda: answers(observer, "forecast.agents.local"), 10, "registration from the fixed card")
+    agent = observer.catalog.snapshot.select(agent_id="card-1")[0]
+    assert (agent.name, agent.port) == ("trip", http_agent.port)
+
+
 def _register(etcd: EtcdProcess, prefix: str, card: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "sidecar", "register", "--etcd-endpoints", etcd.endpoint, "--prefix", prefix,

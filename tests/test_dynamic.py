@@ -550,3 +550,13 @@ async def test_a_document_stored_before_start_keeps_its_version(make_server, etc
         assert (await get_config(http, server))["version"] == version
         status, body = await put_config(http, server, {"dns": {"ttl": 18}})  # CAS on the version in force
         assert status == 200, body
+
+
+@pytest.mark.asyncio
+async def test_a_change_of_the_a2a_section_alone_reaches_the_proxy(make_server) -> None:
+    server = await make_server()
+    async with aiohttp.ClientSession() as http:
+        status, body = await put_config(http, server, {"a2a": {"max_body": 4096, "max_card_bytes": 2048}})
+        assert status == 200, body
+    await eventually(lambda: server.settings.a2a.max_body == 4096, what="the change applied")
+    assert (server.proxy.a2a.max_body, server.proxy.a2a.max_card_bytes) == (4096, 2048)

@@ -277,17 +277,20 @@ CARD_PATHS = frozenset((b"/.well-known/agent-card.json", b"/.well-known/agent.js
 class A2aRouting:
     """What the relay needs for A2A: task/context owners, the registry's cards and the limits (live)."""
 
-    __slots__ = ("cards", "max_body", "owners", "stream_idle_timeout")
+    __slots__ = ("cards", "max_body", "max_card_bytes", "owners", "stream_idle_timeout")
 
-    def __init__(self, owners: Owners, cards: Any, max_body: int, stream_idle_timeout: float) -> None:
+    def __init__(self, owners: Owners, cards: Any, max_body: int, stream_idle_timeout: float,
+                 max_card_bytes: int) -> None:
         self.owners = owners
         self.cards = cards  # a CardIndex
         self.max_body = max_body
         self.stream_idle_timeout = stream_idle_timeout
+        self.max_card_bytes = max_card_bytes  # a card read from an agent: larger ones are not rewritten
 
     def update(self, settings: Any, stream_idle_timeout: float) -> None:
         """New ``a2a`` settings (an A2aSettings) and stream idle timeout; learnt owners are kept."""
         self.max_body = settings.max_body
+        self.max_card_bytes = settings.max_card_bytes
         self.owners.update(settings.max_tasks, settings.max_contexts, settings.ttl)
         self.stream_idle_timeout = stream_idle_timeout
 

@@ -384,7 +384,7 @@ class Relay:
             stored = a2a.cards.of(agent.name, agent.id)
             settings = self.settings
             raw = stored.card.raw if stored is not None else await fetch_card(
-                agent.address, agent.port, path, a2a.max_body, settings.connect_timeout + settings.read_timeout)
+                agent.address, agent.port, path, a2a.max_card_bytes, settings.connect_timeout + settings.read_timeout)
             body = rewrite_card(raw, route.host) if raw is not None else None
         except ValueError:
             body = None  # not a card: the agent's own answer is forwarded

@@ -50,7 +50,7 @@ class ProxyServer:
         a2a = settings.a2a
         # A2A routing: who holds each task and context, and the registry's cards to answer from.
         self.a2a = A2aRouting(Owners(a2a.max_tasks, a2a.max_contexts, a2a.ttl, clock), cards or CardIndex(),
-                              a2a.max_body, settings.proxy.stream_idle_timeout)
+                              a2a.max_body, settings.proxy.stream_idle_timeout, a2a.max_card_bytes)
         metrics.breakers = lambda: self.policy.breakers.not_closed()  # read at scrape time
         self._relay: Relay | None = None
         self._server: asyncio.Server | None = None

@@ -507,3 +507,42 @@ async def test_client_gone_mid_request_gives_everything_back(harness: Harness) -
     assert proxy.policy.loads.in_flight("agent-0") == 0
     slow.release.set()
     assert (await harness.get("chat.agents.local"))[0] == 200  # the concurrency slot is free again
+
+
+# -- A2A: a card the registry does not hold is read from the agent, within a2a.max_card_bytes
+
+
+async def test_a_card_read_from_the_agent_is_held_to_max_card_bytes(harness: Harness) -> None:
+    served: dict[str, bytes] = {}
+
+    async def card(request: web.Request) -> web.Response:
+        return web.Response(body=served["card"], content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/.well-known/agent-card.json", card)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        harness.register(agent("carded-1", port))
+        proxy = await harness.start(a2a={"max_card_bytes": 4096})  # a2a.max_body stays 1 MiB
+        url = "http://10.0.0.1:9000/a2a"
+        for size, rewritten in ((100, True), (5000, False), (100, True)):
+            served["card"] = json.dumps({"name": "c", "url": url, "description": "x" * size, "skills": [],
+                                         "signatures": [{"signature": "s"}]}).encode()
+            status, _, body = await harness.get("chat.agents.local", "/.well-known/agent-card.json")
+            assert status == 200
+            if rewritten:
+                assert body["url"] == "http://chat.agents.local/a2a" and "signatures" not in body
+            else:  # over the limit: not taken as a card, the agent's answer is relayed as it is
+                assert body["url"] == url and "signatures" in body
+        assert proxy.metrics.a2a["card_fetched"] == 2
+        # The limit is live: raised, the same card is rewritten.
+        proxy.update(dataclasses.replace(proxy.settings, a2a=dataclasses.replace(proxy.settings.a2a,
+                                                                                 max_card_bytes=8192)))
+        served["card"] = json.dumps({"name": "c", "url": url, "description": "x" * 5000}).encode()
+        assert (await harness.get("chat.agents.local", "/.well-known/agent-card.json"))[2]["url"] != url
+    finally:
+        await runner.cleanup()

@@ -20,7 +20,8 @@ from .errors import CardError
 from .model import label
 
 WELL_KNOWN = ("/.well-known/agent-card.json", "/.well-known/agent.json")
-MAX_CARD_BYTES = 1 << 20
+# The default of ``a2a.max_card_bytes`` (config.py): cards larger than this are refused.
+MAX_CARD_BYTES = 64 << 10
 _RESERVED = frozenset(("service", "id"))
 
 

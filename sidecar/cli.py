@@ -20,7 +20,7 @@ import yaml
 
 from . import __version__, commands
 from .commands import meta_pairs
-from .config import EtcdSettings, Settings, build, load_file_document, merge
+from .config import A2aSettings, EtcdSettings, Settings, build, load_file_document, merge
 from .errors import AgentExists, ConfigConflict, ConfigError, RegistryUnavailable, SidecarError, ValidationError
 
 log = logging.getLogger("sidecar")
@@ -134,6 +134,12 @@ def etcd_settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> 
     return typing.cast(EtcdSettings, build(EtcdSettings, layered.get("etcd", {}), "etcd."))
 
 
+def a2a_settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> A2aSettings:
+    """The a2a section of the file (``--config``), for ``register --card``: file > default."""
+    layered = _layers(args, environ, ())
+    return typing.cast(A2aSettings, build(A2aSettings, layered.get("a2a", {}), "a2a."))
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="sidecar", description="Discovery and routing sidecar for AI agents.")
     top.add_argument("--version", action="version", version=f"sidecar {__version__}")
@@ -212,7 +218,8 @@ def _kube_commands(commands: Any) -> None:
 def _etcd_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--etcd-endpoints", help="comma-separated etcd URLs (also ETCD_ENDPOINTS)")
     command.add_argument("--prefix", help="etcd key prefix (default empty)")
-    command.add_argument("--config", help="YAML file whose etcd section is used (also SIDECAR_CONFIG)")
+    command.add_argument("--config", help="YAML file whose etcd section (and for register --card, a2a section) "
+                         "is used (also SIDECAR_CONFIG)")
 
 
 def _runner(loop_name: str) -> asyncio.Runner:
@@ -266,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "register":
             logging.basicConfig(level="WARNING")
             etcd = etcd_settings_from(args, environ)
-            code = _run_until_signal("asyncio", lambda stop: commands.register(args, etcd, stop))
+            a2a = a2a_settings_from(args, environ)
+            code = _run_until_signal("asyncio", lambda stop: commands.register(args, etcd, stop, a2a))
         elif args.command == "agents":
             code = asyncio.run(commands.agents(args, etcd_settings_from(args, environ)))
         elif args.command == "config":

@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 
+from .cards import card_key, merge_card
 from .catalog import Catalog, Reset
-from .config import EtcdSettings, Settings, load_file_document
+from .config import A2aSettings, EtcdSettings, Settings, load_file_document
 from .discovery import Query, agents_document
 from .dynamic import (
     config_key,
@@ -84,19 +85,22 @@ def meta_pairs(values: Sequence[str], key: str) -> dict[str, str]:
     return pairs
 
 
-async def register(args: argparse.Namespace, etcd: EtcdSettings, stop: asyncio.Event) -> int:
-    """Register one agent and keep its lease alive until ``stop``."""
+async def register(args: argparse.Namespace, etcd: EtcdSettings, stop: asyncio.Event,
+                   a2a_settings: A2aSettings | None = None) -> int:
+    """Register one agent (with ``--card``: its card too, on the agent's lease, as a sidecar stores its local
+    agent's) and keep the lease alive until ``stop``."""
     data = {
         "id": args.id or new_agent_id(args.name), "name": args.name, "address": args.address,
         "port": args.port, "ttl": args.ttl, "capabilities": args.capability, "tags": args.tag,
         "metadata": meta_pairs(args.meta, "--meta"), "version": args.agent_version,
         "protocol": args.protocol, "weight": args.weight, "zone": args.zone, "health": {"status": args.status},
     }
+    card = None
     if args.card:
-        from .cards import merge_card
         from .health import a2a
 
-        card = await a2a.read_card(args.card, 5.0)
+        limit = (a2a_settings or A2aSettings()).max_card_bytes
+        card = await a2a.read_card(args.card, 5.0, limit=limit)
         explicit = ["name", "port", *(["capabilities"] if args.capability else []),
                     *(["version"] if args.agent_version else [])]
         data = merge_card(data, card, explicit)
@@ -104,7 +108,11 @@ async def register(args: argparse.Namespace, etcd: EtcdSettings, stop: asyncio.E
     async with Registry(etcd.endpoints, prefix=etcd.prefix, timeout=etcd.request_timeout,
                         client=EtcdClient.from_settings(etcd)) as registry:
         registration = await registry.register(agent)
-        print(f"registered {registration.key} (lease {registration.lease_id:x}, ttl {agent.ttl:g}s); "
+        stored = ""
+        if card is not None:
+            await registration.attach_card(card.raw)
+            stored = f", card at {card_key(etcd.prefix, agent.name, agent.id)}"
+        print(f"registered {registration.key} (lease {registration.lease_id:x}, ttl {agent.ttl:g}s{stored}); "
               "Ctrl-C deregisters", flush=True)
         await stop.wait()
     print(f"deregistered {registration.key}", flush=True)

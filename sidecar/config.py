@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
+from .cards import MAX_CARD_BYTES
 from .errors import ConfigError, ValidationError
 from .model import parse_agent, parse_duration
 
@@ -293,7 +294,7 @@ class A2aSettings:
     # JSON-RPC bodies up to this size are read for task/context ids; larger ones pass untouched.
     max_body: int = _opt(1 << 20, min=1024)
     # Cards larger than this are refused (logged and counted); the agent stays registered.
-    max_card_bytes: int = _opt(64 << 10, min=1024, max=16 << 20)
+    max_card_bytes: int = _opt(MAX_CARD_BYTES, min=1024, max=16 << 20)
     # How often the local agent's card is read again (a conditional GET); at least the check interval.
     card_refresh: Duration = _opt(30.0, min=1.0)
     # Task -> agent and context -> agent entries: forgotten after this idle time, at most this many each.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .cards import WELL_KNOWN, card_key, decode_card, merge_card
+from .cards import WELL_KNOWN, decode_card, merge_card
 from .config import HostPort, Settings, build
 from .demo_a2a import DemoA2AAgent
 from .errors import SidecarError
@@ -232,7 +232,7 @@ async def register_a2a_demo(leases: LeaseKeeper, agent: DemoA2AAgent, zone: str 
         "health": {"type": "http", "url": agent.url + WELL_KNOWN[0], "status": "healthy"},
     }, card, explicit=("port",))
     registration = await leases.register(parse_agent(fields))
-    await registration.attach(card_key(leases.prefix, registration.agent.name, registration.agent.id), card.raw)
+    await registration.attach_card(card.raw)
     return registration
 
 

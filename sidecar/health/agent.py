@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from ..cards import Card, card_key, merge_card
+from ..cards import Card, merge_card
 from ..config import A2aSettings, AgentSettings, HealthCheckSettings
 from ..errors import AgentExists, CardError, RegistryUnavailable, ValidationError
 from ..metrics import HealthMetrics
@@ -209,8 +209,7 @@ class LocalAgent:
         if registration is None or not card.raw:
             return
         try:
-            await registration.attach(card_key(self.leases.prefix, registration.agent.name, registration.agent.id),
-                                      card.raw)
+            await registration.attach_card(card.raw)
         except RegistryUnavailable as exc:
             log.warning("could not store the local agent's card now (%s); it is written when etcd is back", exc)
 

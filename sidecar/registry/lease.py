@@ -27,6 +27,7 @@ from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
+from ..cards import card_key
 from ..errors import AgentExists, LeaseNotFound, RegistryUnavailable
 from ..metrics import RegistryMetrics
 from ..model import Agent, now_rfc3339
@@ -71,6 +72,10 @@ class Registration:
         except RegistryUnavailable:
             self.registered = False
             raise
+
+    async def attach_card(self, raw: bytes) -> None:
+        """Store the agent's A2A card (its bytes as served) at ``{prefix}/cards/{name}/{id}`` on this lease."""
+        await self.attach(card_key(self._keeper.prefix, self.agent.name, self.agent.id), raw)
 
     async def update(self, agent: Agent) -> None:
         """Write a changed record (e.g. a health status) under the same lease.

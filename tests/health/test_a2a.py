@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import subprocess
@@ -237,10 +238,10 @@ async def test_a_card_that_must_give_the_port_is_waited_for(
     assert (agent.name, agent.port) == ("trip", http_agent.port)
 
 
-def _register(etcd: EtcdProcess, prefix: str, card: str) -> subprocess.Popen[str]:
+def _register(etcd: EtcdProcess, prefix: str, card: str, *options: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "sidecar", "register", "--etcd-endpoints", etcd.endpoint, "--prefix", prefix,
-         "--name", "trip", "--id", "trip-1", "--address", "127.0.0.1", "--port", "9999", "--card", card],
+         "--name", "trip", "--id", "trip-1", "--address", "127.0.0.1", "--port", "9999", "--card", card, *options],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -254,8 +255,13 @@ def test_register_command_reads_a_card(etcd: EtcdProcess, prefix: str, tmp_path:
         assert child.stdout.readline().startswith("registered ")
         stored = json.loads(etcd.ctl("get", "--print-value-only", f"{prefix}/services/trip/trip-1"))
         assert stored["capabilities"] == ["plan_trip", "book-hotel"] and stored["metadata"]["a2a.card"] == "1.0"
+        # The card itself is in the registry, on the agent's lease, as a sidecar stores its local agent's.
+        card = json.loads(etcd.ctl("get", f"{prefix}/cards/trip/trip-1", "-w", "json"))["kvs"][0]
+        record = json.loads(etcd.ctl("get", f"{prefix}/services/trip/trip-1", "-w", "json"))["kvs"][0]
+        assert base64.b64decode(card["value"]) == path.read_bytes() and card["lease"] == record["lease"]
         child.send_signal(signal.SIGINT)
         assert child.wait(20) == 0
+        assert etcd.ctl("get", "--print-value-only", f"{prefix}/cards/trip/trip-1").strip() == ""
     finally:
         if child.poll() is None:
             child.kill()
@@ -266,3 +272,19 @@ def test_register_command_reads_a_card(etcd: EtcdProcess, prefix: str, tmp_path:
     bad = _register(etcd, prefix, str(path))
     output, _ = bad.communicate(timeout=30)
     assert bad.returncode == 1 and "A2A agent card" in output and "must be a JSON object" in output
+
+
+@pytest.mark.etcd
+def test_register_command_holds_cards_to_a2a_max_card_bytes(etcd: EtcdProcess, prefix: str, tmp_path: Path) -> None:
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps({**V1, "description": "x" * (70 << 10)}))  # over the 64 KiB default
+    refused = _register(etcd, prefix, str(path))
+    output, _ = refused.communicate(timeout=30)
+    assert refused.returncode == 1 and "larger than 65536 bytes" in output
+    path.write_text(json.dumps({**V1, "description": "x" * 5000}))
+    config = tmp_path / "sidecar.yaml"
+    config.write_text("a2a:\n  max_card_bytes: 4096\n")
+    refused = _register(etcd, prefix, str(path), "--config", str(config))
+    output, _ = refused.communicate(timeout=30)
+    assert refused.returncode == 1 and "larger than 4096 bytes" in output
+    assert etcd.ctl("get", "--print-value-only", f"{prefix}/services/trip/trip-1").strip() == ""

@@ -540,8 +540,8 @@ async def test_a_card_read_from_the_agent_is_held_to_max_card_bytes(harness: Har
                 assert body["url"] == url and "signatures" in body
         assert proxy.metrics.a2a["card_fetched"] == 2
         # The limit is live: raised, the same card is rewritten.
-        proxy.update(dataclasses.replace(proxy.settings, a2a=dataclasses.replace(proxy.settings.a2a,
-                                                                                 max_card_bytes=8192)))
+        s = proxy.settings
+        proxy.update(s.load_balancer, s.sticky, s.proxy, dataclasses.replace(s.a2a, max_card_bytes=8192), panic=False)
         served["card"] = json.dumps({"name": "c", "url": url, "description": "x" * 5000}).encode()
         assert (await harness.get("chat.agents.local", "/.well-known/agent-card.json"))[2]["url"] != url
     finally:

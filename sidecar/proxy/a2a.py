@@ -294,20 +294,6 @@ class A2aRouting:
         self.owners.update(settings.max_tasks, settings.max_contexts, settings.ttl)
         self.stream_idle_timeout = stream_idle_timeout
 
-    def candidate(self, method: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
-        """Whether a request may be an A2A call to read before choosing: a POST of JSON within ``max_body``."""
-        if method != b"POST":
-            return False
-        length = -1
-        json_body = False
-        for name, value in headers:
-            lower = name.lower()
-            if lower == b"content-length":
-                length = int(value) if value.strip().isdigit() else -1
-            elif lower == b"content-type":
-                json_body = b"json" in value.lower()
-        return json_body and 0 < length <= self.max_body
-
 
 async def fetch_card(address: str, port: int, path: bytes, limit: int, timeout: float) -> bytes | None:
     """The card an agent serves at ``path`` (200, at most ``limit`` bytes), or None.

@@ -113,6 +113,29 @@ class Request:
 
 
 
+def json_within(headers: list[tuple[bytes, bytes]], max_body: int) -> bool:
+    """Whether a POST may be an A2A call to read before choosing: JSON with a Content-Length within ``max_body``
+    (compiled here, with the request it looks at; a2a.py is not)."""
+    length = -1
+    json_body = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"content-length":
+            length = int(value) if value.strip().isdigit() else -1
+        elif lower == b"content-type":
+            json_body = b"json" in value.lower()
+    return json_body and 0 < length <= max_body
+
+
+def may_be_call(body: bytearray) -> bool:
+    """Whether ``body`` may hold a JSON-RPC call (a2a.read_call reads it); False for certain without parsing.
+
+    A call's object has the member "jsonrpc": the name is in the bytes as such, or written with a
+    \\u escape, or the JSON is UTF-16/32 (json.loads takes those too; their ASCII has NUL bytes).
+    """
+    return b"jsonrpc" in body or b"\\u" in body or b"\x00" in body
+
+
 class ClientConnection:
     """One client socket: parse, queue and serve requests in order; then maybe a tunnel.
 
@@ -144,6 +167,9 @@ class ClientConnection:
         self.final = False
         self.last_active = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
+        # An A2A candidate whose start waits for its body, while that body comes in the same read:
+        # decided at its end (on_message_complete), else handed to the task when the read is over.
+        self.early: Request | None = None
 
     # -- asyncio.Protocol
 
@@ -197,6 +223,10 @@ class ClientConnection:
             self._protocol_error(cause if isinstance(cause, ProxyError) else BadRequest("", str(exc)))
         except httptools.HttpParserError as exc:
             self._protocol_error(BadRequest("", f"malformed request: {exc}"))
+        early = self.early
+        if early is not None:  # its body is still coming: the task reads it whole, as it may be a call
+            self.early = None
+            self._enqueue(early)
 
     def pause_writing(self) -> None:
         if self.upstream is not None:
@@ -235,10 +265,17 @@ class ClientConnection:
         request.keep_alive = parser.should_keep_alive()
         request.upgrade = parser.should_upgrade()
         a2a = self.relay.a2a
-        if a2a is not None and request.method == b"POST" and a2a.candidate(request.method, request.headers):
+        if a2a is not None and request.method == b"POST" and json_within(request.headers, a2a.max_body):
             request.held = bytearray()  # an A2A call's body is read before an agent is chosen
+            if not self.busy and not self.queue and not request.upgrade:
+                self.early = request  # a body that is no call takes the fast path (on_message_complete)
+                return
         if not self.busy and not self.queue and self.relay.begin(self, request):
             return
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        """Leave ``request`` to the connection's task, after those before it."""
         self.queue.append(request)
         if len(self.queue) > PIPELINE_LIMIT:
             self.pause_reading("pipeline")
@@ -257,6 +294,14 @@ class ClientConnection:
             self.current = None
             if not request.keep_alive and not request.upgrade:
                 self.final = True
+            if request is self.early:
+                self.early = None
+                held = request.held
+                if held is not None and not may_be_call(held):
+                    request.held = None  # relayed as any request, from this read callback when it can be
+                    if self.relay.begin(self, request):
+                        return
+                self._enqueue(request)
 
     # -- flow control
 
@@ -318,6 +363,9 @@ class ClientConnection:
         request = self.current
         self.current = None
         self.pause_reading("error")
+        if request is not None and request is self.early:
+            self.early = None
+            self.queue.append(request)  # answered with the error below
         if request is not None and request is self.active:
             # Mid-body: the request head is already upstream; nothing sane can follow.
             self.abort()

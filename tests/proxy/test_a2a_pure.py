@@ -119,3 +119,19 @@ def test_cards_point_back_at_the_in_zone_name_and_lose_their_signatures() -> Non
     with pytest.raises(ValueError):
         rewrite_card(b"[]", "x")
     assert ids_in_body(b"nope") == (None, None)
+
+
+@given(st.dictionaries(st.sampled_from(["jsonrpc", "method", "params", "id", "query"]),
+                       st.one_of(st.just("2.0"), st.text(max_size=4), st.integers())),
+       st.sampled_from(["utf-8", "utf-16", "utf-32"]), st.booleans())
+def test_may_be_call_is_false_only_for_bodies_that_hold_no_call(document: dict, encoding: str, ascii: bool) -> None:
+    """The proxy's cheap test (a body that is surely no call takes the fast path) never misses a call."""
+    from sidecar.proxy.client import may_be_call
+
+    body = json.dumps(document, ensure_ascii=ascii).encode(encoding)
+    if read_call(body) is not None:
+        assert may_be_call(bytearray(body))
+    escaped = json.dumps(document).replace("jsonrpc", "json\\u0072pc").encode()
+    if read_call(escaped) is not None:
+        assert may_be_call(bytearray(escaped))
+    assert not may_be_call(bytearray(b'{"query": "weather", "limit": 3}'))

@@ -471,6 +471,33 @@ async def test_fast_path_follows_a_new_snapshot(harness: Harness) -> None:
     assert (status, body["code"], headers.get("x-sidecar-agent")) == (404, "unknown_target", None)
 
 
+async def test_a_json_post_that_is_no_call_takes_the_fast_path(harness: Harness) -> None:
+    """A2A routing reads a small JSON POST before choosing; one whose body (in the read with its head)
+    cannot be a JSON-RPC call is started from the read callback as any request, and relayed as sent."""
+    proxy = await harness.start(load_balancer={"algorithm": "round_robin"})
+    for _ in range(6):  # every agent gets a pooled connection
+        assert (await harness.get("chat.agents.local"))[0] == 200
+    fast = fast_starts(proxy)
+    body = b'{"query": "weather", "limit": 3}'
+    seen = set()
+    for _ in range(6):
+        status, _, answer = await harness.get("chat.agents.local", "/search", "POST", data=body,
+                                              headers={"Content-Type": "application/json"})
+        assert (status, answer["len"]) == (200, len(body))
+        seen.add(answer["agent"])
+    assert fast_starts(proxy) - fast == 6 and seen == {"agent-0", "agent-1", "agent-2"}
+    assert all(b.seen[-1]["body"] == body for b in harness.backends)
+    # A call (or what may be one) is read in the task, before choosing: not from the read callback.
+    fast = fast_starts(proxy)
+    for call in (b'{"jsonrpc": "2.0", "id": 1, "method": "tasks/get", "params": {"id": "t-1"}}',
+                 b'{"\\u006asonrpc": "2.0", "id": 1, "method": "message/send"}'):
+        status, _, answer = await harness.get("chat.agents.local", "/", "POST", data=call,
+                                              headers={"Content-Type": "application/json"})
+        assert (status, answer["len"]) == (200, len(call))
+    assert fast_starts(proxy) == fast
+    assert proxy.metrics.a2a["miss"] == 1  # tasks/get named a task nobody has seen
+
+
 async def test_pipelined_requests_are_answered_in_order(harness: Harness) -> None:
     harness.register(harness.backends[0].agent())
     await harness.start()

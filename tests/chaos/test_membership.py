@@ -21,16 +21,26 @@ def member_id(cluster: EtcdCluster, name: str) -> str:
     return next(format(m["ID"], "x") for m in members if m.get("name") == name)
 
 
+# etcd's answers to a reconfiguration that may be asked again: a member connected for less than a few
+# seconds, a new member not started yet, a leader lost or changed meanwhile (a removed leader steps down).
+TRANSIENT = (b"unhealthy cluster", b"not enough started members", b"leader changed", b"no leader",
+             b"request timed out", b"context deadline exceeded")
+
+
 def reconfigure(cluster: EtcdCluster, *args: str) -> None:
-    """A member add/remove; etcd refuses one until every member has been connected a few seconds."""
+    """A member add/remove, asked again while etcd's answer says it may succeed later (for up to 30 s)."""
     deadline = time.monotonic() + 30
+    asked = False
     while True:
         try:
             cluster.ctl("member", *args)
             return
         except subprocess.CalledProcessError as exc:
-            if b"unhealthy cluster" not in exc.stderr or time.monotonic() > deadline:
-                raise
+            if asked and args[0] == "remove" and b"member not found" in exc.stderr:
+                return  # an earlier ask was carried out after all (its answer was lost to a leader change)
+            asked = True
+            if not any(reason in exc.stderr for reason in TRANSIENT) or time.monotonic() > deadline:
+                raise AssertionError(f"etcdctl member {' '.join(args)}: {exc.stderr.decode(errors='replace')}") from exc
             time.sleep(0.5)
 
 

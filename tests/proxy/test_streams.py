@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import typing
 
 import aiohttp
 import pytest
@@ -13,14 +14,45 @@ from ..waiting import eventually
 pytestmark = [pytest.mark.etcd, pytest.mark.asyncio]
 
 
-class SseAgent:
-    """An agent whose /events sends ``count`` events ``gap`` seconds apart, then stays open and silent."""
+class AppAgent:
+    """An aiohttp agent on a free loopback port serving what ``routes`` adds."""
 
-    def __init__(self, gap: float, count: int) -> None:
-        self.gap, self.count = gap, count
-        self.disconnected = asyncio.Event()
+    handler_cancellation = False
+
+    def __init__(self) -> None:
         self.port = 0
         self._runner: web.AppRunner | None = None
+
+    def routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> typing.Self:
+        app = web.Application()
+        self.routes(app)
+        self._runner = web.AppRunner(app, handler_cancellation=self.handler_cancellation)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+class SseAgent(AppAgent):
+    """An agent whose /events sends ``count`` events ``gap`` seconds apart, then stays open and silent."""
+
+    handler_cancellation = True
+
+    def __init__(self, gap: float, count: int) -> None:
+        super().__init__()
+        self.gap, self.count = gap, count
+        self.disconnected = asyncio.Event()
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/events", self.events)
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -34,20 +66,6 @@ class SseAgent:
             self.disconnected.set()
             raise
         return response
-
-    async def start(self) -> SseAgent:
-        app = web.Application()
-        app.router.add_get("/events", self.events)
-        self._runner = web.AppRunner(app, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
-
-    async def stop(self) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
 
 
 async def start(make_server, agent: SseAgent, **proxy: object):
@@ -118,13 +136,15 @@ async def test_a_client_that_leaves_in_the_middle_of_an_a2a_call_leaves_nothing_
 IDLE = "0.5s"
 
 
-class WsAgent:
+class WsAgent(AppAgent):
     """An aiohttp WebSocket agent that echoes every message; ``ended`` is set when a socket closes."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.ended = asyncio.Event()
-        self.port = 0
-        self._runner: web.AppRunner | None = None
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/ws", self.ws)
 
     async def ws(self, request: web.Request) -> web.WebSocketResponse:
         socket_ = web.WebSocketResponse()
@@ -135,20 +155,6 @@ class WsAgent:
         finally:
             self.ended.set()
         return socket_
-
-    async def start(self) -> WsAgent:
-        app = web.Application()
-        app.router.add_get("/ws", self.ws)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
-
-    async def stop(self) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
 
 
 class EchoAgent:

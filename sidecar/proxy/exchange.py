@@ -23,7 +23,7 @@ from __future__ import annotations
 from bisect import bisect_left
 
 from ..catalog import Catalog
-from ..errors import NoHealthyAgent, ProxyError, TaskOwnerUnavailable, UpstreamError, UpstreamTimeout
+from ..errors import NoHealthyAgent, Overloaded, ProxyError, TaskOwnerUnavailable, UpstreamError, UpstreamTimeout
 from ..metrics import ProxyMetrics
 from .heads import Keys, retry_after
 from .load import OutcomeKind
@@ -133,6 +133,10 @@ class Machine:
             if agent_id in self.tried or len(others) == len(agents):
                 raise NoHealthyAgent(route.host, "gone")
             self.choice = policy.choose(route, snapshot, self.keys, others)
+        except Overloaded as exc:  # the owner is there, at its limit: the client may ask again (503/429)
+            self.choice = None
+            self.error = exc
+            return ANSWER
         except ProxyError as exc:
             self.choice = None
             self.metrics.a2a["owner_gone"] += 1

@@ -264,6 +264,20 @@ def test_owner_pinned_and_gone() -> None:
     assert rig.admitted() == 0
 
 
+def test_owner_at_its_limit_is_overloaded_not_gone() -> None:
+    """The owner is there but full: 503 overloaded (ask again), not task_owner_unavailable (it is not gone)."""
+    rig = Rig(proxy=ProxySettings(max_concurrency_per_agent=1))
+    busy = rig.machine(b"POST")
+    busy.pinned = "b"
+    assert start(rig, busy) == "b"
+    m = rig.machine(b"POST")
+    m.pinned = "b"
+    assert m.admit() == PROCEED
+    assert m.choose() == ANSWER
+    assert isinstance(m.error, Overloaded) and rig.metrics.a2a["owner_gone"] == 0
+    m.release()
+
+
 def test_passthrough() -> None:
     rig = Rig()
     m = rig.machine(target=OUTSIDE)

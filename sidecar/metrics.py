@@ -344,11 +344,11 @@ class ProxyMetrics:
     def _breaker_families(self) -> list[object]:
         from prometheus_client.core import GaugeMetricFamily
 
-        total, tripped = self.breakers()
+        total, tripped = self.breakers()  # ``tripped``: the agents whose breaker is open or half open
         counts = dict.fromkeys(self.BREAKER_STATES, 0)
         for state in tripped.values():
-            counts[state] = counts.get(state, 0) + 1
-        counts["closed"] = total - sum(counts[state] for state in counts if state != "closed")
+            counts[state] += 1
+        counts["closed"] = total - len(tripped)
         breakers = GaugeMetricFamily("sidecar_proxy_breakers", "Circuit breakers held, by state.", labels=["state"])
         for state, count in counts.items():
             breakers.add_metric([state], count)
@@ -356,11 +356,8 @@ class ProxyMetrics:
             "sidecar_proxy_breaker_state", f"Circuit breaker state of agents whose breaker is not closed (at most "
             f"{self.MAX_BREAKER_AGENTS}, by agent id): 1 open, 2 half_open.", labels=["agent"])
         for agent_id in sorted(tripped)[:self.MAX_BREAKER_AGENTS]:
-            per_agent.add_metric([agent_id], _BREAKER_VALUES.get(tripped[agent_id], 1))
+            per_agent.add_metric([agent_id], 1 if tripped[agent_id] == "open" else 2)
         return [breakers, per_agent]
-
-
-_BREAKER_VALUES = {"closed": 0, "open": 1, "half_open": 2}
 
 
 class HealthMetrics:

@@ -122,13 +122,11 @@ class Server:
         # Each component's update with the live sections it reads (a test checks that every live section of
         # the schema is somebody's); each is given its sections, never another component's attributes.
         agent = self.local_agent
-        return [
+        updates: list[tuple[frozenset[str], Callable[[Settings], None]]] = [
             (frozenset({"load_balancer", "sticky", "proxy", "a2a", "health_check"}),
              lambda s: self.proxy.update(s.load_balancer, s.sticky, s.proxy, s.a2a, panic=s.health_check.panic)),
             (frozenset({"dns", "health_check"}), lambda s: self.dns.update(s.dns, panic=s.health_check.panic)),
             (frozenset({"health_check"}), lambda s: self.outliers.update(s.health_check.outlier_detection)),
-            (frozenset({"health_check", "a2a"}),
-             lambda s: agent.update(s.health_check, s.a2a) if agent is not None else None),
             (frozenset({"a2a"}), lambda s: self.card_sync.update(s.a2a)),
             (frozenset({"registry"}), lambda s: self.control.update(s.registry)),
             (frozenset({"registry"}), lambda s: self.leases.update(s.registry.refresh_interval)),
@@ -136,6 +134,9 @@ class Server:
             (frozenset({"admin"}), lambda s: self.grpc.update(s.admin)),
             (frozenset({"log_level"}), lambda s: logging.getLogger().setLevel(s.log_level.upper())),
         ]
+        if agent is not None:
+            updates.append((frozenset({"health_check", "a2a"}), lambda s: agent.update(s.health_check, s.a2a)))
+        return updates
 
     def readiness(self) -> dict[str, Any]:
         """Ready once the first snapshot has synced and every listener is up."""
